@@ -1,0 +1,291 @@
+"""evaluate.py: loaders on the real benchmark files, grading on real answer strings, metrics against brute force,
+batched generation against one-by-one generation, resume equivalence, and the bad-input paths of the CLI."""
+import itertools
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import evaluate as ev
+from conftest import assert_one_line_error, run_cli
+
+
+# ----------------------------------------------------------------------------- loaders
+@pytest.mark.parametrize("name,count", [("math500", 500), ("amc23", 40), ("aime24", 30), ("aime25", 30),
+                                        ("minerva", 272), ("olympiadbench", 675), ("gsm8k", 1319),
+                                        ("aimo-amc", 83), ("aimo-aime", 90)])
+def test_loader_counts_and_fields(data_dir, name, count):
+    rows = ev.load_benchmark(name, data_dir)
+    assert len(rows) == count
+    assert len({r["id"] for r in rows}) == count  # ids are unique (resume keys on them)
+    assert all(r["problem"].strip() and r["answer"] for r in rows)
+
+
+def test_loader_gold_conventions(data_dir):
+    assert ev.load_benchmark("amc23", data_dir)[0]["answer"] == "27"  # 27.0 float -> "27"
+    assert ev.load_benchmark("gsm8k", data_dir)[0]["answer"] == "18"  # after "####"
+    olymp = ev.load_benchmark("olympiadbench", data_dir)
+    with open(os.path.join(data_dir, "olympiadbench.jsonl")) as f:
+        raw = [json.loads(line) for line in f]
+    assert [r["answer"] for r in olymp] == [r["final_answer"][0] for r in raw]  # first of the list
+    minerva = ev.load_benchmark("minerva", data_dir)
+    with open(os.path.join(data_dir, "minerva_math.jsonl")) as f:
+        first = json.loads(f.readline())
+    assert "answer" not in first and minerva[0]["answer"] == "1.6"  # last \boxed{} of the solution
+    assert first["solution"].rstrip().endswith("\\boxed{1.6}$.") or "\\boxed{1.6}" in first["solution"]
+    math500 = ev.load_benchmark("math500", data_dir, limit=3)
+    assert len(math500) == 3 and math500[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+def test_loader_local_file_and_nested_columns(data_dir, tmp_path):
+    dsr = ev.load_benchmark(os.path.join(data_dir, "dsr_sub.parquet"))
+    assert len(dsr) == 1209
+    assert dsr[124]["answer"] == "12.8" and "wind on a sail" in dsr[124]["problem"]  # chat list -> user text
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps([{"q": "What is 1+1?", "gold": 2.0}, {"q": "2+2?", "gold": 4}]))
+    rows = ev.load_benchmark(str(path), problem_key="q", answer_key="gold")
+    assert rows == [{"id": "0", "problem": "What is 1+1?", "answer": "2"}, {"id": "1", "problem": "2+2?",
+                                                                             "answer": "4"}]
+    unlabeled = ev.load_benchmark(str(path), problem_key="q", answer_key="nope", require_answer=False)
+    assert [r["answer"] for r in unlabeled] == [None, None]
+
+
+def test_loader_bad_inputs(data_dir, tmp_path):
+    with pytest.raises(ev.EvalError, match="unknown benchmark"):
+        ev.load_benchmark("math5000")
+    with pytest.raises(ev.EvalError, match="no such file"):
+        ev.load_benchmark(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ev.EvalError, match="empty"):
+        ev.load_benchmark(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "cols.jsonl").write_text(json.dumps({"text": "hi", "answer": "1"}) + "\n")
+    with pytest.raises(ev.EvalError, match="no problem column"):
+        ev.load_benchmark(str(tmp_path / "cols.jsonl"))
+    (tmp_path / "noans.jsonl").write_text(json.dumps({"problem": "hi"}) + "\n")
+    with pytest.raises(ev.EvalError, match="no answer column"):
+        ev.load_benchmark(str(tmp_path / "noans.jsonl"))
+
+
+# ----------------------------------------------------------------------------- extraction and grading
+@pytest.mark.parametrize("response,expected", [
+    ("so the answer is \\boxed{42}.", "42"),
+    ("first \\boxed{41}, on reflection \\boxed{42}", "42"),  # several boxes: the last one
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces inside the box
+    ("\\boxed{\\boxed{7}}", "7"),  # nested boxes: the last box to open (as Qwen-Math's extractor)
+    ("\\fbox{3}", "3"),
+    ("The answer is 42.", None),  # no box
+    ("\\boxed{42", None),  # unbalanced: never closes
+    ("", None),
+])
+def test_extract_answer(response, expected):
+    assert ev.extract_answer(response) == expected
+
+
+def _gold(data_dir, bench, index):
+    return ev.load_benchmark(bench, data_dir)[index]["answer"]
+
+
+@pytest.mark.parametrize("response,bench,index,expected", [
+    ("Thus $(r,\\theta)$ is \\boxed{(3, \\frac{\\pi}{2})}", "math500", 0, True),  # \left( 3, \frac{\pi}{2} \right)
+    ("\\boxed{(3, \\pi)}", "math500", 0, False),
+    ("\\boxed{\\frac{17}{50}}", "math500", 162, True),  # gold \dfrac{17}{50}
+    ("\\boxed{0.34}", "math500", 162, True),  # decimal vs fraction
+    ("\\boxed{\\frac54}", "math500", 44, True),  # gold 1.25
+    ("\\boxed{Evelyn}", "math500", 4, True),  # gold \text{Evelyn}
+    ("\\boxed{\\text{Bob}}", "math500", 4, False),
+    ("\\boxed{(-2,1)}", "math500", 78, True),  # tuple
+    ("\\boxed{(1,-2)}", "math500", 78, False),  # order matters in a tuple
+    ("\\boxed{(-\\infty, 0]}", "math500", 307, True),  # interval
+    ("\\boxed{(-\\infty, 0)}", "math500", 307, False),  # open vs closed end
+    ("\\boxed{11\\sqrt{2}}", "math500", 31, True),  # gold 11\sqrt2
+    ("\\boxed{27}", "amc23", 0, True),  # gold 27.0 in the file
+    ("\\boxed{27.0}", "amc23", 0, True),
+    ("\\boxed{28}", "amc23", 0, False),
+    ("\\boxed{\\frac{1}{2n+2}}", "olympiadbench", 1, True),  # gold $\frac{1}{2 n+2}$
+    ("\\boxed{4.5 \\times 10^{33}}", "minerva", 1, True),  # gold 4.5e33
+    ("\\boxed{18}", "gsm8k", 0, True),
+    ("the answer is 18", "gsm8k", 0, False),  # no box -> wrong
+    ("\\boxed{18} no wait \\boxed{17}", "gsm8k", 0, False),  # last box counts
+])
+def test_is_correct_on_real_answers(data_dir, response, bench, index, expected):
+    assert ev.is_correct(response, _gold(data_dir, bench, index)) is expected
+
+
+def test_grader_survives_hostile_answers():
+    for hostile in ["\\boxed{" + "1+" * 25000 + "1}",  # 50k characters
+                    "\\boxed{\\boxed{\\boxed{}}",  # unbalanced and nested
+                    "\\boxed{10^{10^{10}}}",  # sympy would evaluate forever: math-verify's time limit
+                    "\\boxed{" + "\\frac{" * 300 + "1" + "}" * 300 + "}"]:
+        assert ev.is_correct(hostile, "42") is False
+    correct, error = ev.grade_answer("1+" * 25000 + "1", "42")
+    assert (correct, error) == (False, True)  # counted wrong, and counted as a grading error
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_pass_at_k_matches_brute_force():
+    for n, c in [(5, 0), (5, 2), (8, 3), (8, 8), (6, 1)]:
+        outcomes = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(outcomes, k))
+            brute = sum(any(s) for s in subsets) / len(subsets)
+            assert ev.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+
+
+def _sample(pid, correct, extracted, length=10, truncated=False):
+    return {"id": pid, "correct": correct, "extracted": extracted, "length": length, "truncated": truncated,
+            "grade_error": False}
+
+
+def test_metrics_by_hand():
+    samples = [_sample("a", True, "2"), _sample("a", False, "3"), _sample("a", True, "2"), _sample("a", False, None),
+               _sample("b", False, "5", 30, True), _sample("b", False, "5"), _sample("b", True, "6"),
+               _sample("b", False, None, 50, True)]
+    m = ev.compute_metrics(samples, n=4)
+    assert m["pass@1"] == pytest.approx(100 * 3 / 8)
+    assert m["maj@4"] == pytest.approx(50.0)  # a: "2" wins and is right; b: "5" wins and is wrong
+    assert m["pass@2"] == pytest.approx(100 * (ev.pass_at_k(4, 2, 2) + ev.pass_at_k(4, 1, 2)) / 2)
+    assert m["pass@4"] == pytest.approx(100.0)
+    assert m["format_rate"] == pytest.approx(100 * 6 / 8)
+    assert m["truncated_rate"] == pytest.approx(25.0)
+    assert m["mean_length"] == pytest.approx((10 * 6 + 30 + 50) / 8)
+
+
+# ----------------------------------------------------------------------------- prompts and generation
+def test_build_prompt_templates(tiny):
+    _, tok = tiny
+    p = ev.build_prompt(tok, "What is $x$ in {a}?")
+    assert p == ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}."
+                 "<|im_end|>\n<|im_start|>user\nWhat is $x$ in {a}?<|im_end|>\n<|im_start|>assistant\n")
+    assert "You are a helpful assistant." in ev.build_prompt(tok, "q", "chat")  # model's default system prompt
+    assert ev.build_prompt(tok, "q", "plain").startswith("Question: q\n")
+    with pytest.raises(ev.EvalError, match="unknown template"):
+        ev.build_prompt(tok, "q", "nope")
+
+
+def test_batched_greedy_equals_one_by_one(tiny, data_dir):
+    model, tok = tiny
+    problems = ev.load_benchmark("math500", data_dir, limit=5)
+    prompts = [ev.build_prompt(tok, p["problem"]) for p in problems]
+    assert len({len(tok(p).input_ids) for p in prompts}) > 1  # really different lengths -> real left padding
+    batched = ev.generate_batch(model, tok, prompts, max_new_tokens=24)
+    for prompt, got in zip(prompts, batched):
+        alone = ev.generate_batch(model, tok, [prompt], max_new_tokens=24)[0]
+        assert got["ids"] == alone["ids"]
+        # and against a hand-written greedy loop without cache: the KV cache and padding change nothing
+        ids = tok(prompt, return_tensors="pt").input_ids
+        for _ in range(len(alone["ids"])):
+            with torch.no_grad():
+                ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        assert ids[0, -len(alone["ids"]):].tolist() == alone["ids"]
+
+
+def test_generate_stops_at_eos_and_marks_truncation(tiny):
+    model, tok = tiny
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    # Force eos after 3 tokens with a logits processor: the completion keeps eos and is not truncated.
+    from transformers import LogitsProcessor
+
+    class ForceEos(LogitsProcessor):
+        def __init__(self, at):
+            self.at, self.start = at, None
+
+        def __call__(self, input_ids, scores):
+            self.start = self.start or input_ids.shape[1]
+            if input_ids.shape[1] - self.start == self.at:
+                scores[:] = -float("inf")
+                scores[:, eos] = 0
+            return scores
+
+    out = ev.generate_batch(model, tok, ["hello", "a longer prompt here"], 10, logits_processor=[ForceEos(3)])
+    assert all(len(o["ids"]) == 4 and o["ids"][-1] == eos and not o["truncated"] for o in out)
+    out = ev.generate_batch(model, tok, ["hello"], 5)
+    assert out[0]["truncated"] == (eos not in out[0]["ids"]) and len(out[0]["ids"]) <= 5
+
+
+def test_evaluate_model_in_memory(tiny, data_dir):
+    model, tok = tiny
+    problems = ev.load_benchmark("gsm8k", data_dir, limit=3)
+    metrics, samples = ev.evaluate_model(model, tok, problems, max_new_tokens=8, temperature=0.7, top_p=0.9, n=2,
+                                         batch_size=4, seed=1, progress=False)
+    assert [(s["id"], s["sample"]) for s in samples] == [(p["id"], j) for p in problems for j in range(2)]
+    assert metrics["samples"] == 6 and "maj@2" in metrics and "pass@2" in metrics
+    assert model.training is False
+
+
+def test_resume_gives_identical_results(tiny_model_dir, data_dir, tmp_path):
+    args = ["evaluate.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "gsm8k,amc23",
+            "--limit", "3", "--max-new-tokens", "12", "--temperature", "0.8", "--n", "2", "--batch-size", "2"]
+    full = run_cli(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    # An "interrupted" run: keep the first batch of gsm8k only, and a half-written line as a crash leaves it.
+    lines = (tmp_path / "full" / "samples.jsonl").read_text().splitlines()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "run.json").write_text((tmp_path / "full" / "run.json").read_text())
+    first_batch = [line for line in lines if json.loads(line)["benchmark"] == "gsm8k"][:2]
+    (cut / "samples.jsonl").write_text("\n".join(first_batch) + "\n" + lines[3][:20])
+    resumed = run_cli(*args, "--out", str(cut))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming: 2 finished samples" in resumed.stdout
+    a = json.loads((tmp_path / "full" / "results.json").read_text())["metrics"]
+    b = json.loads((cut / "results.json").read_text())["metrics"]
+    for m in (a, b):
+        for bench in m.values():
+            bench.pop("gen_tokens_per_s", None)
+    assert a == b
+    assert sorted((tmp_path / "full" / "samples.jsonl").read_text().splitlines()) == sorted(
+        (cut / "samples.jsonl").read_text().splitlines())  # same samples, none twice
+    changed = run_cli(*args[:-1], "3", "--out", str(cut))  # another batch size: refuse to mix runs
+    assert_one_line_error(changed, "different run")
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_writes_results_and_samples(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("evaluate.py", "--model", tiny_model_dir, "--data", os.path.join(data_dir, "math500.jsonl"),
+                   "--limit", "4", "--max-new-tokens", "8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "| math500 |" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"]["template"] == "qwen-math" and res["protocol"]["temperature"] == 0.0
+    assert res["protocol"]["max_new_tokens"] == 8 and res["protocol"]["seed"] == 0
+    assert set(res["versions"]) == {"torch", "transformers", "datasets", "math-verify", "tqdm"}
+    assert res["metrics"]["math500"]["problems"] == 4
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4
+    assert set(samples[0]) >= {"id", "prompt", "response", "extracted", "gold", "correct"}
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--benchmarks", "math5000"], "unknown benchmark"),
+    (["--data", "/nonexistent/file.jsonl"], "no such file"),
+    (["--model", "/nonexistent/model"], "model path does not exist"),
+    (["--n", "4"], "needs --temperature"),
+])
+def test_cli_bad_inputs(tiny_model_dir, data_dir, tmp_path, extra, needle):
+    args = ["--model", tiny_model_dir, "--data-dir", data_dir, "--limit", "1", "--max-new-tokens", "4",
+            "--out", str(tmp_path / "o")]
+    proc = run_cli("evaluate.py", *args, *extra)
+    assert_one_line_error(proc, needle)
+
+
+def test_cli_file_without_columns_and_empty(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "label": "1"}) + "\n")
+    assert_one_line_error(run_cli("evaluate.py", "--model", tiny_model_dir, "--data", str(bad)), "no problem column")
+    empty = tmp_path / "empty.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"problem": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), empty)
+    assert_one_line_error(run_cli("evaluate.py", "--model", tiny_model_dir, "--data", str(empty)), "empty")
+
+
+def test_prompt_longer_than_context(tiny, tmp_path):
+    model, tok = tiny
+    problems = [{"id": "0", "problem": "word " * (model.config.max_position_embeddings + 10), "answer": "1"}]
+    with pytest.raises(ev.EvalError, match="does not fit"):
+        ev.evaluate_model(model, tok, problems, max_new_tokens=4, progress=False)
+    assert math.isfinite(ev.pass_at_k(10, 3, 5))
