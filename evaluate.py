@@ -184,7 +184,7 @@ def length_sorted_batches(lengths, batch_size):
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
-                   repetition_penalty=1.0, logits_processor=None):
+                   repetition_penalty=1.0, logits_processor=None, top_k=0):
     """One left-padded, KV-cached `generate` call. Returns per prompt {"ids", "text", "truncated"}: ids are the
     completion tokens up to and including the first stop token; truncated = no stop token within the budget."""
     from transformers import GenerationConfig
@@ -195,7 +195,7 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
     # (Qwen instruct models do) that would silently change the protocol.
     sample = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
-                              else None, top_p=top_p if sample else None, top_k=None,
+                              else None, top_p=top_p if sample else None, top_k=top_k or None,
                               repetition_penalty=repetition_penalty, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
                               use_cache=True)
@@ -210,6 +210,51 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
         results.append({"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True),
                         "truncated": end is None})
     return results
+
+
+class LogitStats:
+    """Logit-shift analysis (One-shot EM's key figure: EM moves logit skewness right, RL moves it left).
+    A transformers logits processor that observes, at every generated position of unfinished rows:
+    - skew_vocab: the biased Fisher-Pearson skewness of the raw logit vector over the full vocabulary, averaged
+      over tokens; entropy: the mean entropy of softmax(raw logits);
+    - skew_topk_pooled: the released analysis' statistic -- logits divided by the sampling temperature, top-k
+      filtered (others dropped), pooled over all steps and prompts, then one skewness of the pooled values
+      (their protocol: first 20 DeepScaleR prompts, 500 tokens, T=0.6, top-k 50 -> `--temperature 0.6 --top-k 50`).
+    Pooled moments are accumulated as float64 power sums, so nothing per token is kept but one float."""
+
+    def __init__(self, stop_ids, temperature=1.0, top_k=50):
+        self.stop_ids, self.temperature, self.top_k = torch.tensor(stop_ids), temperature or 1.0, top_k or 50
+        self.tokens, self.entropy, self.skew = 0, 0.0, []
+        self.sums = torch.zeros(4, dtype=torch.float64)  # count, sum x, sum x^2, sum x^3 of the pooled values
+        self.done = None
+
+    @staticmethod
+    def skewness(x, dim=-1):
+        d = x - x.mean(dim, keepdim=True)
+        return (d ** 3).mean(dim) / (d ** 2).mean(dim).clamp_min(1e-12) ** 1.5
+
+    def __call__(self, input_ids, scores):
+        last = input_ids[:, -1].cpu()
+        self.done = torch.zeros_like(last, dtype=torch.bool) if self.done is None else self.done | torch.isin(
+            last, self.stop_ids)  # rows that emitted a stop token are padding from here on
+        live = scores[~self.done.to(scores.device)].float()
+        if len(live):
+            logp = live.log_softmax(-1)
+            self.entropy += -(logp.exp() * logp).nan_to_num().sum().item()  # masked -inf * 0 -> nan -> 0
+            self.skew += self.skewness(live).tolist()
+            x = (live / self.temperature).topk(min(self.top_k, live.shape[-1]), dim=-1).values.double().flatten()
+            self.sums += torch.stack([x.new_tensor(len(x)), x.sum(), (x ** 2).sum(), (x ** 3).sum()]).cpu()
+            self.tokens += len(live)
+        return scores
+
+    def result(self):
+        n, s1, s2, s3 = self.sums.tolist()
+        mean = s1 / max(n, 1)
+        m2, m3 = s2 / max(n, 1) - mean ** 2, s3 / max(n, 1) - 3 * mean * s2 / max(n, 1) + 2 * mean ** 3
+        return {"tokens": self.tokens, "entropy": self.entropy / max(self.tokens, 1),
+                "skew_vocab": sum(self.skew) / max(len(self.skew), 1),
+                "skew_topk_pooled": m3 / max(m2, 1e-12) ** 1.5 if n else float("nan"),
+                "skew_topk_temperature": self.temperature, "skew_topk_k": self.top_k}
 
 
 # ----------------------------------------------------------------------------- answers and grading
@@ -301,10 +346,11 @@ def compute_metrics(samples, n):
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072, temperature=0.0,
                    top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None, on_batch=None, progress=True,
-                   logits_processor=None):
+                   logits_processor=None, top_k=0, logit_stats=False):
     """Evaluate an in-memory model on problems (from load_benchmark). Returns (metrics, samples).
     done: {(id, sample_index): sample} reused instead of regenerated (resume); on_batch(new_samples) is called
-    after each generated batch (the CLI appends them to samples.jsonl)."""
+    after each generated batch (the CLI appends them to samples.jsonl). logit_stats: add metrics["logit_stats"]
+    (see LogitStats) over the batches generated in this call."""
     if n > 1 and temperature <= 0:
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
     done = done or {}
@@ -314,6 +360,8 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     context = getattr(model.config, "max_position_embeddings", None)
     if context and max(lengths) >= context:
         raise EvalError(f"{name}: a prompt of {max(lengths)} tokens does not fit the model's context of {context}")
+    stats = LogitStats(stop_token_ids(tokenizer, model), temperature, top_k) if logit_stats else None
+    processors = list(logits_processor or []) + ([stats] if stats else [])  # stats see what gets sampled
     was_training = model.training
     model.eval()
     samples, new_tokens, t0 = [], 0, time.time()
@@ -324,9 +372,12 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
             samples += [done[k] for k in keys]
             bar.update(len(batch))
             continue
+        if stats:
+            stats.done = None  # a new generate call: no row has finished yet
         # A seed per (seed, benchmark, batch): sampling is the same whether or not earlier batches were skipped.
         outs = generate_batch(model, tokenizer, [prompts[k[0]] for k in keys], max_new_tokens, temperature, top_p,
-                              seed=zlib.crc32(f"{seed}/{name}/{b}".encode()), logits_processor=logits_processor)
+                              seed=zlib.crc32(f"{seed}/{name}/{b}".encode()), logits_processor=processors or None,
+                              top_k=top_k)
         fresh = []
         for i, k, o in zip(batch, keys, outs):
             p = jobs[i][0]
@@ -347,6 +398,8 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     samples.sort(key=lambda s: (order[s["id"]], s["sample"]))
     metrics = compute_metrics(samples, n)
     metrics["gen_tokens_per_s"] = new_tokens / max(time.time() - t0, 1e-9)
+    if stats:
+        metrics["logit_stats"] = stats.result()
     return metrics, samples
 
 
@@ -425,7 +478,11 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the papers' headline protocol)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     parser.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean)")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (the skewness analysis of "
+                        "One-shot EM sampled with transformers' default top-k 50)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--logit-stats", action="store_true", help="record logit skewness and entropy over "
+                        "generated tokens (One-shot EM's logit-shift analysis) into results.json")
     # system
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on "
@@ -451,7 +508,7 @@ def run(args):
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
     protocol = {"model": args.model, "template": args.template, "temperature": args.temperature,
-                "top_p": args.top_p, "n": args.n, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "top_p": args.top_p, "top_k": args.top_k, "n": args.n, "logit_stats": args.logit_stats, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                 "batch_size": args.batch_size, "benchmarks": {k: len(v) for k, v in data.items()},
                 "sources": sources, "data_dir": args.data_dir, "dtype": args.dtype}
     run_file, samples_file = os.path.join(out, "run.json"), os.path.join(out, "samples.jsonl")
@@ -483,12 +540,19 @@ def run(args):
         bench_done = {(k[1], k[2]): s for k, s in done.items() if k[0] == name}
         results[name], samples = evaluate_model(
             model, tokenizer, problems, args.template, args.max_new_tokens, args.temperature, args.top_p, args.n,
-            args.batch_size, args.seed, name=name, done=bench_done, on_batch=append)
+            args.batch_size, args.seed, name=name, done=bench_done, on_batch=append, top_k=args.top_k,
+            logit_stats=args.logit_stats)
         all_samples += samples
         if results[name]["grading_errors"]:
             print(f"{name}: {results[name]['grading_errors']} answers hit the grader's time limit or crashed it "
                   "(counted wrong)")
     sink.close()
+    if args.logit_stats:
+        for name, r in results.items():
+            ls = r["logit_stats"]
+            print(f"{name}: logit skewness (full vocab, mean over tokens) {ls['skew_vocab']:.3f}, pooled top-"
+                  f"{ls['skew_topk_k']} at T={ls['skew_topk_temperature']} {ls['skew_topk_pooled']:.3f}, "
+                  f"entropy {ls['entropy']:.3f} over {ls['tokens']} tokens")
     if len(results) > 1:
         keys = [k for k in results[next(iter(results))] if k.startswith(("pass@", "maj@", "format", "mean_length"))]
         results["average"] = {k: sum(r[k] for r in results.values()) / len(results) for k in keys}

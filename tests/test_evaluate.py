@@ -289,3 +289,40 @@ def test_prompt_longer_than_context(tiny, tmp_path):
     with pytest.raises(ev.EvalError, match="does not fit"):
         ev.evaluate_model(model, tok, problems, max_new_tokens=4, progress=False)
     assert math.isfinite(ev.pass_at_k(10, 3, 5))
+
+
+# ----------------------------------------------------------------------------- logit-shift analysis
+def _skew(x):  # biased Fisher-Pearson skewness, written out
+    x = x.double()
+    m = x.mean()
+    return (((x - m) ** 3).mean() / ((x - m) ** 2).mean() ** 1.5).item()
+
+
+def test_logit_stats_against_direct_formulas():
+    torch.manual_seed(0)
+    stop = 7
+    stats = ev.LogitStats([stop], temperature=0.6, top_k=5)
+    steps = [torch.randn(3, 40) * torch.tensor([[1.0], [3.0], [0.5]]) for _ in range(4)]
+    # row 2 samples the stop token at step 1 (it is the last input id at step 2): from step 2 on it is padding
+    last_tokens = [[1, 1, 1], [2, 2, 2], [3, 3, stop], [4, 4, 0]]
+    live_rows = [[0, 1, 2], [0, 1, 2], [0, 1], [0, 1]]
+    for t, (scores, last) in enumerate(zip(steps, last_tokens)):
+        ids = torch.tensor([[5] * (t + 1) + [x] for x in last])
+        stats(ids, scores.clone())
+    live = torch.cat([s[r] for s, r in zip(steps, live_rows)])
+    res = stats.result()
+    assert res["tokens"] == len(live) == 10
+    logp = live.log_softmax(-1)
+    assert res["entropy"] == pytest.approx(-(logp.exp() * logp).sum(-1).mean().item(), rel=1e-5)
+    assert res["skew_vocab"] == pytest.approx(sum(_skew(row) for row in live) / len(live), rel=1e-5)
+    pooled = (live / 0.6).topk(5, dim=-1).values.flatten()
+    assert res["skew_topk_pooled"] == pytest.approx(_skew(pooled), rel=1e-5)
+
+
+def test_logit_stats_in_generation_count_generated_tokens(tiny, data_dir):
+    model, tok = tiny
+    problems = ev.load_benchmark("gsm8k", data_dir, limit=3)
+    metrics, samples = ev.evaluate_model(model, tok, problems, max_new_tokens=6, temperature=0.6, top_k=50,
+                                         batch_size=2, progress=False, logit_stats=True)
+    assert metrics["logit_stats"]["tokens"] == sum(s["length"] for s in samples)
+    assert 0 < metrics["logit_stats"]["entropy"] < math.log(len(tok))
