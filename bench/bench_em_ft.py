@@ -1,0 +1,136 @@
+"""
+Benchmark em_ft.py's training step at the One-shot EM recipe (64 rollouts of the wind-pressure prompt, 512 new
+tokens, T=0.5 / top-p 0.95 / repetition penalty 1.15, loss temperature 0.5, micro-batch 8) on a random-weight
+model: rollout tokens/s, train tokens/s, step time, peak memory. On the tiny shape it also times the released
+code's rollouts (use_cache=False, 2 prompts per generate call) against em_ft's KV-cached batched rollouts.
+
+    python bench/bench_em_ft.py --shape tiny                 # CPU, seconds
+    python bench/bench_em_ft.py --shape 7b                   # 1 GPU: bf16 model, offloaded fp32 AdamW (as em_ft)
+    python bench/bench_em_ft.py --shape 1.5b --no-offload-optimizer
+
+Random weights rarely emit EOS, so every rollout runs the full 512 tokens: the worst case for time and memory.
+"""
+import argparse, os, resource, sys, time, types
+from contextlib import nullcontext
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import em_ft  # noqa: E402
+from evaluate import build_prompt, generate_batch  # noqa: E402
+from tiny_model import build_tokenizer  # noqa: E402
+
+SHAPES = {  # Qwen2.5-Math-7B and -1.5B exactly; tiny = tests/tiny_model.py
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=10000.0,
+                 tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096, rope_theta=10000.0,
+               tie_word_embeddings=False),
+}
+
+
+def peak_gb(cuda):
+    return torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="tiny", choices=list(SHAPES), help="model shape (random weights)")
+    p.add_argument("--steps", type=int, default=2, help="optimizer updates to time (the first includes warm-up)")
+    p.add_argument("--batch-size", type=int, default=64, help="rollouts per update (paper: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="rollout length (paper: 512)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward")
+    p.add_argument("--rollout-batch-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--ref-rollouts", type=int, default=8, help="rollouts to time with the released code's "
+                   "generation (use_cache=False, 2 per call); 0 = skip")
+    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp32 master + AdamW on the CPU (default: on for CUDA, as em_ft.py on one GPU)")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    offload = cuda if args.offload_optimizer is None else args.offload_optimizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tokenizer = build_tokenizer()
+    shape = dict(SHAPES[args.shape])
+    shape.setdefault("vocab_size", len(tokenizer))
+    config = Qwen2Config(**shape, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    dtype = torch.bfloat16 if cuda and offload else torch.float32
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = Qwen2ForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    if cuda:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.response_entropy = types.MethodType(em_ft.response_entropy, model)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    params = list(model.parameters())
+    master = [q.detach().to("cpu", torch.float32, copy=True).requires_grad_() for q in params] if offload else None
+    opt = torch.optim.AdamW(master or params, lr=2e-5, weight_decay=0.01, foreach=True)
+    run = types.SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=0.5, top_p=0.95,
+                                repetition_penalty=1.15, rollout_batch_size=args.rollout_batch_size,
+                                micro_batch_size=args.micro_batch_size, loss_temperature=0.5, entropy_chunk=1024)
+    prompt = build_prompt(tokenizer, em_ft.PI1, "chat")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    # Random big-vocab weights sample ids the tiny tokenizer cannot decode: keep sampling inside its vocabulary.
+    vocab_mask = (lambda ids, scores: scores.masked_fill_(torch.arange(scores.shape[-1], device=scores.device)
+                                                          >= len(tokenizer), float("-inf")))
+    n_params = sum(q.numel() for q in params)
+    print(f"shape {args.shape} ({n_params / 1e6:.2f}M params), device {torch.cuda.get_device_name() if cuda else 'cpu'}"
+          f", threads {torch.get_num_threads()}, offload {offload}, dtype {dtype}")
+    for step in range(1, args.steps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        model.eval()
+        outs = []
+        for i in range(0, args.batch_size, args.rollout_batch_size):
+            outs += generate_batch(model, tokenizer, [prompt] * min(args.rollout_batch_size, args.batch_size - i),
+                                   run.max_new_tokens, run.temperature, run.top_p, seed=step,
+                                   repetition_penalty=run.repetition_penalty, logits_processor=[vocab_mask])
+        model.train()
+        rows = [(prompt_ids, o["ids"]) for o in outs]
+        n_tok = sum(len(o["ids"]) for o in outs)
+        t1 = time.time()
+        em_ft.accumulate_gradients(model, rows, tokenizer.pad_token_id, run, n_tok, 1.0, ctx)
+        if offload:
+            em_ft.offloaded_step(params, master, opt, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        t2 = time.time()
+        seq_tok = n_tok + len(rows) * len(prompt_ids)
+        ours = n_tok / (t1 - t0)
+        print(f"step {step}: rollouts {n_tok} tok in {t1 - t0:.2f}s = {ours:.0f} tok/s | train "
+              f"{seq_tok} tok in {t2 - t1:.2f}s = {seq_tok / (t2 - t1):.0f} tok/s | step {t2 - t0:.2f}s | "
+              f"peak {peak_gb(cuda):.2f} GB")
+    if args.ref_rollouts:
+        # The released loop: generate(use_cache=False) on 2 prompts at a time: every new token re-runs the whole
+        # sequence (quadratic), and the batch is tiny (serial).
+        from transformers import GenerationConfig
+        model.eval()
+        enc = tokenizer([prompt] * 2, return_tensors="pt", add_special_tokens=False).to(model.device)
+        cfg = GenerationConfig(max_new_tokens=run.max_new_tokens, do_sample=True, temperature=0.5, top_p=0.95,
+                               repetition_penalty=1.15, use_cache=False, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+        t0, ref_tok = time.time(), 0
+        with torch.no_grad():
+            for i in range(0, args.ref_rollouts, 2):
+                out = model.generate(**enc, generation_config=cfg, logits_processor=[vocab_mask])
+                ref_tok += (out[:, enc.input_ids.shape[1]:] != tokenizer.pad_token_id).sum().item()
+        ref_s = ref_tok / (time.time() - t0)
+        print(f"rollouts: em_ft KV-cached batch {args.rollout_batch_size}: {ours:.0f} tok/s | released code "
+              f"(use_cache=False, batch 2, {args.ref_rollouts} rollouts): {ref_s:.0f} tok/s | "
+              f"speed-up {ours / ref_s:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""em_ft.py: the EM loss against direct formulas, the response mask, chunking, gradient accumulation, the offloaded
+optimizer, the distributed (FSDP2, gloo) update, training lowering entropy, checkpoints, and bad inputs."""
+import copy
+import json
+import os
+import types
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+
+import em_ft
+from evaluate import build_prompt, generate_batch, load_model
+
+PROMPTS = ["What is 2+3?", "Compute the sum of 12345 and 678, then divide the result by 3 and report it.",
+           "Find x if 3x + 5 = 20.", "The pressure P exerted by wind on a sail varies jointly as the area A.",
+           "Janet's ducks lay 16 eggs per day.", "What is 1/2 + 1/3?", "Compute 2^{10}.",
+           "Let us think step by step about the interval [-2, 7] and the point (3, pi/2)."]
+
+
+def bind(model):
+    model.response_entropy = types.MethodType(em_ft.response_entropy, model)
+    return model
+
+
+def direct_entropy(logits, T):
+    """-(sum_v p_v log p_v) with p = softmax(z / T), written out in float64."""
+    z = logits.double() / T
+    p = torch.exp(z - z.max(-1, keepdim=True).values)
+    p = p / p.sum(-1, keepdim=True)
+    return -(p * torch.log(p)).sum(-1)
+
+
+def assert_grad_close(a, b):
+    """Equal up to float32 summation order: 1e-5 of the tensor's largest entry (a real error is O(1) of it)."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-12)
+
+
+@pytest.fixture(scope="module")
+def eos_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its EOS row (tied embedding = lm_head) aimed at the hidden states, so sampled responses
+    end early at varied lengths (the plain tiny model almost never emits EOS)."""
+    model, tok = load_model(tiny_model_dir)
+    with torch.no_grad():
+        prompts = [build_prompt(tok, q, "chat") for q in PROMPTS]
+        h = model.model(**tok(prompts, return_tensors="pt", padding=True)).last_hidden_state[:, -1]
+        top = model.lm_head(h).max(-1).values.mean()
+        mean = h.mean(0)
+        model.model.embed_tokens.weight[tok.eos_token_id] = mean / mean.norm() * (top - 3) / mean.norm()
+    out = str(tmp_path_factory.mktemp("eos_tiny"))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def multi_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"question": q}) + "\n" for q in PROMPTS))
+    return str(path)
+
+
+def rows_for(tok, model, n=4, max_new=12, seed=0):
+    """(prompt ids, response ids) of real samples: prompts of different lengths."""
+    prompts = [build_prompt(tok, q, "chat") for q in PROMPTS[:n]]
+    outs = generate_batch(model, tok, prompts, max_new, 1.0, 1.0, seed=seed)
+    return [(tok(q, add_special_tokens=False).input_ids, o["ids"]) for q, o in zip(prompts, outs)]
+
+
+def test_token_entropy_matches_direct_formula():
+    torch.manual_seed(0)
+    z = torch.randn(7, 50) * 4
+    z[0] = 0.0  # uniform: entropy log(50)
+    z[1, 3] = 80.0  # one-hot: entropy 0
+    for T in (1.0, 0.5):
+        got = em_ft.token_entropy(z, torch.nn.Identity(), T)
+        torch.testing.assert_close(got.double(), direct_entropy(z, T), atol=1e-5, rtol=1e-5)
+    assert abs(em_ft.token_entropy(z[:1], torch.nn.Identity(), 0.5).item() - torch.log(torch.tensor(50.0))) < 1e-5
+    assert em_ft.token_entropy(z[1:2], torch.nn.Identity(), 1.0).item() < 1e-6
+
+
+def test_mask_on_left_padded_batch_equals_per_row(eos_model_dir):
+    model, tok = load_model(eos_model_dir)
+    bind(model)
+    rows = rows_for(tok, model, n=4, max_new=12)
+    assert len({len(p) for p, _ in rows}) > 1, "prompts must differ in length"
+    # early EOS in some rows, and one response that ends with the PAD id (eos == pad models): it must be scored
+    rows[0] = (rows[0][0], rows[0][1][:3] + [tok.eos_token_id])
+    rows[1] = (rows[1][0], rows[1][1][:5] + [tok.pad_token_id])
+    ids, attn, resp = em_ft.pack(rows, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        ent, n_tok = model.response_entropy(ids, attn, resp, 0.5, 1024)
+        for i, (p, r) in enumerate(rows):
+            logits = model(input_ids=torch.tensor([p + r])).logits[0]  # unpadded, alone
+            # response token j sits at position len(p)+j and is predicted by the logit at len(p)+j-1
+            want = direct_entropy(logits[len(p) - 1:len(p) + len(r) - 1], 0.5).sum()
+            assert n_tok[i].item() == len(r)
+            assert abs(ent[i].item() - want.item()) < 1e-4 * max(1.0, want.item()), (i, ent[i], want)
+
+
+def test_chunked_entropy_equals_unchunked(tiny):
+    model = bind(copy.deepcopy(tiny[0]))
+    tok = tiny[1]
+    rows = rows_for(tok, model, n=3, max_new=10)
+    ids, attn, resp = em_ft.pack(rows, tok.pad_token_id, "cpu")
+    results = []
+    for chunk in (3, 10_000):
+        model.zero_grad()
+        ent, _ = model.response_entropy(ids, attn, resp, 0.5, chunk)
+        ent.sum().backward()
+        results.append((ent.detach(), [q.grad.clone() for q in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for g1, g2 in zip(results[0][1], results[1][1]):
+        assert_grad_close(g1, g2)
+
+
+def test_gradient_accumulation_4x2_equals_batch_of_8(eos_model_dir):
+    model, tok = load_model(eos_model_dir)
+    bind(model)
+    rows = rows_for(tok, model, n=8, max_new=16, seed=3)
+    assert len({len(r) for _, r in rows}) > 1, "responses must differ in length"
+    n_tok = sum(len(r) for _, r in rows)
+    grads = {}
+    for norm in ("token-mean", "trajectory-sum"):
+        for micro in (2, 8):
+            args = types.SimpleNamespace(micro_batch_size=micro, loss_temperature=0.5, entropy_chunk=7)
+            model.zero_grad()
+            total = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args,
+                                               em_ft.loss_normalizer(n_tok, len(rows), norm))
+            grads[norm, micro] = [q.grad.clone() for q in model.parameters()]
+        for g1, g2 in zip(grads[norm, 2], grads[norm, 8]):
+            torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-8)
+    # the two normalizations differ exactly by the factor tokens / trajectories
+    for g1, g2 in zip(grads["token-mean", 8], grads["trajectory-sum", 8]):
+        assert_grad_close(g1 * n_tok / len(rows), g2)
+    assert total > 0
+
+
+def mean_sample_entropy(path, prompt, T=1.0):
+    """Mean token entropy (at loss temperature T) of the model's own samples of the prompt, fixed seed."""
+    model, tok = load_model(path)
+    bind(model)
+    q = build_prompt(tok, prompt, "chat")
+    outs = generate_batch(model, tok, [q] * 16, 48, 1.0, 0.95, seed=1234, repetition_penalty=1.15)
+    rows = [(tok(q, add_special_tokens=False).input_ids, o["ids"]) for o in outs]
+    with torch.no_grad():
+        ent, n = model.response_entropy(*em_ft.pack(rows, tok.pad_token_id, "cpu"), T, 1024)
+    return ent.sum().item() / n.sum().item()
+
+
+def test_training_lowers_entropy_of_own_samples(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("em_ft.py", "--model", tiny_model_dir, "--max-steps", "3", "--batch-size", "16",
+                   "--max-new-tokens", "48", "--temperature", "1.0", "--loss-temperature", "1.0", "--lr", "3e-3",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    before = mean_sample_entropy(tiny_model_dir, em_ft.PI1)
+    after = mean_sample_entropy(str(out / "step_3"), em_ft.PI1)
+    assert after < 0.8 * before, (before, after)
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r["response_length"] > 0 and 0 <= r["truncated"] <= 1 and r["peak_mem_gb"] > 0 for r in log)
+
+
+def test_em_ft_recipe_checkpoints_and_overrides(tiny_model_dir, multi_data, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    (out / "step_1.tmp").mkdir(parents=True)  # a stale half-written checkpoint of a crashed run
+    (out / "step_1.tmp" / "junk").write_text("x")
+    proc = run_cli("em_ft.py", "--recipe", "em-ft", "--model", tiny_model_dir, "--data", multi_data,
+                   "--batch-size", "4", "--max-new-tokens", "12", "--max-steps", "2", "--save-steps", "1",
+                   "--lr", "5e-4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["log.jsonl", "step_1", "step_2"]  # no .tmp left
+    meta = json.load(open(out / "step_2" / "train_args.json"))
+    a = meta["args"]
+    assert meta["seed"] == 15 and meta["step"] == 2 and "torch" in meta["versions"]
+    assert (a["loss_norm"], a["template"], a["loss_temperature"], a["max_steps"]) == ("trajectory-sum", "agarwal",
+                                                                                      1.0, 2)
+    assert a["lr"] == 5e-4 and a["temperature"] == 1.0  # explicit flag wins; recipe fills the rest
+    assert os.path.exists(out / "step_2" / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(str(out / "step_2"))
+    tok = AutoTokenizer.from_pretrained(str(out / "step_2"))
+    outs = generate_batch(model, tok, [build_prompt(tok, "What is 2+3?", "agarwal")], 5)
+    assert len(outs[0]["ids"]) >= 1
+    # the weights moved between the two updates
+    m1 = AutoModelForCausalLM.from_pretrained(str(out / "step_1"))
+    assert any(not torch.equal(x, y) for x, y in zip(m1.parameters(), model.parameters()))
+
+
+def test_offloaded_optimizer_gives_the_plain_update(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    common = ("--model", tiny_model_dir, "--max-steps", "2", "--batch-size", "8", "--max-new-tokens", "24",
+              "--loss-temperature", "1.0", "--lr", "1e-3")
+    for name, extra in (("plain", "--no-offload-optimizer"), ("offload", "--offload-optimizer")):
+        proc = run_cli("em_ft.py", *common, extra, "--out", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr
+    a = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain" / "step_2"))
+    b = AutoModelForCausalLM.from_pretrained(str(tmp_path / "offload" / "step_2"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moved = 0
+    for (n, x), y, z in zip(a.named_parameters(), b.parameters(), base.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=n)
+        moved += (x - z).abs().max().item() > 1e-4
+    assert moved > 0
+
+
+def test_two_process_fsdp_update_equals_one_process_on_same_rollouts(eos_model_dir, multi_data, tmp_path):
+    """2 ranks (gloo, FSDP2) sample different rollouts with seeds 15 and 16; replaying exactly those rollouts in one
+    process (global normalization, clip, AdamW) must give the same weights and gradient norm."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "dist"
+    proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561", "em_ft.py",
+                   "--model", eos_model_dir, "--data", multi_data, "--batch-size", "8", "--micro-batch-size", "3",
+                   "--max-new-tokens", "40", "--temperature", "1.0", "--top-p", "1.0", "--loss-temperature", "1.0",
+                   "--lr", "1e-3", "--max-steps", "1", "--log-rollouts", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in open(out / "rollouts.jsonl")]
+    assert [r["rank"] for r in recs] == [0] * 4 + [1] * 4
+    per_rank = [sum(len(r["ids"]) for r in recs if r["rank"] == k) for k in (0, 1)]
+    assert per_rank[0] != per_rank[1], "ranks must hold different token counts for the check to mean anything"
+    model, tok = load_model(eos_model_dir)
+    bind(model)
+    rows = [(tok(r["prompt"], add_special_tokens=False).input_ids, r["ids"]) for r in recs]
+    args = types.SimpleNamespace(micro_batch_size=8, loss_temperature=1.0, entropy_chunk=1024)
+    em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, sum(per_rank))
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
+    opt.step()
+    log = json.loads(open(out / "log.jsonl").readline())
+    assert abs(log["grad_norm"] - norm.item()) < 1e-4 * norm.item(), (log["grad_norm"], norm.item())
+    dist_model = AutoModelForCausalLM.from_pretrained(str(out / "step_1"))
+    for (n, x), y in zip(dist_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(x, y.detach(), rtol=0, atol=2e-5, msg=n)
+
+
+def test_early_stop_and_eval_every(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("em_ft.py", "--model", tiny_model_dir, "--max-steps", "5", "--batch-size", "4",
+                   "--max-new-tokens", "8", "--stop-entropy", "100", "--eval-every", "1", "--eval-benchmark",
+                   "math500", "--data-dir", data_dir, "--eval-limit", "2", "--eval-max-new-tokens", "4",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["log.jsonl", "step_1"]  # stopped after the first update, and saved it
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [0, 1, 1] and "eval_math500" in log[0] and "eval_math500" in log[2]
+
+
+@pytest.mark.parametrize("case", ["missing-model", "no-problem-column", "empty-data", "long-prompt", "bad-flag",
+                                  "em-ft-without-data", "bad-save-steps"])
+def test_bad_inputs_give_one_line(case, tiny_model_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    model = tiny_model_dir
+    extra, needle = [], "error:"
+    if case == "missing-model":
+        model, needle = str(tmp_path / "nope"), "model path does not exist"
+    elif case == "no-problem-column":
+        data.write_text(json.dumps({"text": "hi", "answer": "1"}) + "\n")
+        extra, needle = ["--data", str(data)], "no problem column"
+    elif case == "empty-data":
+        data.write_text("")
+        extra, needle = ["--data", str(data)], "empty"
+    elif case == "long-prompt":
+        data.write_text(json.dumps({"problem": "1 + 2 = 3. " * 600}) + "\n")
+        extra, needle = ["--data", str(data)], "no prompt fits"
+    elif case == "bad-flag":
+        extra, needle = ["--batch-size", "0"], "must be >= 1"
+    elif case == "em-ft-without-data":
+        extra, needle = ["--recipe", "em-ft"], "needs --data"
+    elif case == "bad-save-steps":
+        extra, needle = ["--save-steps", "1,x"], "--save-steps"
+    proc = run_cli("em_ft.py", "--model", model, "--out", str(tmp_path / "o"), *extra)
+    assert_one_line_error(proc, needle)
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr
