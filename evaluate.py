@@ -192,10 +192,11 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
     tokenizer.padding_side = "left"  # decoder-only batching: the last prompt token must sit at the right edge
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     # A full config, not the model's: its generation_config.json may carry top_k/repetition_penalty defaults
-    # (Qwen instruct models do) that would silently change the protocol.
+    # (Qwen instruct models do) that would silently change the protocol. top_k must be 0, not None, to be off:
+    # transformers fills a None from the model's generation_config (or its global default, 50).
     sample = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
-                              else None, top_p=top_p if sample else None, top_k=top_k or None,
+                              else None, top_p=top_p if sample else None, top_k=top_k if sample else None,
                               repetition_penalty=repetition_penalty, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
                               use_cache=True)

@@ -326,3 +326,23 @@ def test_logit_stats_in_generation_count_generated_tokens(tiny, data_dir):
                                          batch_size=2, progress=False, logit_stats=True)
     assert metrics["logit_stats"]["tokens"] == sum(s["length"] for s in samples)
     assert 0 < metrics["logit_stats"]["entropy"] < math.log(len(tok))
+
+
+def test_sampling_ignores_model_generation_config_defaults(tiny):
+    """A model's generation_config (Qwen instruct ships top_k=20, repetition_penalty=1.05) must not leak into the
+    protocol: with its top_k set to 1, sampling at top_k=0 must still sample, not decode greedily."""
+    model, tok = tiny
+    old = model.generation_config.top_k, model.generation_config.repetition_penalty
+    model.generation_config.top_k, model.generation_config.repetition_penalty = 1, 5.0
+    try:
+        prompts = ["hello there"] * 8
+        greedy = ev.generate_batch(model, tok, prompts, 12)
+        sampled = ev.generate_batch(model, tok, prompts, 12, temperature=1.5, seed=0)
+        assert len({tuple(o["ids"]) for o in sampled}) > 1  # top_k=1 would make all 8 identical
+        ids = tok(prompts[0], return_tensors="pt").input_ids  # plain argmax: the config's penalty 5.0 is unused
+        for _ in range(len(greedy[0]["ids"])):
+            with torch.no_grad():
+                ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        assert ids[0, -len(greedy[0]["ids"]):].tolist() == greedy[0]["ids"]
+    finally:
+        model.generation_config.top_k, model.generation_config.repetition_penalty = old
