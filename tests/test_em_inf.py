@@ -1,0 +1,264 @@
+"""Tests for em_inf.py: the batched EM-INF update against the released algorithm run one row at a time (autograd +
+torch.optim.Adam + break), its invariants (untouched rows, row independence, -inf logits, KL pull), adaptive
+temperature against a scalar bisection, the LogitsProcessor inside `generate` against a hand-written sampling loop,
+and the CLI (smoke run, bad flags)."""
+import functools
+import json
+import math
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from transformers import GenerationConfig
+
+import evaluate
+from em_inf import EMInfProcessor, adaptive_temperature, minimize_logit_entropy, token_entropy
+
+
+def released_update(row, n_steps=3, lr=0.1, threshold=0.3, kl_weight=0.05):
+    """The released EM-INF update for one row (batch 1): autograd through H + kl_weight * KL(p0 || p), torch's own
+    Adam, `break` once H < threshold. Returns (logits, steps taken). Exact entropy (no +1e-12 in the log)."""
+    z = torch.nn.Parameter(row.clone()[None])
+    p0 = torch.softmax(z.detach(), -1)
+    opt = torch.optim.Adam([z], lr=lr)
+    for step in range(n_steps):
+        opt.zero_grad()
+        logp = torch.log_softmax(z, -1)
+        entropy = -(logp.exp() * logp).sum()
+        if entropy < threshold:
+            return z.detach()[0], step
+        kl = (p0 * (p0.log() - logp)).sum()
+        (entropy + kl_weight * kl).backward()
+        opt.step()
+    return z.detach()[0], n_steps
+
+
+def random_rows(n=24, vocab=500, seed=0):
+    """Rows whose entropies spread from ~log V down to ~0: scales log-uniform over [0.3, 12]."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(torch.linspace(math.log(0.3), math.log(12), n))[torch.randperm(n, generator=g)]
+    return torch.randn(n, vocab, generator=g) * scale[:, None]
+
+
+def test_update_matches_released_algorithm_row_by_row():
+    # float64: Adam divides by sqrt(v) + 1e-8, so where a gradient crosses 0 (tokens with -log p ~ H) the step is
+    # lr * g / 1e-8 and fp32 rounding of g moves it by up to ~1e-3 -- in the release as much as here. In float64
+    # the closed-form gradient + hand-written Adam must agree with autograd + torch.optim.Adam to ~1e-9.
+    z = random_rows().double()
+    kw = dict(n_steps=10, lr=0.1, threshold=1.5, kl_weight=0.05)
+    out = minimize_logit_entropy(z, **kw)
+    steps = []
+    for i in range(len(z)):
+        ref, taken = released_update(z[i], **kw)
+        steps.append(taken)
+        torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-9)
+    # in fp32 (how it runs) the distributions agree to rounding
+    out32 = minimize_logit_entropy(z.float(), **kw).softmax(-1)
+    torch.testing.assert_close(out32, out.softmax(-1).float(), rtol=0, atol=1e-5)
+    # The batch mixes rows untouched (0 steps), rows stopped early, and rows that ran all 10 steps.
+    assert 0 in steps and 10 in steps and len(set(steps)) >= 5, steps
+
+
+def test_row_alone_equals_row_in_batch():
+    z = random_rows(seed=1)
+    kw = dict(n_steps=10, threshold=1.5)
+    batch = minimize_logit_entropy(z, **kw)
+    steps = {released_update(z[i], **kw)[1] for i in range(len(z))}
+    assert len(steps) >= 4, steps  # some rows stop early, others do not
+    for i in range(len(z)):
+        assert torch.equal(minimize_logit_entropy(z[i:i + 1], **kw)[0], batch[i])
+    # and the order of the rows in the batch does not matter either
+    perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(minimize_logit_entropy(z[perm], **kw), batch[perm])
+
+
+def test_entropy_never_increases_and_rows_under_threshold_are_untouched():
+    z = random_rows(n=64, vocab=2000, seed=2)
+    z[::5, :300] = -math.inf  # masked tokens (from top-p, say) in some rows
+    h0 = token_entropy(z)
+    out = minimize_logit_entropy(z)  # released defaults: 3 steps, lr 0.1, threshold 0.3, kl_weight 0.05
+    h1 = token_entropy(out)
+    below = h0 < 0.3
+    assert below.any() and (~below).any()
+    assert (h1 <= h0 + 1e-6).all(), (h1 - h0).max()
+    assert (h1[~below] < h0[~below] - 1e-3).all()  # every row above the threshold got sharper
+    assert torch.equal(out[below], z[below])  # bit-identical, not just close
+    assert torch.isneginf(out[::5, :300]).all() and torch.isfinite(out[::5, 300:]).all()
+
+
+def test_masked_tokens_are_the_same_as_absent_tokens():
+    # A -inf logit must act as if that token were not in the vocabulary: same update on the remaining tokens.
+    z = random_rows(n=8, vocab=400, seed=3).double()  # fp64: see the first test on fp32 rounding under Adam
+    masked = z.clone()
+    masked[:, 100:250] = -math.inf
+    kept = torch.cat([z[:, :100], z[:, 250:]], 1)
+    out, ref = minimize_logit_entropy(masked, n_steps=5), minimize_logit_entropy(kept, n_steps=5)
+    torch.testing.assert_close(torch.cat([out[:, :100], out[:, 250:]], 1), ref, rtol=0, atol=1e-9)
+    assert torch.isneginf(out[:, 100:250]).all()
+    # a row with a single finite logit has entropy 0: untouched, no NaN
+    one = torch.full((1, 50), -math.inf)
+    one[0, 7] = 3.0
+    assert torch.equal(minimize_logit_entropy(one), one)
+
+
+def test_zero_steps_and_zero_lr_return_the_logits():
+    z = random_rows(n=6, seed=4)
+    assert torch.equal(minimize_logit_entropy(z, n_steps=0), z)
+    assert torch.equal(minimize_logit_entropy(z, lr=0.0), z)
+    bf16 = z.bfloat16()
+    assert torch.equal(minimize_logit_entropy(bf16, n_steps=0), bf16.float())  # fp32 out, values exact
+
+
+def test_huge_kl_weight_keeps_the_distribution_at_p0():
+    # Adam is scale-invariant and the KL gradient is 0 at p0, so the FIRST step is sign(dH/dz) * lr whatever the
+    # kl_weight: 3 steps cannot pin p at p0. Run to convergence instead: the optimum of H + 1e6 * KL is p0 itself.
+    z = random_rows(n=8, seed=5)
+    p0 = z.softmax(-1)
+    kw = dict(n_steps=200, lr=0.01, threshold=0.0)
+    held = minimize_logit_entropy(z, kl_weight=1e6, **kw).softmax(-1)
+    free = minimize_logit_entropy(z, kl_weight=0.0, **kw).softmax(-1)
+    assert (0.5 * (held - p0).abs().sum(-1)).max() < 1e-3
+    assert (0.5 * (free - p0).abs().sum(-1)).min() > 0.1  # without the KL the same run moves far
+    # and with 3 released steps the KL still holds it much closer than without
+    tv = [0.5 * (minimize_logit_entropy(z, kl_weight=k).softmax(-1) - p0).abs().sum(-1) for k in (0.0, 1e6)]
+    assert (tv[1] < 0.3 * tv[0]).all()
+
+
+def released_bisection(row, target_ratio, tmin, tmax, tol, max_iter, threshold):
+    """The released adaptive temperature for one row, in Python floats (exact entropy)."""
+    h0 = token_entropy(row[None]).item()
+    target, tau = max(threshold, target_ratio * h0), 1.0
+    if h0 > threshold:
+        for _ in range(max_iter):
+            tau = (tmin + tmax) / 2
+            h = token_entropy(row[None] / tau).item()
+            if abs(h - target) < tol:
+                break
+            tmin, tmax = (tau, tmax) if h < target else (tmin, tau)
+    return tau
+
+
+@pytest.mark.parametrize("target_ratio,tol", [(0.85, 0.1), (0.5, 0.01)])
+def test_adaptive_temperature_lands_within_tol(target_ratio, tol):
+    z = random_rows(n=16, seed=6)
+    z[3] = -math.inf
+    z[3, 0] = 1.0  # entropy 0 <= threshold: unchanged
+    kw = dict(target_ratio=target_ratio, tmin=0.01, tmax=1.0, tol=tol, max_iter=100, threshold=1e-5)
+    out = adaptive_temperature(z, **kw)
+    h0, h1 = token_entropy(z), token_entropy(out)
+    target = (target_ratio * h0).clamp_min(1e-5)
+    reachable = token_entropy(z / 0.01) < target  # bisection over [0.01, 1] can reach the target
+    assert reachable.sum() >= 12
+    assert ((h1 - target).abs() < tol)[reachable & (h0 > 1e-5)].all()
+    assert torch.equal(out[3], z[3])
+    for i in range(len(z)):
+        tau = released_bisection(z[i], **kw)
+        torch.testing.assert_close(out[i], z[i] / tau, rtol=1e-5, atol=1e-6)
+
+
+def tiny_prompts(tokenizer, n=3, length=24):
+    """n prompts of exactly `length` tokens (no padding: a hand-written loop needs no attention mask)."""
+    texts = ["Find the value of x such that 3x + 5 = 20.", "Compute \\frac{14}{3} + \\dfrac{1}{2}.",
+             "The pressure P exerted by wind on a sail varies jointly as the area."][:n]
+    ids = [tokenizer(evaluate.build_prompt(tokenizer, t), add_special_tokens=False).input_ids[-length:] for t in texts]
+    return torch.tensor(ids)
+
+
+@pytest.mark.parametrize("proc_temperature,gen_temperature", [(1.2, 1.0), (1.0, 1.2)])
+def test_processor_in_generate_equals_hand_written_loop(tiny, proc_temperature, gen_temperature):
+    # Sampling at T = 1.2 on the tiny model (adjusted distributions of ~1-5 nats) makes every token depend on the
+    # adjusted distribution, so a processor applied in the wrong place, order or row would change the tokens. The second
+    # case checks that transformers runs a custom processor before its own temperature warper.
+    model, tokenizer = tiny
+    ids, new = tiny_prompts(tokenizer), 12
+    stops = evaluate.stop_token_ids(tokenizer, model)
+    update = functools.partial(minimize_logit_entropy, n_steps=3, threshold=0.3, kl_weight=0.05)
+    proc = EMInfProcessor(update, proc_temperature, stops + [tokenizer.pad_token_id])
+    # top_k=0, not None: transformers v5 fills a None top_k with the model's or its global default (50)
+    config = GenerationConfig(max_new_tokens=new, do_sample=True, temperature=gen_temperature, top_k=0,
+                              top_p=None, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(123)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                         logits_processor=[proc], return_dict_in_generate=True, output_scores=True)
+    # by hand: full forward (no cache), update, divide by 1.2, sample; finished rows get the pad token
+    torch.manual_seed(123)
+    seq, alive, scores = ids.clone(), torch.ones(len(ids), dtype=torch.bool), []
+    with torch.no_grad():
+        for _ in range(new):
+            s = minimize_logit_entropy(model(seq).logits[:, -1].float()) / 1.2
+            scores.append(s)
+            tok = torch.multinomial(s.softmax(-1), 1)[:, 0]
+            tok = torch.where(alive, tok, tokenizer.pad_token_id)
+            seq = torch.cat([seq, tok[:, None]], 1)
+            alive &= ~torch.isin(tok, torch.tensor(stops))
+            if not alive.any():
+                break
+    assert torch.equal(out.sequences, seq)
+    for a, b in zip(out.scores, scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert token_entropy(torch.stack(scores)).mean() > 1.0  # the test samples from a spread distribution
+
+
+class ForceStop:
+    """Test helper: at call `at`, row 0 may only emit the stop token (a -inf mask, like top-p leaves)."""
+
+    def __init__(self, stop, at):
+        self.stop, self.at, self.calls = stop, at, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.at:
+            scores = scores.clone()
+            scores[0] = -math.inf
+            scores[0, self.stop] = 0.0
+        return scores
+
+
+def test_zero_steps_reproduce_plain_sampling_and_stats_skip_finished_rows(tiny):
+    model, tokenizer = tiny
+    prompts = [evaluate.build_prompt(tokenizer, p) for p in ("What is 2 + 2?", "Compute 3 * 7.", "Solve x - 1 = 4.")]
+    stops = evaluate.stop_token_ids(tokenizer, model) + [tokenizer.pad_token_id]
+    run = functools.partial(evaluate.generate_batch, model, tokenizer, prompts, 16, seed=7)
+    plain = run(temperature=0.8)  # transformers' own temperature warper
+    zero = EMInfProcessor(functools.partial(minimize_logit_entropy, n_steps=0), 0.8, stops)
+    assert [o["ids"] for o in run(temperature=1.0, logits_processor=[zero])] == [o["ids"] for o in plain]
+    assert zero.sums[0] == zero.sums[1] and zero.sums[2] == zero.sums[3]  # nothing changed
+    em = EMInfProcessor(functools.partial(minimize_logit_entropy, n_steps=3), 0.8, stops)
+    force = ForceStop(tokenizer.eos_token_id, at=4)
+    outs = run(temperature=1.0, logits_processor=[force, em])
+    assert [o["ids"] for o in outs] != [o["ids"] for o in plain]  # the update does change what is sampled
+    assert len(outs[0]["ids"]) == 4 and outs[0]["ids"][-1] == tokenizer.eos_token_id
+    # every generated token (the stop token included) was scored once, padding after a stop never
+    assert zero.sums[4] == sum(len(o["ids"]) for o in plain)
+    assert em.sums[4] == sum(len(o["ids"]) for o in outs)
+    assert em.sums[3] < em.sums[2]  # mean entropy (T=1) lower after the update
+
+
+def test_cli_smoke_run_with_plain_comparison(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("em_inf.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "math500,amc23",
+                   "--limit", "3", "--max-new-tokens", "12", "--batch-size", "2", "--compare-plain", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["metrics"]) == {"em-inf", "plain"} and set(res["metrics"]["plain"]) == {"math500", "amc23"}
+    em, plain = res["metrics"]["em-inf"]["math500"], res["metrics"]["plain"]["math500"]
+    assert em["entropy_t1_before"] > em["entropy_t1_after"] and plain["entropy_t1_before"] == plain["entropy_t1_after"]
+    assert em["tokens_per_s"] > 0 and em["problems"] == 3 and 0 <= em["pass@1"] <= 100
+    assert res["protocol"]["temperature"] == 0.1 and res["protocol"]["template"] == "agarwal"
+    lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and {x["mode"] for x in lines} == {"em-inf", "plain"}
+    assert "em-inf" in proc.stdout and "plain" in proc.stdout
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--mode", "greedy"], "--mode"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--threshold", "-1"], "--threshold"),
+    (["--threshold", "7"], "log V"),  # the tiny model's vocabulary is ~500 tokens: log V ~ 6.2
+])
+def test_cli_bad_flags_one_line(tiny_model_dir, data_dir, flags, needle):
+    proc = run_cli("em_inf.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "math500",
+                   "--limit", "1", *flags)
+    assert_one_line_error(proc, needle)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and needle in errors[0], proc.stderr
