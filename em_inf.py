@@ -176,6 +176,8 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=4096, help="generation budget per response")
     parser.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (each batch: seed, benchmark, index)")
+    parser.add_argument("--answer-fallback", action="store_true", help="no \\boxed{}: grade \"the answer is X\" "
+                        "or the last number (evaluate.py's flag)")
     # --- system
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (per GPU)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32")
@@ -245,7 +247,7 @@ def run(args):
                 _, samples = evaluate.evaluate_model(
                     model, tokenizer, shard, template=args.template, max_new_tokens=args.max_new_tokens,
                     temperature=1.0, top_p=args.top_p, n=args.n, batch_size=args.batch_size, seed=args.seed + rank,
-                    name=name, progress=rank == 0, logits_processor=[proc])
+                    name=name, progress=rank == 0, logits_processor=[proc], answer_fallback=args.answer_fallback)
             gathered = [(samples, proc.sums.tolist(), time.time() - t0)]  # .tolist(): the one sync per benchmark
             if world > 1:
                 gathered = gathered * world

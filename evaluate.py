@@ -259,21 +259,28 @@ class LogitStats:
 
 
 # ----------------------------------------------------------------------------- answers and grading
-def extract_answer(response):
-    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces; None if there is none."""
+def extract_answer(response, fallback=False):
+    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces; None if there is none.
+    fallback=True adds the Qwen2.5-Math harness's fallbacks (One-shot EM's eval): "the answer is X", else the last
+    number of the response."""
     starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", response)]
-    for start in reversed(starts):
-        depth = 1
+    if starts:
+        depth, start = 1, starts[-1]
         for j in range(start, len(response)):
             depth += {"{": 1, "}": -1}.get(response[j], 0)
             if depth == 0:
                 return response[start:j].strip()
-        # unbalanced: this box never closes; an earlier box cannot be "the last one" either
+        # unbalanced: the last box never closes; an earlier box cannot be "the last one" either
+    if not fallback:
         return None
-    return None
+    said = re.findall(r"answer is:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s|\.?$|\n)", response, flags=re.IGNORECASE)
+    if said:
+        return said[-1].strip()
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", response)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
-def _normalize(ans):
+def normalize_answer(ans):
     ans = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\ |\$|\s", "", ans).replace("dfrac", "frac").replace("tfrac", "frac")
     ans = re.sub(r"\\text\{(.*?)\}", r"\1", ans).rstrip(".")
     return re.sub(r"^(-?\d+)\.0+$", r"\1", ans)
@@ -286,7 +293,7 @@ def grade_answer(pred, gold, timeout=5):
     """Returns (correct, error): error=True when math-verify timed out or raised (counted as wrong)."""
     if pred is None or gold is None:
         return False, False
-    if _normalize(pred) == _normalize(gold):
+    if normalize_answer(pred) == normalize_answer(gold):
         return True, False
     if len(pred) > MAX_ANSWER_CHARS:
         return False, True
@@ -306,8 +313,8 @@ def grade_answer(pred, gold, timeout=5):
         return False, True
 
 
-def is_correct(response, gold):
-    return grade_answer(extract_answer(response), gold)[0]
+def is_correct(response, gold, fallback=False):
+    return grade_answer(extract_answer(response, fallback), gold)[0]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -332,12 +339,13 @@ def compute_metrics(samples, n):
     if n > 1:  # majority vote over normalized extracted answers; a problem counts if the top answer is right
         maj = 0
         for g in by_id.values():
-            votes = Counter(_normalize(s["extracted"]) for s in g if s["extracted"] is not None)
+            votes = Counter(normalize_answer(s["extracted"]) for s in g if s["extracted"] is not None)
             if votes:
                 top = votes.most_common(1)[0][0]
-                maj += next(s["correct"] for s in g if s["extracted"] is not None and _normalize(s["extracted"]) == top)
+                maj += next(s["correct"] for s in g if s["extracted"] is not None and normalize_answer(s["extracted"]) == top)
         m[f"maj@{n}"] = 100 * maj / len(by_id)
-    m["format_rate"] = 100 * sum(s["extracted"] is not None for s in samples) / max(len(samples), 1)
+    # format = a parsable \\boxed{} answer, whatever --answer-fallback extracted
+    m["format_rate"] = 100 * sum(s.get("boxed", s["extracted"] is not None) for s in samples) / max(len(samples), 1)
     m["truncated_rate"] = 100 * sum(s["truncated"] for s in samples) / max(len(samples), 1)
     m["mean_length"] = sum(s["length"] for s in samples) / max(len(samples), 1)
     m["grading_errors"] = sum(s["grade_error"] for s in samples)
@@ -347,7 +355,7 @@ def compute_metrics(samples, n):
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072, temperature=0.0,
                    top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None, on_batch=None, progress=True,
-                   logits_processor=None, top_k=0, logit_stats=False):
+                   logits_processor=None, top_k=0, logit_stats=False, answer_fallback=False):
     """Evaluate an in-memory model on problems (from load_benchmark). Returns (metrics, samples).
     done: {(id, sample_index): sample} reused instead of regenerated (resume); on_batch(new_samples) is called
     after each generated batch (the CLI appends them to samples.jsonl). logit_stats: add metrics["logit_stats"]
@@ -382,10 +390,11 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
         fresh = []
         for i, k, o in zip(batch, keys, outs):
             p = jobs[i][0]
-            extracted = extract_answer(o["text"])
+            extracted = extract_answer(o["text"], answer_fallback)
             correct, error = grade_answer(extracted, p["answer"])
             fresh.append({"benchmark": name, "id": p["id"], "sample": k[1], "prompt": prompts[k[0]],
-                          "response": o["text"], "extracted": extracted, "gold": p["answer"], "correct": correct,
+                          "response": o["text"], "extracted": extracted, "boxed": extract_answer(o["text"]) is not None,
+                          "gold": p["answer"], "correct": correct,
                           "grade_error": error, "length": len(o["ids"]), "truncated": o["truncated"]})
             new_tokens += len(o["ids"])
         samples += fresh
@@ -425,7 +434,14 @@ def load_model(path, dtype="auto"):
 
 
 def package_versions():
-    return {p: version(p) for p in ("torch", "transformers", "datasets", "math-verify", "tqdm")}
+    from importlib.metadata import PackageNotFoundError
+    out = {}
+    for p in ("torch", "transformers", "datasets", "math-verify", "tqdm"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:  # e.g. a GPU box with only torch + transformers: record, don't crash
+            out[p] = None
+    return out
 
 
 def write_json_atomic(path, obj):
@@ -482,6 +498,8 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (the skewness analysis of "
                         "One-shot EM sampled with transformers' default top-k 50)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--answer-fallback", action="store_true", help="when there is no \\boxed{}, grade \"the "
+                        "answer is X\" or else the last number (the Qwen2.5-Math harness's fallbacks)")
     parser.add_argument("--logit-stats", action="store_true", help="record logit skewness and entropy over "
                         "generated tokens (One-shot EM's logit-shift analysis) into results.json")
     # system
@@ -509,7 +527,8 @@ def run(args):
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
     protocol = {"model": args.model, "template": args.template, "temperature": args.temperature,
-                "top_p": args.top_p, "top_k": args.top_k, "n": args.n, "logit_stats": args.logit_stats, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "top_p": args.top_p, "top_k": args.top_k, "n": args.n, "logit_stats": args.logit_stats,
+                "answer_fallback": args.answer_fallback, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                 "batch_size": args.batch_size, "benchmarks": {k: len(v) for k, v in data.items()},
                 "sources": sources, "data_dir": args.data_dir, "dtype": args.dtype}
     run_file, samples_file = os.path.join(out, "run.json"), os.path.join(out, "samples.jsonl")
@@ -542,7 +561,7 @@ def run(args):
         results[name], samples = evaluate_model(
             model, tokenizer, problems, args.template, args.max_new_tokens, args.temperature, args.top_p, args.n,
             args.batch_size, args.seed, name=name, done=bench_done, on_batch=append, top_k=args.top_k,
-            logit_stats=args.logit_stats)
+            logit_stats=args.logit_stats, answer_fallback=args.answer_fallback)
         all_samples += samples
         if results[name]["grading_errors"]:
             print(f"{name}: {results[name]['grading_errors']} answers hit the grader's time limit or crashed it "

@@ -83,6 +83,19 @@ def test_extract_answer(response, expected):
     assert ev.extract_answer(response) == expected
 
 
+@pytest.mark.parametrize("response,expected", [
+    ("Janet makes 9 * 2 = 18 dollars.\n\nThe answer is 18.", "18"),  # a real SmolLM2-style ending
+    ("The answer is: $\\frac{1}{2}$.", "\\frac{1}{2}"),
+    ("The answer is 8.\nThen 9 more.", "8"),  # "the answer is" beats the last number
+    ("so x = 3 and she pays $1,234", "1234"),  # else the last number, thousands separators dropped
+    ("\\boxed{7}. The answer is 8.", "7"),  # a box always wins
+    ("no numbers here", None),
+])
+def test_extract_answer_fallbacks(response, expected):
+    assert ev.extract_answer(response, fallback=True) == expected
+    assert ev.extract_answer(response) == (expected if "boxed" in response else None)  # strict by default
+
+
 def _gold(data_dir, bench, index):
     return ev.load_benchmark(bench, data_dir)[index]["answer"]
 

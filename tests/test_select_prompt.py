@@ -1,0 +1,237 @@
+"""select_prompt.py: scores vs hand-computed values, ranking and ties, entropy vs a direct forward, output that
+em_ft.py's loader reads, resume without resampling, torchrun sharding, and one-line errors on bad input."""
+import json
+import os
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+import select_prompt as sp
+from evaluate import load_benchmark
+
+PI1 = ("The pressure \\( P \\) exerted by wind on a sail varies jointly as the area \\( A \\) of the sail and the cube "
+       "of the wind's velocity \\( V \\). When the velocity is \\( 8 \\) miles per hour, the pressure on a sail of "
+       "\\( 2 \\) square feet is \\( 4 \\) pounds. Find the wind velocity when the pressure on \\( 4 \\) square feet "
+       "of sail is \\( 32 \\) pounds.")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def pool(data_dir, tmp_path_factory):
+    """Six real DeepScaleR rows (pi1 = row 124 and pi2 = row 267 among them) in the parquet's own nested schema."""
+    rows = pq.read_table(os.path.join(data_dir, "dsr_sub.parquet")).to_pylist()
+    path = tmp_path_factory.mktemp("pool") / "pool.jsonl"
+    with open(path, "w") as f:
+        for i in (0, 124, 1, 267, 2, 3):
+            f.write(json.dumps({"id": str(i), **rows[i]}) + "\n")
+    return str(path)
+
+
+def main_error(*argv):
+    """In-process main(): the one-line message of a bad-input exit (argparse's or ours)."""
+    with pytest.raises(SystemExit) as e:
+        sp.main(list(argv))
+    return str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- the scores, by hand
+def test_variance_by_hand():
+    assert [sp.variance_score(c, 4) for c in range(5)] == [0, 3 / 16, 1 / 4, 3 / 16, 0]
+    assert sp.variance_score(3, 10) == sp.variance_score(7, 10) == 0.21  # exact tie, unlike 0.3*(1-0.3) in floats
+    assert sp.variance_score(8, 16) == 0.25
+
+
+def test_disagreement_constructed_answers():
+    assert sp.disagreement_score(["12.8"] * 16) == 0  # all equal
+    assert sp.disagreement_score([str(i) for i in range(16)]) == 1 - 1 / 16  # all different: maximal
+    assert sp.disagreement_score(["\\frac{1}{2}", "\\dfrac{1}{2}", "\\frac{1}{2}.", "0.5"]) == 0.25  # normalized
+    assert sp.disagreement_score([None, None, "1", "2"]) == 0.5  # "no answer" is one bucket
+    assert sp.disagreement_score([None] * 4) == 0
+
+
+def test_entropy_score_is_token_mean():
+    # pooled over all tokens (10/16), not the mean of per-sample means ((1+0+0+0)/4)
+    assert sp.entropy_score([10.0, 0, 0, 0], [10, 2, 2, 2]) == 10 / 16
+
+
+def test_rank_key_ties():
+    rows = [{"score": sp.variance_score(c, 4), "p": c / 4, "index": i} for i, c in enumerate([1, 3, 2, 0, 2])]
+    assert [r["index"] for r in sorted(rows, key=sp.rank_key)] == [2, 4, 0, 1, 3]  # equal variance -> pool order
+    rows = [{"score": 0.5, "p": p, "index": i} for i, p in enumerate([None, 0.25, 0.5, 0.5, 0.75])]
+    assert [r["index"] for r in sorted(rows, key=sp.rank_key)] == [2, 3, 1, 4, 0]  # p nearest 1/2, None last
+
+
+def test_strip_suffix_row_124(data_dir):
+    row = load_benchmark(os.path.join(data_dir, "dsr_sub.parquet"))[124]
+    assert row["problem"].endswith("within \\boxed{}.") and sp.strip_suffix(row["problem"]) == PI1
+    assert sp.strip_suffix(PI1) == PI1
+    assert sp.strip_suffix("x? Let us think step by step and output the final answer within \\boxed{}") == "x?"
+
+
+# ----------------------------------------------------------------------------- entropy vs a direct forward
+def test_token_entropy_matches_direct_forward(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (5, 11, 2)]
+    responses = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (7, 1, 12)]
+    for temp in (1.0, 0.5):
+        got = sp.token_entropy(model, prompts, responses, temp, chunk=4)  # chunks cut across rows
+        for p, r, h in zip(prompts, responses, got):
+            with torch.no_grad():
+                logits = model(torch.tensor([p + r])).logits[0].float() / temp
+            want = 0.0
+            for t in range(len(p) - 1, len(p) + len(r) - 1):  # the positions that produced response tokens
+                prob = torch.softmax(logits[t], -1)
+                want -= (prob * prob.log()).sum().item()
+            assert h == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def sampled(tiny_model_dir, pool, tmp_path_factory):
+    """One real run: 6 candidates x k=2, batches of 3 (a candidate's samples straddle batches), T=3 for variety."""
+    out = str(tmp_path_factory.mktemp("sel") / "prompt.jsonl")
+    args = ["select_prompt.py", "--model", tiny_model_dir, "--data", pool, "--k", "2", "--batch-size", "3",
+            "--max-new-tokens", "12", "--temperature", "3", "--top", "2", "--keep-samples", "2", "--out", out]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    return args, out
+
+
+def test_outputs_round_trip_into_em_ft_loader(sampled, pool):
+    _, out = sampled
+    ranked = read_jsonl(out.replace(".jsonl", ".ranked.jsonl"))
+    assert sorted(r["id"] for r in ranked) == ["0", "1", "124", "2", "267", "3"]
+    assert [r["rank"] for r in ranked] == list(range(1, 7))
+    assert ranked == sorted(ranked, key=lambda r: (-r["score"], abs(r["p"] - 0.5)))
+    for r in ranked:
+        assert r["k"] == 2 and len(r["samples"]) == 2 and r["p"] == r["n_correct"] / 2
+        assert r["score"] == sp.variance_score(r["n_correct"], 2)
+        assert not r["problem"].endswith("\\boxed{}.")
+    assert next(r for r in ranked if r["id"] == "124")["problem"] == PI1
+    loaded = load_benchmark(out, require_answer=False)  # what em_ft.py --data does
+    assert [(x["id"], x["problem"], x["answer"]) for x in loaded] == [(r["id"], r["problem"], r["answer"])
+                                                                      for r in ranked[:2]]
+    assert json.load(open(out.replace(".jsonl", ".run.json")))["args"]["k"] == 2
+
+
+def test_resume_does_not_resample(sampled, tmp_path):
+    args, out = sampled
+    new_out = str(tmp_path / "prompt.jsonl")
+    lines = open(out + ".partial.jsonl").read().splitlines()
+    header, recs = lines[0], [json.loads(x) for x in lines[1:]]
+    assert len(recs) == 6
+    kept, dropped = recs[0], recs[3]
+    kept["responses"] = ["MARKER \\boxed{1}", "MARKER"]  # a sampler would never write this
+    with open(new_out + ".partial.jsonl", "w") as f:
+        f.write(header + "\n" + "\n".join(json.dumps(r) for r in recs if r is not dropped) + "\n")
+        f.write(json.dumps(dropped)[:40])  # a line cut by a crash
+    header_sig = json.loads(header)["run"]
+    proc = run_cli(*[new_out if a == out else a for a in args])
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming: 5 of 6" in proc.stdout
+    ranked = {r["id"]: r for r in read_jsonl(new_out.replace(".jsonl", ".ranked.jsonl"))}
+    assert ranked[kept["id"]]["samples"] == kept["responses"]  # reused, not sampled again
+    assert ranked[dropped["id"]]["samples"] == dropped["responses"]  # resampled: same seeds, same batches
+    after = open(new_out + ".partial.jsonl").read().splitlines()
+    assert json.loads(after[0])["run"] == header_sig and len(after) == 7  # no duplicate, nothing lost
+    assert sorted(json.loads(x)["id"] for x in after[1:]) == sorted(r["id"] for r in recs)
+
+
+def test_scores_and_ranking_on_fixed_graded_samples(tiny_model_dir, pool, tmp_path, capsys):
+    """Hand-graded k=4 samples in a partial file; each run only re-ranks them (nothing is sampled)."""
+    out = str(tmp_path / "p.jsonl")
+    base = ["--model", tiny_model_dir, "--data", pool, "--k", "4", "--max-new-tokens", "12", "--temperature", "3",
+            "--keep-samples", "4", "--top", "5", "--out", out]
+    sig = {"model": tiny_model_dir, "data": pool, "problem_key": None, "answer_key": None, "strip_suffix": True,
+           "k": 4, "template": "chat", "temperature": 3.0, "top_p": 1.0, "max_new_tokens": 12, "seed": 0}
+    graded = {  # id: (correct, answers, entropy sums, lengths)
+        "0": ([1, 0, 0, 0], ["12.8", "12.7", "12.7", None], [1, 2, 3, 4], [1, 1, 1, 1]),
+        "124": ([1, 1, 0, 0], ["1", "1", "2", "3"], [10, 0, 0, 0], [10, 2, 2, 2]),
+        "1": ([1, 1, 1, 0], ["\\frac{1}{2}", "\\dfrac{1}{2}", "\\frac{1}{2}.", "0.5"], [2, 2, 2, 2], [1, 1, 1, 1]),
+        "267": ([0, 0, 0, 0], ["a", "b", "c", "d"], [5, 5, 5, 5], [2, 2, 2, 2]),
+        "2": ([1, 1, 0, 0], [None] * 4, [0, 0, 0, 0], [1, 1, 1, 1]),
+        "3": ([0, 0, 0, 0], ["7"] * 4, [0, 0, 0, 0], [1, 1, 1, 1]),
+    }
+    with open(out + ".partial.jsonl", "w") as f:
+        f.write(json.dumps({"run": sig}) + "\n")
+        for i, (c, a, h, n) in graded.items():
+            f.write(json.dumps({"id": i, "responses": [f"r{i}.{j}" for j in range(4)], "answers": a, "correct": c,
+                                "lengths": n, "truncated": [False, False, False, True], "entropy": h,
+                                "entropy_t": 1.0}) + "\n")
+    want = {"variance": (["124", "2", "0", "1", "267", "3"], [0.25, 0.25, 3 / 16, 3 / 16, 0, 0]),
+            "disagreement": (["267", "124", "0", "1", "2", "3"], [0.75, 0.5, 0.5, 0.25, 0, 0]),
+            "entropy": (["0", "267", "1", "124", "2", "3"], [2.5, 2.5, 2.0, 0.625, 0, 0])}
+    for score, (order, scores) in want.items():
+        sp.main(base + ["--score", score])
+        assert "resuming: 6 of 6" in capsys.readouterr().out
+        assert len(open(out + ".partial.jsonl").read().splitlines()) == 7  # nothing sampled, nothing appended
+        ranked = read_jsonl(out.replace(".jsonl", ".ranked.jsonl"))
+        assert [r["id"] for r in ranked] == order, score
+        assert [r["score"] for r in ranked] == pytest.approx(scores), score
+        r124 = next(r for r in ranked if r["id"] == "124")
+        assert (r124["n_correct"], r124["p"], r124["mean_length"], r124["truncated"]) == (2, 0.5, 4.0, 0.25)
+        assert r124["samples"] == [f"r124.{j}" for j in range(4)]
+        assert [r["id"] for r in read_jsonl(out)] == order[:5]
+
+
+def test_label_free_pool_entropy(tiny_model_dir, tmp_path):
+    pool = tmp_path / "unlabeled.jsonl"
+    pool.write_text("".join(json.dumps({"question": f"What is {i} + {i}?"}) + "\n" for i in range(3)))
+    out = str(tmp_path / "p.jsonl")
+    proc = run_cli("select_prompt.py", "--model", tiny_model_dir, "--data", str(pool), "--score", "entropy",
+                   "--k", "2", "--max-new-tokens", "8", "--temperature", "3", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    ranked = read_jsonl(out.replace(".jsonl", ".ranked.jsonl"))
+    assert all(r["p"] is None and r["answer"] is None and r["score"] > 0 for r in ranked)
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    recs = [json.loads(x) for x in open(out + ".partial.jsonl").read().splitlines()[1:]]
+    for r in ranked:  # the score is the pooled token mean of the recorded per-sample entropy sums
+        rec = next(x for x in recs if x["id"] == r["id"])
+        assert r["score"] == pytest.approx(sum(rec["entropy"]) / sum(rec["lengths"]))
+    assert load_benchmark(out, require_answer=False)[0]["problem"] == ranked[0]["problem"]
+    proc = run_cli("select_prompt.py", "--model", tiny_model_dir, "--data", str(pool), "--out", out)
+    assert_one_line_error(proc, "no answer", "--score disagreement", "--score entropy")
+
+
+def test_torchrun_two_ranks_cover_the_pool(tiny_model_dir, pool, tmp_path):
+    out = str(tmp_path / "p.jsonl")
+    proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "select_prompt.py", "--model",
+                   tiny_model_dir, "--data", pool, "--k", "2", "--max-new-tokens", "8", "--temperature", "3",
+                   "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    ids = [r["id"] for r in read_jsonl(out.replace(".jsonl", ".ranked.jsonl"))]
+    assert sorted(ids) == ["0", "1", "124", "2", "267", "3"]
+    for rank in (0, 1):  # each rank sampled every other candidate
+        assert len(open(f"{out}.partial.rank{rank}.jsonl").read().splitlines()) == 1 + 3
+
+
+def test_bad_inputs(tiny_model_dir, pool, tmp_path):
+    model = ["--model", tiny_model_dir]
+    unlabeled = tmp_path / "u.jsonl"
+    unlabeled.write_text(json.dumps({"problem": "1+1?"}) + "\n")
+    msg = main_error(*model, "--data", str(unlabeled), "--out", str(tmp_path / "a.jsonl"))
+    assert "--score disagreement or --score entropy" in msg and "\n" not in msg
+    assert "no such file" in main_error(*model, "--data", str(tmp_path / "missing.jsonl"))
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text(json.dumps({"text": "1+1?", "answer": "2"}) + "\n")
+    assert "no problem column" in main_error(*model, "--data", str(nocol))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty" in main_error(*model, "--data", str(empty))
+    for flags in (["--k", "1"], ["--top", "0"], ["--temperature", "0"], ["--top-p", "1.5"], ["--limit", "0"]):
+        assert "must be" in main_error(*model, "--data", pool, *flags), flags
+    assert "does not exist" in main_error("--model", str(tmp_path / "nope"), "--data", pool, "--out",
+                                          str(tmp_path / "b.jsonl"))
+    assert main_error(*model, "--data", pool, "--score", "bogus") == "2"  # argparse: usage line, exit 2
+    out = str(tmp_path / "c.jsonl")
+    with open(out + ".partial.jsonl", "w") as f:
+        f.write(json.dumps({"run": {"model": "other"}}) + "\n")
+    assert "different run" in main_error(*model, "--data", pool, "--out", out)
