@@ -108,8 +108,7 @@ def main():
             pick = f"{args.out}/prompt.jsonl"
             times["select"] = sh(["select_prompt.py", "--model", model, "--data", args.select, "--top", "1",
                                   "--out", pick, *shlex.split(args.select_args)], log)
-            train += ["--data", pick.replace(".jsonl", ".train.jsonl") if os.path.exists(
-                pick.replace(".jsonl", ".train.jsonl")) else pick]
+            train += ["--data", pick]  # the top prompt(s), in the format em_ft.py --data reads
         times["train"] = sh(train, log)
         steps = sorted((d for d in os.listdir(f"{args.out}/train") if d.startswith("step_") and "." not in d),
                        key=lambda d: int(d.split("_")[1]))
