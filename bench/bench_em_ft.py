@@ -19,19 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import em_ft  # noqa: E402
 from evaluate import build_prompt, generate_batch  # noqa: E402
-from tiny_model import build_tokenizer  # noqa: E402
-
-SHAPES = {  # Qwen2.5-Math-7B and -1.5B exactly; tiny = tests/tiny_model.py
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=10000.0,
-                 tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096, rope_theta=10000.0,
-               tie_word_embeddings=False),
-}
-
+from tiny_model import SHAPES, build_tokenizer  # noqa: E402
 
 def peak_gb(cuda):
     return torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(

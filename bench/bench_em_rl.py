@@ -21,18 +21,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config, Qw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import em_rl  # noqa: E402
-
-SHAPES = {  # Qwen2.5-Math-1.5B / -7B exact shapes; tiny = the test model's
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=1024),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096,
-                 rope_theta=10000),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=4096,
-               rope_theta=10000),
-}
-
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from tiny_model import SHAPES  # noqa: E402
 
 def peak_gb():
     if torch.cuda.is_available():

@@ -17,12 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from evaluate import build_prompt, generate_batch, length_sorted_batches, load_benchmark, load_model  # noqa: E402
 from select_prompt import strip_suffix, token_entropy  # noqa: E402
-
-SHAPES = {"1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-          "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)}
-
+from tiny_model import SHAPES  # noqa: E402
 
 def build(args):
     from tiny_model import build_tiny_model, build_tokenizer
@@ -32,7 +27,7 @@ def build(args):
         return load_model(build_tiny_model(tempfile.mkdtemp()))
     from transformers import Qwen2Config, Qwen2ForCausalLM
     cuda = torch.cuda.is_available()
-    config = Qwen2Config(max_position_embeddings=4096, rope_theta=10000.0, **SHAPES[args.shape])
+    config = Qwen2Config(**SHAPES[args.shape])
     torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
     with torch.device("cuda" if cuda else "cpu"):
         model = Qwen2ForCausalLM(config)

@@ -37,6 +37,19 @@ CORPUS = [
 ] * 4
 
 
+# Random-weight shapes for the benchmarks (bench/): Qwen2.5-Math-1.5B and -7B exactly, and the tiny test model.
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=10000.0,
+                 tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096, rope_theta=10000.0,
+               tie_word_embeddings=False),
+}
+
+
 def build_tokenizer(vocab_size=512):
     # Qwen2's own normalizer and pre-tokenizer (digits split one by one): AutoTokenizer rebuilds a saved tokenizer
     # next to a qwen2 config.json as Qwen2Tokenizer with this pipeline, so training with it keeps ids identical.
