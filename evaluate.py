@@ -97,6 +97,8 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
     """Load a benchmark by name (local file under data_dir, else the Hugging Face Hub), a local
     .json/.jsonl/.parquet file, or a hub dataset id. Returns [{"id", "problem", "answer"}] (answer may be None
     when require_answer=False)."""
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be >= 1, got {limit}")
     if name_or_path in BENCHMARKS:
         fname, hub_id, config, hub_split = BENCHMARKS[name_or_path]
         source = os.path.join(data_dir, fname) if data_dir else None
@@ -369,6 +371,9 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     context = getattr(model.config, "max_position_embeddings", None)
     if context and max(lengths) >= context:
         raise EvalError(f"{name}: a prompt of {max(lengths)} tokens does not fit the model's context of {context}")
+    if context and max(lengths) + max_new_tokens > context and progress:
+        print(f"warning: {name}: prompt ({max(lengths)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
+              f"model's context of {context}; long responses run past the trained positions")
     stats = LogitStats(stop_token_ids(tokenizer, model), temperature, top_k) if logit_stats else None
     processors = list(logits_processor or []) + ([stats] if stats else [])  # stats see what gets sampled
     was_training = model.training
@@ -423,14 +428,30 @@ def load_model(path, dtype="auto"):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[dtype]
+    local = os.path.expanduser(path)
+    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
+        found = sorted(d for d in os.listdir(local) if os.path.isfile(os.path.join(local, d, "config.json")))
+        raise EvalError(f"{path} is a folder without config.json, not a model" +
+                        (f"; checkpoints inside: {', '.join(found)}" if found else ""))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise EvalError(f"cannot load model {path!r}: {str(e).splitlines()[0][:300]}") from None
     if tokenizer.pad_token_id is None:  # batching needs a pad id; eos is safe because masks exclude padding
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def model_fingerprint(path):
+    """Sizes and mtimes of a local model's weight/config files (a hub id stands for itself): a checkpoint rewritten
+    at the same path must not resume from samples of the old weights."""
+    local = os.path.expanduser(path)
+    if not os.path.isdir(local):
+        return path
+    files = sorted(f for f in os.listdir(local) if f.endswith((".safetensors", ".bin", ".json")))
+    stats = [(f, os.path.getsize(os.path.join(local, f)), os.path.getmtime(os.path.join(local, f))) for f in files]
+    return f"{zlib.crc32(repr(stats).encode()):08x}"
 
 
 def package_versions():
@@ -526,13 +547,16 @@ def run(args):
         data[name] = load_benchmark(src, args.data_dir, args.problem_key, args.answer_key, limit=args.limit)
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
-    protocol = {"model": args.model, "template": args.template, "temperature": args.temperature,
+    protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "template": args.template, "temperature": args.temperature,
                 "top_p": args.top_p, "top_k": args.top_k, "n": args.n, "logit_stats": args.logit_stats,
                 "answer_fallback": args.answer_fallback, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                 "batch_size": args.batch_size, "benchmarks": {k: len(v) for k, v in data.items()},
                 "sources": sources, "data_dir": args.data_dir, "dtype": args.dtype}
     run_file, samples_file = os.path.join(out, "run.json"), os.path.join(out, "samples.jsonl")
     done = {} if args.overwrite else read_samples(samples_file)
+    if done and args.logit_stats:  # the statistics are accumulated while generating: reused samples have none
+        print(f"--logit-stats: regenerating the {len(done)} samples already in {samples_file}")
+        done = {}
     if done and os.path.exists(run_file):
         with open(run_file) as f:
             old = json.load(f)

@@ -18,7 +18,7 @@ comes with a 95% Wilson interval over problems (pass@1 of one greedy sample per 
     python bench/reproduce.py one-shot --model /path/to/smollm2-135m-instruct --data-dir ../shared/benchmarks \
         --benchmarks gsm8k,math500 --limit 100 --max-new-tokens 256 --train-args="--max-steps 3 --batch-size 16"
 """
-import argparse, json, math, os, shlex, subprocess, sys, time
+import argparse, json, math, os, shlex, shutil, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Paper numbers (../shared/papers.md). One-shot EM: second-hand table, Qwen2.5-Math-7B, their harness.
@@ -103,6 +103,9 @@ def main():
         benches = args.benchmarks or "math500,minerva,olympiadbench,amc23"
         ev = ["evaluate.py", "--benchmarks", benches, *common] + (["--logit-stats"] if args.logit_stats else [])
         times["eval base"] = sh([*ev, "--model", model, "--out", f"{args.out}/eval_base"], log)
+        # A rerun trains from scratch: stale step_* folders or EM samples of an earlier run must not be picked up.
+        for stale in ("train", "eval_em"):
+            shutil.rmtree(f"{args.out}/{stale}", ignore_errors=True)
         train = ["em_ft.py", "--model", model, "--out", f"{args.out}/train", *shlex.split(args.train_args)]
         if args.select:
             pick = f"{args.out}/prompt.jsonl"
