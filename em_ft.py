@@ -87,8 +87,10 @@ def loss_normalizer(n_tokens, n_trajectories, loss_norm):
     token-mean (One-shot EM): every generated token weighs the same and the loss is a per-token entropy whatever
     the response length, the scale lr 2e-5 was tuned for. trajectory-sum (EM-FT): the sum over a response is an
     estimate of the entropy of the whole response, H(y|x), the quantity Agarwal et al. minimize; longer responses
-    weigh more and the loss grows with length, one reason for their small lr."""
-    return n_tokens if loss_norm == "token-mean" else n_trajectories
+    weigh more and the loss grows with length, one reason for their small lr. micro-token-mean (the released One-shot
+    EM code, to reproduce it exactly with --micro-batch-size 2): None = each micro-batch's own token mean, averaged
+    over the update's micro-batches; a token then weighs 1/(tokens of its micro-batch), so short pairs count more."""
+    return {"token-mean": n_tokens, "trajectory-sum": n_trajectories}.get(loss_norm)
 # ---- end method ----
 
 
@@ -110,7 +112,8 @@ def set_gathered(model, fsdp, on):
     """FSDP2: keep parameters unsharded after forward (on) or reshard them now (off); no-op otherwise."""
     for m in model.modules() if fsdp else []:
         if hasattr(m, "set_reshard_after_forward"):  # the fully_shard-ed modules
-            m.set_reshard_after_forward(not on)
+            if m is not model:  # FSDP2 never reshards the root after forward (backward needs it at once): leave it
+                m.set_reshard_after_forward(not on, recurse=False)
             if not on:
                 m.reshard()
 
@@ -133,12 +136,16 @@ def accumulate_gradients(model, rows, pad_id, args, normalizer, scale=1.0, ctx=n
     """Forward/backward over micro-batches of rows; the summed gradients are those of the effective batch's loss.
     Returns the summed token entropy (for logging)."""
     device, total = next(model.parameters()).device, 0.0
-    # Micro-batches of similar total length: less padding; the gradient does not depend on the grouping.
-    for idx in length_sorted_batches([len(p) + len(r) for p, r in rows], args.micro_batch_size):
+    # Micro-batches of similar total length: less padding; the gradient does not depend on the grouping (except
+    # with normalizer None, the released per-micro-batch mean, where the grouping is part of the loss).
+    micro = length_sorted_batches([len(p) + len(r) for p, r in rows], args.micro_batch_size)
+    for idx in micro:
         ids, attn, resp = pack([rows[i] for i in idx], pad_id, device)
         with ctx:
-            ent_sum, _ = model.response_entropy(ids, attn, resp, args.loss_temperature, args.entropy_chunk)
-        (ent_sum.sum() / normalizer * scale).backward()
+            ent_sum, n_tok = model.response_entropy(ids, attn, resp, args.loss_temperature, args.entropy_chunk)
+        # scale = world undoes FSDP's gradient averaging; for the per-micro-batch mean it must stay averaged
+        denom = normalizer if normalizer is not None else n_tok.sum() * len(micro) * scale
+        (ent_sum.sum() / denom * scale).backward()
         total += ent_sum.sum().item()
     return total
 
@@ -201,8 +208,9 @@ def main(argv=None):
     p.add_argument("--rollout-batch-size", type=int, default=64, help="sequences per generate call (memory only)")
     # --- loss
     p.add_argument("--loss-temperature", type=float, default=None, help="T in softmax(z/T) (one-shot 0.5, em-ft 1)")
-    p.add_argument("--loss-norm", default=None, choices=["token-mean", "trajectory-sum"], help="normalization "
-                   "over the effective batch (one-shot token-mean, em-ft trajectory-sum)")
+    p.add_argument("--loss-norm", default=None, choices=["token-mean", "trajectory-sum", "micro-token-mean"],
+                   help="normalization over the effective batch (one-shot token-mean, em-ft trajectory-sum; "
+                   "micro-token-mean = the released code's mean per micro-batch)")
     p.add_argument("--entropy-chunk", type=int, default=1024, help="positions per lm_head/entropy chunk (memory)")
     # --- optimizer
     p.add_argument("--max-steps", type=int, default=None, help="optimizer updates (2 = paper's step_10; em-ft 40)")
@@ -372,7 +380,8 @@ def train(args):
             dist.all_reduce(ent)
         t2, ent = time.time(), ent.item()
         entropy = ent / n_tok  # mean token entropy of this update's rollouts, before the update
-        stats = {"step": step, "loss": ent / loss_normalizer(n_tok, n_traj, args.loss_norm), "entropy": entropy,
+        stats = {"step": step, "loss": ent / (loss_normalizer(n_tok, n_traj, args.loss_norm) or n_tok),
+                 "entropy": entropy,
                  "grad_norm": norm.item(), "response_length": n_tok / n_traj, "truncated": n_trunc / n_traj,
                  "rollout_tok_s": n_tok / (t1 - t0), "train_tok_s": n_seq_tok / (t2 - t1), "step_s": t2 - t0,
                  "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else

@@ -257,6 +257,9 @@ def train(args):
     context = getattr(model.config, "max_position_embeddings", None)
     if context and max(map(len, prompt_ids)) >= context:
         raise ev.EvalError(f"a prompt of {max(map(len, prompt_ids))} tokens does not fit the context of {context}")
+    if context and max(map(len, prompt_ids)) + args.max_new_tokens > context and rank == 0:
+        print(f"warning: prompt ({max(map(len, prompt_ids))} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
+              f"the model's context of {context}; long responses run past the trained positions")
     ref = ev.load_model(args.model)[0].eval().requires_grad_(False) if args.kl_coef > 0 else None
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and cuda):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -381,12 +384,15 @@ def train(args):
                 with ctx:
                     lp, ent, _, row = stats_fn(*padded(chunk), args.logit_chunk, True)
                 old = torch.cat([old_lp[s] for s in chunk])
-                loss = policy_loss(lp, old, adv[torch.tensor(chunk, device=device)][row], args)
+                a_tok = adv[torch.tensor(chunk, device=device)][row]  # each token gets its response's advantage
+                loss = policy_loss(lp, old, a_tok, args)
                 loss = loss - args.entropy_bonus * ent  # a BONUS: it raises entropy, against the EM reward (as verl)
                 kl = k3_kl(torch.cat([ref_lp[s] for s in chunk]), lp) if ref is not None else torch.zeros_like(lp)
                 loss = loss + args.kl_coef * kl
                 (loss.sum() / count * world).backward()  # FSDP averages over ranks: undo its 1/world
-                clipped = ((lp - old).exp() - 1).abs() > args.clip_ratio
+                ratio = (lp - old).exp()
+                # clipped = the clip is active (no gradient): ratio past 1+eps with A > 0, or below 1-eps with A < 0
+                clipped = ((ratio > 1 + args.clip_ratio) & (a_tok > 0)) | ((ratio < 1 - args.clip_ratio) & (a_tok < 0))
                 sums += torch.tensor([loss.sum().item(), kl.sum().item(), clipped.sum().item(), len(lp)])
             if offload:  # the fp32 master step runs on the CPU; bf16 GPU weights only receive its rounded result
                 grad_norm = offloaded_step(params, master_params, opt, args.grad_clip)
@@ -398,9 +404,10 @@ def train(args):
             updates += 1
         t_end = time.time()
         # -- logs: per-response records of all ranks; accuracy only when the prompts have answers
-        recs = gather((r, a, lengths[s], o["truncated"], e.sum().item(), repeat_share(o["ids"]),
+        ent_sums = torch.stack([e.sum() for e in entropy]).tolist()  # one host sync, not one per response
+        recs = gather((r, a, lengths[s], o["truncated"], e, repeat_share(o["ids"]),
                        None if problems[i]["answer"] is None else ev.is_correct(o["text"], problems[i]["answer"]))
-                      for s, ((i, o), r, a, e) in enumerate(zip(rollouts, rewards.tolist(), adv.tolist(), entropy)))
+                      for s, ((i, o), r, a, e) in enumerate(zip(rollouts, rewards.tolist(), adv.tolist(), ent_sums)))
         r, a, L, trunc, ent_sum, rep, ok = zip(*recs)
         if distributed:
             sums = sums.to(device)  # NCCL reduces CUDA tensors only

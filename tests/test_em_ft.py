@@ -136,6 +136,31 @@ def test_gradient_accumulation_4x2_equals_batch_of_8(eos_model_dir):
     assert total > 0
 
 
+def test_released_per_micro_batch_normalization(eos_model_dir):
+    """--loss-norm micro-token-mean: the mean over micro-batches of each micro-batch's own token mean."""
+    model, tok = load_model(eos_model_dir)
+    bind(model)
+    rows = rows_for(tok, model, n=6, max_new=16, seed=5)
+    args = types.SimpleNamespace(micro_batch_size=2, loss_temperature=0.5, entropy_chunk=7)
+    model.zero_grad()
+    em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, em_ft.loss_normalizer(1, 1, "micro-token-mean"))
+    got = [q.grad.clone() for q in model.parameters()]
+    model.zero_grad()
+    groups = em_ft.length_sorted_batches([len(p) + len(r) for p, r in rows], 2)
+    loss = 0
+    for idx in groups:  # written out: (sum of entropies / tokens) per pair, averaged over the 3 pairs
+        ent, n = model.response_entropy(*em_ft.pack([rows[i] for i in idx], tok.pad_token_id, "cpu"), 0.5, 1024)
+        loss = loss + ent.sum() / n.sum() / len(groups)
+    loss.backward()
+    for g1, g2 in zip(got, [q.grad for q in model.parameters()]):
+        assert_grad_close(g1, g2)
+    # and it really differs from the global token mean when pairs have different lengths
+    n_tok = sum(len(r) for _, r in rows)
+    model.zero_grad()
+    em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, em_ft.loss_normalizer(n_tok, 6, "token-mean"))
+    assert any(not torch.allclose(g1, q.grad, rtol=1e-3) for g1, q in zip(got, model.parameters()) if q.grad is not None)
+
+
 def mean_sample_entropy(path, prompt, T=1.0):
     """Mean token entropy (at loss temperature T) of the model's own samples of the prompt, fixed seed."""
     model, tok = load_model(path)
