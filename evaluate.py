@@ -223,39 +223,39 @@ class LogitStats:
     - skew_topk_pooled: the released analysis' statistic -- logits divided by the sampling temperature, top-k
       filtered (others dropped), pooled over all steps and prompts, then one skewness of the pooled values
       (their protocol: first 20 DeepScaleR prompts, 500 tokens, T=0.6, top-k 50 -> `--temperature 0.6 --top-k 50`).
-    Pooled moments are accumulated as float64 power sums, so nothing per token is kept but one float."""
+    Everything is accumulated on the device as float64 sums (pooled moments as power sums): nothing is stored per
+    token and nothing syncs with the host until result(). -inf logits (masked by another processor) are left out."""
 
     def __init__(self, stop_ids, temperature=1.0, top_k=50):
         self.stop_ids, self.temperature, self.top_k = torch.tensor(stop_ids), temperature or 1.0, top_k or 50
-        self.tokens, self.entropy, self.skew = 0, 0.0, []
-        self.sums = torch.zeros(4, dtype=torch.float64)  # count, sum x, sum x^2, sum x^3 of the pooled values
-        self.done = None
-
-    @staticmethod
-    def skewness(x, dim=-1):
-        d = x - x.mean(dim, keepdim=True)
-        return (d ** 3).mean(dim) / (d ** 2).mean(dim).clamp_min(1e-12) ** 1.5
+        self.acc, self.done = None, None  # on-device sums (see result()); rows finished in this generate call
 
     def __call__(self, input_ids, scores):
-        last = input_ids[:, -1].cpu()
-        self.done = torch.zeros_like(last, dtype=torch.bool) if self.done is None else self.done | torch.isin(
-            last, self.stop_ids)  # rows that emitted a stop token are padding from here on
-        live = scores[~self.done.to(scores.device)].float()
-        if len(live):
-            logp = live.log_softmax(-1)
-            self.entropy += -(logp.exp() * logp).nan_to_num().sum().item()  # masked -inf * 0 -> nan -> 0
-            self.skew += self.skewness(live).tolist()
-            x = (live / self.temperature).topk(min(self.top_k, live.shape[-1]), dim=-1).values.double().flatten()
-            self.sums += torch.stack([x.new_tensor(len(x)), x.sum(), (x ** 2).sum(), (x ** 3).sum()]).cpu()
-            self.tokens += len(live)
+        stopped = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
+        # rows that emitted a stop token are padding from here on (the first call sees prompts: none finished)
+        self.done = torch.zeros_like(stopped) if self.done is None else self.done | stopped
+        live = (~self.done).double()
+        # Masks instead of boolean indexing, and sums kept on the device: no host sync per decoding step.
+        z = scores.float()
+        logp = z.log_softmax(-1)
+        ent = -(logp.exp() * logp).nan_to_num().sum(-1)  # masked (-inf) tokens: 0 * -inf -> nan -> 0
+        f = z.isfinite()  # skewness over the finite logits only
+        n = f.sum(-1).clamp_min(1)
+        d = (z - (z.where(f, 0).sum(-1) / n)[:, None]).where(f, 0)
+        skew = (d ** 3).sum(-1) / n / ((d ** 2).sum(-1) / n).clamp_min(1e-12) ** 1.5
+        x = (z / self.temperature).topk(min(self.top_k, z.shape[-1]), dim=-1).values.double()
+        keep = x.isfinite() & ~self.done[:, None]
+        x = x.where(keep, 0)
+        sums = torch.stack([live.sum(), (ent.double() * live).sum(), (skew.double() * live).sum(),
+                            keep.sum().double(), x.sum(), (x ** 2).sum(), (x ** 3).sum()])
+        self.acc = sums if self.acc is None else self.acc + sums
         return scores
 
     def result(self):
-        n, s1, s2, s3 = self.sums.tolist()
+        tokens, ent, skew, n, s1, s2, s3 = self.acc.tolist() if self.acc is not None else [0] * 7
         mean = s1 / max(n, 1)
         m2, m3 = s2 / max(n, 1) - mean ** 2, s3 / max(n, 1) - 3 * mean * s2 / max(n, 1) + 2 * mean ** 3
-        return {"tokens": self.tokens, "entropy": self.entropy / max(self.tokens, 1),
-                "skew_vocab": sum(self.skew) / max(len(self.skew), 1),
+        return {"tokens": int(tokens), "entropy": ent / max(tokens, 1), "skew_vocab": skew / max(tokens, 1),
                 "skew_topk_pooled": m3 / max(m2, 1e-12) ** 1.5 if n else float("nan"),
                 "skew_topk_temperature": self.temperature, "skew_topk_k": self.top_k}
 

@@ -350,6 +350,20 @@ def test_logit_stats_against_direct_formulas():
     assert res["skew_topk_pooled"] == pytest.approx(_skew(pooled), rel=1e-5)
 
 
+def test_logit_stats_leave_masked_logits_out():
+    torch.manual_seed(1)
+    scores = torch.randn(2, 30)
+    masked = scores.clone()
+    masked[:, 20:] = -float("inf")  # e.g. a vocabulary mask applied by another processor
+    stats = ev.LogitStats([99], temperature=1.0, top_k=25)  # k > the 20 finite logits: the -inf ones must drop
+    stats(torch.tensor([[1], [2]]), masked)
+    res = stats.result()
+    assert res["skew_vocab"] == pytest.approx((_skew(scores[0, :20]) + _skew(scores[1, :20])) / 2, rel=1e-5)
+    assert res["skew_topk_pooled"] == pytest.approx(_skew(scores[:, :20].flatten()), rel=1e-5)
+    logp = scores[:, :20].log_softmax(-1)
+    assert res["entropy"] == pytest.approx(-(logp.exp() * logp).sum(-1).mean().item(), rel=1e-5)
+
+
 def test_logit_stats_in_generation_count_generated_tokens(tiny, data_dir):
     model, tok = tiny
     problems = ev.load_benchmark("gsm8k", data_dir, limit=3)
