@@ -547,8 +547,8 @@ def run(args):
         data[name] = load_benchmark(src, args.data_dir, args.problem_key, args.answer_key, limit=args.limit)
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
-    protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "template": args.template, "temperature": args.temperature,
-                "top_p": args.top_p, "top_k": args.top_k, "n": args.n, "logit_stats": args.logit_stats,
+    protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "template": args.template,
+                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "n": args.n, "logit_stats": args.logit_stats,
                 "answer_fallback": args.answer_fallback, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                 "batch_size": args.batch_size, "benchmarks": {k: len(v) for k, v in data.items()},
                 "sources": sources, "data_dir": args.data_dir, "dtype": args.dtype}
