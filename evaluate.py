@@ -344,7 +344,8 @@ def compute_metrics(samples, n):
             votes = Counter(normalize_answer(s["extracted"]) for s in g if s["extracted"] is not None)
             if votes:
                 top = votes.most_common(1)[0][0]
-                maj += next(s["correct"] for s in g if s["extracted"] is not None and normalize_answer(s["extracted"]) == top)
+                maj += next(s["correct"] for s in g
+                            if s["extracted"] is not None and normalize_answer(s["extracted"]) == top)
         m[f"maj@{n}"] = 100 * maj / len(by_id)
     # format = a parsable \\boxed{} answer, whatever --answer-fallback extracted
     m["format_rate"] = 100 * sum(s.get("boxed", s["extracted"] is not None) for s in samples) / max(len(samples), 1)
@@ -548,7 +549,8 @@ def run(args):
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
     protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "template": args.template,
-                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "n": args.n, "logit_stats": args.logit_stats,
+                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "n": args.n,
+                "logit_stats": args.logit_stats,
                 "answer_fallback": args.answer_fallback, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                 "batch_size": args.batch_size, "benchmarks": {k: len(v) for k, v in data.items()},
                 "sources": sources, "data_dir": args.data_dir, "dtype": args.dtype}

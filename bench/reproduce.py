@@ -139,7 +139,8 @@ def main():
         benches = args.benchmarks or "math500,aimo-amc,aimo-aime,minerva,olympiadbench"
         for mode in ("em-inf", "adaptive-temp"):
             times[mode] = sh(["em_inf.py", "--model", model, "--benchmarks", benches, "--mode", mode,
-                              *(["--compare-plain"] if mode == "em-inf" else []), "--out", f"{args.out}/{mode}", *common,
+                              *(["--compare-plain"] if mode == "em-inf" else []), "--out", f"{args.out}/{mode}",
+                              *common,
                               *shlex.split(args.inf_args)], log)
         paper = PAPER_EM_INF.get(model, {})
         print(f"\nEM-INF, {model}; protocol: em_inf.py defaults (agarwal prompt, T=0.1 after the update; adaptive "
