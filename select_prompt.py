@@ -57,8 +57,9 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from evaluate import (EvalError, TEMPLATES, build_prompt, extract_answer, generate_batch, grade_answer, normalize_answer,
-                      length_sorted_batches, load_benchmark, load_model, package_versions, write_json_atomic)
+from evaluate import (EvalError, TEMPLATES, build_prompt, extract_answer, generate_batch, grade_answer,
+                      length_sorted_batches, load_benchmark, load_model, normalize_answer, package_versions,
+                      write_json_atomic)
 
 # DeepScaleR's (and Agarwal et al.'s) instruction suffix; pi1 is trained without it.
 SUFFIX = re.compile(r"\s*Let(?:'s| us) think step by step and output the final answer within \\boxed\{\}\.?\s*$")
