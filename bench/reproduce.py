@@ -145,7 +145,8 @@ def main():
         paper = PAPER_EM_INF.get(model, {})
         print(f"\nEM-INF, {model}; protocol: em_inf.py defaults (agarwal prompt, T=0.1 after the update; adaptive "
               "temperature samples at T=1), pass@1 [95% CI]; plain = em_inf.py --compare-plain, same seeds")
-        print("| benchmark | plain | em-inf | adaptive-temp | H(T=1) plain -> em-inf |\n|---|---|---|---|---|")
+        print("| benchmark | plain | em-inf | adaptive-temp | H(T=1) before -> after the EM-INF update |\n"
+              "|---|---|---|---|---|")
         runs = {m: f"{args.out}/{m}/samples.jsonl" for m in ("em-inf", "adaptive-temp")}
         with open(f"{args.out}/em-inf/results.json") as f:
             ent = json.load(f)["metrics"]
