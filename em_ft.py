@@ -135,7 +135,7 @@ def pack(rows, pad_id, device):
 def accumulate_gradients(model, rows, pad_id, args, normalizer, scale=1.0, ctx=nullcontext()):
     """Forward/backward over micro-batches of rows; the summed gradients are those of the effective batch's loss.
     Returns the summed token entropy (for logging)."""
-    device, total = next(model.parameters()).device, 0.0
+    device, total = next(model.parameters()).device, 0.0  # total stays a device tensor: no sync per micro-batch
     # Micro-batches of similar total length: less padding; the gradient does not depend on the grouping (except
     # with normalizer None, the released per-micro-batch mean, where the grouping is part of the loss).
     micro = length_sorted_batches([len(p) + len(r) for p, r in rows], args.micro_batch_size)
@@ -146,8 +146,8 @@ def accumulate_gradients(model, rows, pad_id, args, normalizer, scale=1.0, ctx=n
         # scale = world undoes FSDP's gradient averaging; for the per-micro-batch mean it must stay averaged
         denom = normalizer if normalizer is not None else n_tok.sum() * len(micro) * scale
         (ent_sum.sum() / denom * scale).backward()
-        total += ent_sum.sum().item()
-    return total
+        total = total + ent_sum.sum().detach()
+    return float(total)
 
 
 def offloaded_step(params, master, optimizer, grad_clip):
@@ -338,6 +338,7 @@ def train(args):
 
     if args.eval_every:
         run_eval(0)
+    first_entropy = None  # the first update's entropy, for --stop-entropy-drop
     for step in tqdm(range(1, args.max_steps + 1), desc="em_ft", disable=rank != 0, dynamic_ncols=True):
         t0 = time.time()
         if cuda:
@@ -390,7 +391,7 @@ def train(args):
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
             log.write(json.dumps(stats) + "\n")
             log.flush()
-        first_entropy = entropy if step == 1 else first_entropy
+        first_entropy = entropy if first_entropy is None else first_entropy
         stop = (args.stop_entropy is not None and entropy < args.stop_entropy) or (
             args.stop_entropy_drop is not None and entropy <= (1 - args.stop_entropy_drop) * first_entropy)
         if args.eval_every and step % args.eval_every == 0:

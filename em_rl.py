@@ -375,7 +375,7 @@ def train(args):
         # the same (long responses count more than short ones); the token count is all-reduced, so N ranks give
         # exactly the gradient of 1 rank holding the whole mini-batch.
         model.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, kl, clipped tokens, tokens
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kl, clipped tokens, tokens (no sync)
         for mb in torch.arange(S).tensor_split(args.ppo_minibatches if args.update == "ppo-clip" else 1):
             count = torch.tensor(float(sum(lengths[s] for s in mb.tolist())), device=device)
             if distributed:
@@ -393,7 +393,7 @@ def train(args):
                 ratio = (lp - old).exp()
                 # clipped = the clip is active (no gradient): ratio past 1+eps with A > 0, or below 1-eps with A < 0
                 clipped = ((ratio > 1 + args.clip_ratio) & (a_tok > 0)) | ((ratio < 1 - args.clip_ratio) & (a_tok < 0))
-                sums += torch.tensor([loss.sum().item(), kl.sum().item(), clipped.sum().item(), len(lp)])
+                sums += torch.stack([loss.sum().detach(), kl.sum().detach(), clipped.sum(), lp.new_tensor(len(lp))])
             if offload:  # the fp32 master step runs on the CPU; bf16 GPU weights only receive its rounded result
                 grad_norm = offloaded_step(params, master_params, opt, args.grad_clip)
             else:
@@ -410,7 +410,6 @@ def train(args):
                       for s, ((i, o), r, a, e) in enumerate(zip(rollouts, rewards.tolist(), adv.tolist(), ent_sums)))
         r, a, L, trunc, ent_sum, rep, ok = zip(*recs)
         if distributed:
-            sums = sums.to(device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(sums)
         first_len = first_len or sum(L) / len(L)
         mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -2,7 +2,6 @@
 em_ft.py's loader reads, resume without resampling, torchrun sharding, and one-line errors on bad input."""
 import json
 import os
-import sys
 
 import pyarrow.parquet as pq
 import pytest
