@@ -403,6 +403,7 @@ def train(args):
         if stop:
             break
     if fsdp:
+        dist.barrier()  # rank 0 may still be writing: tearing gloo down under it can abort a rank at exit
         dist.destroy_process_group()
 
 

@@ -429,6 +429,7 @@ def train(args):
             save(step, updates)
         emit(log)
     if distributed:
+        dist.barrier()  # rank 0 may still be writing: tearing gloo down under it can abort a rank at exit
         dist.destroy_process_group()
     return model
 

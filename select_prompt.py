@@ -272,8 +272,9 @@ def run(args):
     sink.close()
     if world > 1:
         dist.barrier()  # every rank's share is on disk
+        dist.destroy_process_group()  # every rank at once: a rank tearing gloo down alone can abort at exit
         if rank > 0:
-            return dist.destroy_process_group()
+            return
         done = usable(read_partial(partials(), sig))
 
     # --- score, rank, write
@@ -305,8 +306,6 @@ def run(args):
     print(f"boxed answers in {100 * boxed:.0f}% of samples" + (" -- the scores need them; if the model can box "
           "answers, ask it to: --template qwen-math or --no-strip-suffix" if boxed < 0.5 else ""))
     print(f"wrote {args.out} (top {min(args.top, len(rows))}) and {stem}.ranked.jsonl ({len(rows)} candidates)")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

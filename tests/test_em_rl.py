@@ -210,7 +210,7 @@ def test_two_process_fsdp2_gloo_equals_one_process(tiny_model_dir, data_dir, tmp
             "--steps", "1", "--temperature", "1e-4", "--ppo-minibatches", "2", "--micro-batch-size", "3",
             "--entropy-bonus", "0.5", "--lr", "1e-3", "--eval-every", "1", "--eval-benchmark", "gsm8k",
             "--eval-limit", "3", "--data-dir", data_dir]
-    proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "em_rl.py", *args, "--out",
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "em_rl.py", *args, "--out",
                    str(tmp_path / "d"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = em_rl.main([*args, "--out", str(tmp_path / "s")])
