@@ -198,6 +198,8 @@ def main(argv=None):
     # --- output and evaluation
     p.add_argument("--out", default="checkpoints/em_rl", help="output folder")
     p.add_argument("--save-steps", default="", help="comma list of steps to checkpoint (the last always is)")
+    p.add_argument("--log-rollouts", action="store_true", help="append every response (text, ids, reward, "
+                   "advantage) to <out>/rollouts.jsonl")
     p.add_argument("--eval-every", type=int, default=0, help="greedy eval every N steps, at 0 and at the end")
     p.add_argument("--eval-benchmark", default="math500", help="evaluate.py benchmark name or file")
     p.add_argument("--eval-limit", type=int, default=100, help="first N problems of the eval benchmark")
@@ -406,9 +408,14 @@ def train(args):
         # -- logs: per-response records of all ranks; accuracy only when the prompts have answers
         ent_sums = torch.stack([e.sum() for e in entropy]).tolist()  # one host sync, not one per response
         recs = gather((r, a, lengths[s], o["truncated"], e, repeat_share(o["ids"]),
-                       None if problems[i]["answer"] is None else ev.is_correct(o["text"], problems[i]["answer"]))
+                       None if problems[i]["answer"] is None else ev.is_correct(o["text"], problems[i]["answer"]),
+                       {"step": step, "rank": rank, "prompt_index": i, "prompt": texts[i], "response": o["text"],
+                        "ids": o["ids"], "reward": r, "advantage": a} if args.log_rollouts else None)
                       for s, ((i, o), r, a, e) in enumerate(zip(rollouts, rewards.tolist(), adv.tolist(), ent_sums)))
-        r, a, L, trunc, ent_sum, rep, ok = zip(*recs)
+        r, a, L, trunc, ent_sum, rep, ok, rolls = zip(*recs)
+        if master and args.log_rollouts:  # every response of the step, in rank order (groups of n stay together)
+            with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
+                f.writelines(json.dumps(x) + "\n" for x in rolls)
         if distributed:
             dist.all_reduce(sums)
         first_len = first_len or sum(L) / len(L)

@@ -20,6 +20,12 @@ DATA_DIR = os.environ.get("EM_DATA_DIR", os.path.join(os.path.dirname(ROOT), "sh
 # Tiny models are dominated by per-op overhead: one thread is several times faster than two on 2 cores.
 torch.set_num_threads(1)
 
+# Prompts of different lengths, for batches whose rows must not line up.
+PROMPTS = ["What is 2+3?", "Compute the sum of 12345 and 678, then divide the result by 3 and report it.",
+           "Find x if 3x + 5 = 20.", "The pressure P exerted by wind on a sail varies jointly as the area A.",
+           "Janet's ducks lay 16 eggs per day.", "What is 1/2 + 1/3?", "Compute 2^{10}.",
+           "Let us think step by step about the interval [-2, 7] and the point (3, pi/2)."]
+
 
 @pytest.fixture(scope="session")
 def data_dir():
@@ -38,6 +44,24 @@ def tiny(tiny_model_dir):
     from evaluate import load_model
     model, tokenizer = load_model(tiny_model_dir)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def eos_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its EOS row (tied embedding = lm_head) aimed at the hidden states, so sampled responses
+    end early at varied lengths (the plain tiny model almost never emits EOS)."""
+    from evaluate import build_prompt, load_model
+    model, tok = load_model(tiny_model_dir)
+    with torch.no_grad():
+        prompts = [build_prompt(tok, q, "chat") for q in PROMPTS]
+        h = model.model(**tok(prompts, return_tensors="pt", padding=True)).last_hidden_state[:, -1]
+        top = model.lm_head(h).max(-1).values.mean()
+        mean = h.mean(0)
+        model.model.embed_tokens.weight[tok.eos_token_id] = mean / mean.norm() * (top - 3) / mean.norm()
+    out = str(tmp_path_factory.mktemp("eos_tiny"))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 def run_cli(*args, timeout=600):

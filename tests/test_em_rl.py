@@ -229,6 +229,45 @@ def test_two_process_fsdp2_gloo_equals_one_process(tiny_model_dir, data_dir, tmp
     assert not torch.allclose(single.model.norm.weight, ev.load_model(tiny_model_dir)[0].model.norm.weight)
 
 
+def test_two_process_update_equals_one_process_replay(eos_model_dir, tmp_path):
+    """2 ranks sample DIFFERENT rollouts (each its own seed; the EOS model ends them at varied lengths, so the ranks
+    hold different token counts). Replaying the logged rollouts in one process (rewards, leave-one-out advantages,
+    REINFORCE loss over the global token count, clip, AdamW) must give the logged rewards, the logged gradient norm
+    and the saved weights: a rank dividing by its own token count, or a group split over ranks, would not."""
+    from conftest import PROMPTS
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"problem": q}) + "\n" for q in PROMPTS[:4]))
+    out = tmp_path / "d"
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "em_rl.py", "--model",
+                   eos_model_dir, "--data", str(data), "--batch-size", "4", "--max-new-tokens", "40", "--steps", "1",
+                   "--update", "reinforce", "--kl-coef", "0", "--entropy-bonus", "0", "--lr", "1e-3",
+                   "--micro-batch-size", "3", "--log-rollouts", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["rank"] for r in recs] == [0] * 8 + [1] * 8
+    per_rank = [sum(len(r["ids"]) for r in recs if r["rank"] == k) for k in (0, 1)]
+    assert per_rank[0] != per_rank[1], "ranks must hold different token counts for the check to mean anything"
+    model, tok = ev.load_model(eos_model_dir)
+    prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in recs]
+    batch = em_rl.pad_batch(prompts, [r["ids"] for r in recs], tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        lp, ent, cert, row = em_rl.response_stats(model, *batch)
+        rewards = em_rl.em_rewards(lp, ent, cert, row, len(recs), "token", "mean")
+    adv = em_rl.group_advantages(rewards, 4, "rloo")
+    assert [r["reward"] for r in recs] == pytest.approx(rewards.tolist(), rel=1e-4, abs=1e-5)
+    assert [r["advantage"] for r in recs] == pytest.approx(adv.tolist(), rel=1e-3, abs=1e-5)
+    lp, _, _, row = em_rl.response_stats(model, *batch, grad=True)
+    loss = em_rl.policy_loss(lp, None, adv[row], types.SimpleNamespace(update="reinforce")).sum() / sum(per_rank)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+    torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01).step()
+    log = json.loads((out / "log.jsonl").read_text())
+    assert log["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    loaded, _ = ev.load_model(str(out / "step_1"))
+    for (name, x), y in zip(loaded.named_parameters(), model.parameters()):
+        torch.testing.assert_close(x, y.detach(), rtol=0, atol=2e-5, msg=name)
+
+
 def test_bad_inputs_give_one_line(tiny_model_dir, data_dir, tmp_path, capsys):
     proc = run_cli("em_rl.py", "--model", str(tmp_path / "nope"), "--data", os.path.join(data_dir, "gsm8k.jsonl"))
     assert_one_line_error(proc, "error:", "model path does not exist")
