@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from evaluate import (EvalError, build_prompt, evaluate_model, generate_batch, length_sorted_batches,
-                      load_benchmark, load_model, package_versions, write_json_atomic)
+from evaluate import (EvalError, build_prompt, compute_metrics, evaluate_model, generate_batch,
+                      length_sorted_batches, load_benchmark, load_model, package_versions, write_json_atomic)
 
 # One-shot EM's training prompt pi_1 (row 124 of the DeepScaleR subset; gold 12.8, never used by EM).
 PI1 = ("The pressure \\( P \\) exerted by wind on a sail varies jointly as the area \\( A \\) of the sail and the "
@@ -109,13 +109,14 @@ def sample_rollouts(model, tokenizer, prompts, lengths, args, seed):
 
 
 def set_gathered(model, fsdp, on):
-    """FSDP2: keep parameters unsharded after forward (on) or reshard them now (off); no-op otherwise."""
+    """FSDP2: gather the full parameters now and keep them (on), or reshard them now (off); no-op otherwise.
+    Collective, called by every rank at the same point; in between, each rank runs forwards on its own (generate's
+    uneven step counts, an eval share of its own) with no collective at all."""
     for m in model.modules() if fsdp else []:
         if hasattr(m, "set_reshard_after_forward"):  # the fully_shard-ed modules
             if m is not model:  # FSDP2 never reshards the root after forward (backward needs it at once): leave it
                 m.set_reshard_after_forward(not on, recurse=False)
-            if not on:
-                m.reshard()
+            m.unshard() if on else m.reshard()
 
 
 def pack(rows, pad_id, device):
@@ -326,14 +327,23 @@ def train(args):
     log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
 
     def run_eval(step):
+        model.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
         set_gathered(model, fsdp, True)
-        m, _ = evaluate_model(model, tokenizer, eval_set, args.eval_template, args.eval_max_new_tokens,
-                              batch_size=args.rollout_batch_size, seed=args.seed, name=args.eval_benchmark,
-                              progress=rank == 0)  # every rank runs the same eval: FSDP needs them in step
+        mine = eval_set[rank::world]  # each rank grades its share; metrics over the gathered samples
+        samples = evaluate_model(model, tokenizer, mine, args.eval_template, args.eval_max_new_tokens,
+                                 batch_size=args.rollout_batch_size, seed=args.seed, name=args.eval_benchmark,
+                                 progress=rank == 0)[1] if mine else []
         set_gathered(model, fsdp, False)
+        model.train()
+        if fsdp:
+            parts = [None] * world
+            dist.all_gather_object(parts, samples)
+            samples = [x for part in parts for x in part]
+        m = compute_metrics(samples, 1)
         if rank == 0:
             tqdm.write(f"eval step {step}: {args.eval_benchmark} pass@1 {m['pass@1']:.1f} (n={m['problems']})")
-            log.write(json.dumps({"step": step, f"eval_{args.eval_benchmark}": m["pass@1"]}) + "\n")
+            log.write(json.dumps({"step": step, f"eval_{args.eval_benchmark}": m["pass@1"],
+                                  "eval_problems": m["problems"]}) + "\n")
             log.flush()
 
     if args.eval_every:

@@ -7,16 +7,10 @@ import types
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import PROMPTS, assert_one_line_error, run_cli
 
 import em_ft
 from evaluate import build_prompt, generate_batch, load_model
-
-PROMPTS = ["What is 2+3?", "Compute the sum of 12345 and 678, then divide the result by 3 and report it.",
-           "Find x if 3x + 5 = 20.", "The pressure P exerted by wind on a sail varies jointly as the area A.",
-           "Janet's ducks lay 16 eggs per day.", "What is 1/2 + 1/3?", "Compute 2^{10}.",
-           "Let us think step by step about the interval [-2, 7] and the point (3, pi/2)."]
-
 
 def bind(model):
     model.response_entropy = types.MethodType(em_ft.response_entropy, model)
@@ -34,23 +28,6 @@ def direct_entropy(logits, T):
 def assert_grad_close(a, b):
     """Equal up to float32 summation order: 1e-5 of the tensor's largest entry (a real error is O(1) of it)."""
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-12)
-
-
-@pytest.fixture(scope="module")
-def eos_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with its EOS row (tied embedding = lm_head) aimed at the hidden states, so sampled responses
-    end early at varied lengths (the plain tiny model almost never emits EOS)."""
-    model, tok = load_model(tiny_model_dir)
-    with torch.no_grad():
-        prompts = [build_prompt(tok, q, "chat") for q in PROMPTS]
-        h = model.model(**tok(prompts, return_tensors="pt", padding=True)).last_hidden_state[:, -1]
-        top = model.lm_head(h).max(-1).values.mean()
-        mean = h.mean(0)
-        model.model.embed_tokens.weight[tok.eos_token_id] = mean / mean.norm() * (top - 3) / mean.norm()
-    out = str(tmp_path_factory.mktemp("eos_tiny"))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -230,15 +207,18 @@ def test_offloaded_optimizer_gives_the_plain_update(tiny_model_dir, tmp_path):
     assert moved > 0
 
 
-def test_two_process_fsdp_update_equals_one_process_on_same_rollouts(eos_model_dir, multi_data, tmp_path):
+def test_two_process_fsdp_update_equals_one_process_on_same_rollouts(eos_model_dir, multi_data, data_dir, tmp_path):
     """2 ranks (gloo, FSDP2) sample different rollouts with seeds 15 and 16; replaying exactly those rollouts in one
-    process (global normalization, clip, AdamW) must give the same weights and gradient norm."""
+    process (global normalization, clip, AdamW) must give the same weights and gradient norm. The eval before and
+    after the update is split over the ranks (2 + 1 problems) and gathered."""
     from transformers import AutoModelForCausalLM
     out = tmp_path / "dist"
-    proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561", "em_ft.py",
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "em_ft.py",
                    "--model", eos_model_dir, "--data", multi_data, "--batch-size", "8", "--micro-batch-size", "3",
                    "--max-new-tokens", "40", "--temperature", "1.0", "--top-p", "1.0", "--loss-temperature", "1.0",
-                   "--lr", "1e-3", "--max-steps", "1", "--log-rollouts", "--out", str(out))
+                   "--lr", "1e-3", "--max-steps", "1", "--log-rollouts", "--out", str(out), "--eval-every", "1",
+                   "--eval-benchmark", "gsm8k", "--eval-limit", "3", "--eval-max-new-tokens", "4", "--data-dir",
+                   data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in open(out / "rollouts.jsonl")]
     assert [r["rank"] for r in recs] == [0] * 4 + [1] * 4
@@ -252,7 +232,9 @@ def test_two_process_fsdp_update_equals_one_process_on_same_rollouts(eos_model_d
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
     opt.step()
-    log = json.loads(open(out / "log.jsonl").readline())
+    logs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [g["step"] for g in logs] == [0, 1, 1] and logs[0]["eval_problems"] == logs[2]["eval_problems"] == 3
+    log = logs[1]
     assert abs(log["grad_norm"] - norm.item()) < 1e-4 * norm.item(), (log["grad_norm"], norm.item())
     dist_model = AutoModelForCausalLM.from_pretrained(str(out / "step_1"))
     for (n, x), y in zip(dist_model.named_parameters(), model.parameters()):
