@@ -226,9 +226,13 @@ class LogitStats:
     Everything is accumulated on the device as float64 sums (pooled moments as power sums): nothing is stored per
     token and nothing syncs with the host until result(). -inf logits (masked by another processor) are left out."""
 
+    HIST = (-5.0, 15.0, 100)  # per-token skew_vocab histogram (for the figure): range and bins; outliers -> end bins
+
     def __init__(self, stop_ids, temperature=1.0, top_k=50):
         self.stop_ids, self.temperature, self.top_k = torch.tensor(stop_ids), temperature or 1.0, top_k or 50
         self.acc, self.done = None, None  # on-device sums (see result()); rows finished in this generate call
+        lo, hi, bins = self.HIST
+        self.edges, self.hist = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:], None  # upper bin edges
 
     def __call__(self, input_ids, scores):
         stopped = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
@@ -249,6 +253,10 @@ class LogitStats:
         sums = torch.stack([live.sum(), (ent.double() * live).sum(), (skew.double() * live).sum(),
                             keep.sum().double(), x.sum(), (x ** 2).sum(), (x ** 3).sum()])
         self.acc = sums if self.acc is None else self.acc + sums
+        # bin i holds skew in (lo + i*w, lo + (i+1)*w]; clamped, so values past the range land in the end bins
+        b = torch.bucketize(skew.double(), self.edges.to(z.device)).clamp_max(self.HIST[2] - 1)
+        hist = torch.zeros(self.HIST[2], dtype=torch.float64, device=z.device).index_add_(0, b, live)
+        self.hist = hist if self.hist is None else self.hist + hist
         return scores
 
     def result(self):
@@ -257,7 +265,35 @@ class LogitStats:
         m2, m3 = s2 / max(n, 1) - mean ** 2, s3 / max(n, 1) - 3 * mean * s2 / max(n, 1) + 2 * mean ** 3
         return {"tokens": int(tokens), "entropy": ent / max(tokens, 1), "skew_vocab": skew / max(tokens, 1),
                 "skew_topk_pooled": m3 / max(m2, 1e-12) ** 1.5 if n else float("nan"),
-                "skew_topk_temperature": self.temperature, "skew_topk_k": self.top_k}
+                "skew_topk_temperature": self.temperature, "skew_topk_k": self.top_k,
+                "skew_vocab_hist": {"range": list(self.HIST[:2]), "counts": [int(c) for c in (
+                    self.hist.tolist() if self.hist is not None else [0] * self.HIST[2])]}}
+
+
+def plot_logit_stats(results, path):
+    """Histogram of per-token logit skewness, one curve per benchmark, to path (PNG) -- only if matplotlib happens
+    to be installed (it is not a dependency). Returns whether it wrote the file."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, r in results.items():
+        h = r["logit_stats"]["skew_vocab_hist"]
+        lo, hi = h["range"]
+        w = (hi - lo) / len(h["counts"])
+        total = max(sum(h["counts"]), 1)
+        ax.step([lo + (i + 0.5) * w for i in range(len(h["counts"]))], [c / total for c in h["counts"]],
+                where="mid", label=f"{name} (mean {r['logit_stats']['skew_vocab']:.2f})")
+    ax.set(xlabel="skewness of the logit vector (per generated token)", ylabel="share of tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
 
 
 # ----------------------------------------------------------------------------- answers and grading
@@ -599,6 +635,8 @@ def run(args):
             print(f"{name}: logit skewness (full vocab, mean over tokens) {ls['skew_vocab']:.3f}, pooled top-"
                   f"{ls['skew_topk_k']} at T={ls['skew_topk_temperature']} {ls['skew_topk_pooled']:.3f}, "
                   f"entropy {ls['entropy']:.3f} over {ls['tokens']} tokens")
+        if plot_logit_stats(results, os.path.join(out, "logit_stats.png")):
+            print(f"wrote {out}/logit_stats.png")
     if len(results) > 1:
         keys = [k for k in results[next(iter(results))] if k.startswith(("pass@", "maj@", "format", "mean_length"))]
         results["average"] = {k: sum(r[k] for r in results.values()) / len(results) for k in keys}

@@ -127,13 +127,18 @@ def main():
             rows.append({"benchmark": b, "base": [kb, nb], "em": [ke, ne]})
             print(f"| {b} (n={nb}) | {fmt(kb, nb)} | {fmt(ke, ne)} | {paper[0]} | {paper[1]} |")
         if args.logit_stats:
+            curves = {}
             for tag in ("base", "em"):
                 with open(f"{args.out}/eval_{tag}/results.json") as f:
                     res = json.load(f)["metrics"]
                 for b in benches.split(","):
-                    ls = res[b]["logit_stats"]
+                    ls, curves[f"{tag} {b}"] = res[b]["logit_stats"], res[b]
                     print(f"{tag} {b}: entropy {ls['entropy']:.3f}, skew (vocab) {ls['skew_vocab']:.3f}, "
                           f"skew (pooled top-k) {ls['skew_topk_pooled']:.3f}")
+            sys.path.insert(0, ROOT)
+            from evaluate import plot_logit_stats  # base and EM on one figure (if matplotlib is installed)
+            if plot_logit_stats(curves, f"{args.out}/logit_shift.png"):
+                print(f"wrote {args.out}/logit_shift.png")
     else:
         model = args.model or "Qwen/Qwen2.5-7B-Instruct"
         benches = args.benchmarks or "math500,aimo-amc,aimo-aime,minerva,olympiadbench"

@@ -348,6 +348,22 @@ def test_logit_stats_against_direct_formulas():
     assert res["skew_vocab"] == pytest.approx(sum(_skew(row) for row in live) / len(live), rel=1e-5)
     pooled = (live / 0.6).topk(5, dim=-1).values.flatten()
     assert res["skew_topk_pooled"] == pytest.approx(_skew(pooled), rel=1e-5)
+    # the figure's histogram: bin i holds skew in (lo + i*w, lo + (i+1)*w], live tokens only
+    (lo, hi), counts = res["skew_vocab_hist"]["range"], res["skew_vocab_hist"]["counts"]
+    w, want = (hi - lo) / len(counts), [0] * len(counts)
+    for row in live:
+        want[min(max(math.ceil((_skew(row) - lo) / w) - 1, 0), len(counts) - 1)] += 1
+    assert counts == want and sum(counts) == 10 and len([c for c in counts if c]) > 1
+
+
+def test_logit_stats_histogram_end_bins_take_outliers():
+    torch.manual_seed(2)
+    scores = torch.randn(3, 400) * 0.01
+    scores[0, 0], scores[1, 0] = 50.0, -50.0  # one spike: skewness about +-sqrt(399) ~ +-20, outside [-5, 15]
+    stats = ev.LogitStats([9999])
+    stats(torch.tensor([[1], [2], [3]]), scores)
+    counts = stats.result()["skew_vocab_hist"]["counts"]
+    assert counts[-1] == 1 and counts[0] == 1 and sum(counts) == 3
 
 
 def test_logit_stats_leave_masked_logits_out():
@@ -371,6 +387,17 @@ def test_logit_stats_in_generation_count_generated_tokens(tiny, data_dir):
                                          batch_size=2, progress=False, logit_stats=True)
     assert metrics["logit_stats"]["tokens"] == sum(s["length"] for s in samples)
     assert 0 < metrics["logit_stats"]["entropy"] < math.log(len(tok))
+
+
+def test_cli_logit_stats_histogram_and_optional_png(tiny_model_dir, data_dir, tmp_path):
+    import importlib.util
+    proc = run_cli("evaluate.py", "--model", tiny_model_dir, "--benchmarks", "gsm8k", "--data-dir", data_dir,
+                   "--limit", "2", "--max-new-tokens", "5", "--logit-stats", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    ls = json.loads((tmp_path / "results.json").read_text())["metrics"]["gsm8k"]["logit_stats"]
+    assert sum(ls["skew_vocab_hist"]["counts"]) == ls["tokens"] > 0
+    # the PNG only when matplotlib happens to be installed (not a dependency)
+    assert (tmp_path / "logit_stats.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
 def test_sampling_ignores_model_generation_config_defaults(tiny):

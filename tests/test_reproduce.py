@@ -29,6 +29,8 @@ def test_one_shot_pipeline_on_tiny_model(tiny_model_dir, data_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| amc23 (n=3) |" in proc.stdout and "44.1 | 70.3 |" in proc.stdout  # ours next to the paper's
     assert "skew (pooled top-k)" in proc.stdout
+    # base and EM histograms on one figure, only when matplotlib happens to be installed
+    assert (tmp_path / "logit_shift.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     # it trained on the prompt select_prompt.py chose, and evaluated the checkpoint it wrote
     with open(tmp_path / "train" / "step_1" / "train_args.json") as f:
         assert json.load(f)["args"]["data"] == str(tmp_path / "prompt.jsonl")
