@@ -288,8 +288,8 @@ def train(args):
     # (Adam state alone would not fit next to the model). The bf16 grads sum the micro-batches with bf16 rounding:
     # on the tiny model, 8 micro-batches, 0.3% relative gradient error and 99.95% of signs kept (Adam's first
     # updates are ~lr * sign(g)), a quarter of what bf16 compute itself costs; fp32 sums in place of the bf16 grads
-    # would take 15 GB more GPU memory. torchrun: FSDP2 with fp32 params sharded N ways, bf16 compute, fp32 gradient reduction.
-    # CPU: plain fp32 model and AdamW.
+    # would take 15 GB more GPU memory. torchrun: FSDP2 with fp32 params sharded N ways, bf16 compute, fp32
+    # gradient reduction. CPU: plain fp32 model and AdamW.
     model, tokenizer = load_model(args.model, "bfloat16" if cuda and offload else "float32")
     prompts = [build_prompt(tokenizer, q, args.template) for q in problems]
     lengths = [len(tokenizer(q, add_special_tokens=False).input_ids) for q in prompts]
