@@ -226,7 +226,7 @@ class LogitStats:
     Everything is accumulated on the device as float64 sums (pooled moments as power sums): nothing is stored per
     token and nothing syncs with the host until result(). -inf logits (masked by another processor) are left out."""
 
-    HIST = (-5.0, 15.0, 100)  # per-token skew_vocab histogram (for the figure): range and bins; outliers -> end bins
+    HIST = (-5.0, 15.0, 400)  # per-token skew_vocab histogram (for the figure): range and bins; outliers -> end bins
 
     def __init__(self, stop_ids, temperature=1.0, top_k=50):
         self.stop_ids, self.temperature, self.top_k = torch.tensor(stop_ids), temperature or 1.0, top_k or 50
@@ -280,6 +280,7 @@ def plot_logit_stats(results, path):
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    used = []  # occupied bins over all curves: the x-axis shows those, not the whole fixed range
     for name, r in results.items():
         h = r["logit_stats"]["skew_vocab_hist"]
         lo, hi = h["range"]
@@ -287,6 +288,9 @@ def plot_logit_stats(results, path):
         total = max(sum(h["counts"]), 1)
         ax.step([lo + (i + 0.5) * w for i in range(len(h["counts"]))], [c / total for c in h["counts"]],
                 where="mid", label=f"{name} (mean {r['logit_stats']['skew_vocab']:.2f})")
+        used += [lo + i * w for i, c in enumerate(h["counts"]) if c]
+    if used:
+        ax.set_xlim(min(used) - 5 * w, max(used) + 6 * w)
     ax.set(xlabel="skewness of the logit vector (per generated token)", ylabel="share of tokens")
     ax.legend()
     fig.tight_layout()
