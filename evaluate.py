@@ -255,8 +255,9 @@ class LogitStats:
         self.acc = sums if self.acc is None else self.acc + sums
         # bin i holds skew in (lo + i*w, lo + (i+1)*w]; clamped, so values past the range land in the end bins
         b = torch.bucketize(skew.double(), self.edges.to(z.device)).clamp_max(self.HIST[2] - 1)
-        hist = torch.zeros(self.HIST[2], dtype=torch.float64, device=z.device).index_add_(0, b, live)
-        self.hist = hist if self.hist is None else self.hist + hist
+        if self.hist is None:
+            self.hist = torch.zeros(self.HIST[2], dtype=torch.float64, device=z.device)
+        self.hist.index_add_(0, b, live)
         return scores
 
     def result(self):
