@@ -15,7 +15,7 @@ entropy bonus. Logged per step: reward, entropy, length, truncation, accuracy an
 Paper vs released code (../shared/papers.md section 2): the paper writes sums over tokens and a REINFORCE/RLOO
 update with a 0.001 KL; the code behind its Table 2 used length-normalized means, PPO-clip (0.2, 4 mini-batches,
 1 epoch), a 0.001 k3 KL and verl's +0.001 entropy bonus. Defaults follow the code (it made the published
-numbers); the paper's form is `--reward-agg sum --update reinforce --entropy-bonus 0`.
+numbers); the paper's form is `--reward-agg sum --update reinforce --entropy-bonus 0 --loss-agg seq-mean-token-sum`.
 
     # 1 GPU (80 GB): bf16 policy + bf16 frozen reference on the GPU, fp32 master weights + AdamW on the CPU
     # (~100 GB of CPU RAM for a 7B); the paper trained on 35K NuminaMath problems
@@ -180,6 +180,9 @@ def main(argv=None):
     # --- update
     p.add_argument("--update", default="ppo-clip", choices=["ppo-clip", "reinforce"], help="ppo-clip = released "
                    "code; reinforce = the paper's REINFORCE (one update per rollout batch)")
+    p.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-sum"], help="loss "
+                   "normalizer: every token of the mini-batch (released code, verl's default) or every response "
+                   "(REINFORCE's (1/N) sum_i A_i sum_t grad log pi, the paper's form)")
     p.add_argument("--clip-ratio", type=float, default=0.2, help="PPO clip epsilon (released code: 0.2)")
     p.add_argument("--ppo-minibatches", type=int, default=4, help="optimizer updates per rollout batch, 1 epoch")
     p.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL to the frozen initial model (0: no ref model)")
@@ -374,14 +377,15 @@ def train(args):
         adv = group_advantages(rewards, n, args.baseline)  # a prompt's group never straddles ranks: no communication
         t_score = time.time()
         # -- update. Token-mean loss (verl's default): every response token of the mini-batch, on every rank, weighs
-        # the same (long responses count more than short ones); the token count is all-reduced, so N ranks give
-        # exactly the gradient of 1 rank holding the whole mini-batch.
+        # the same (long responses count more than short ones); seq-mean-token-sum divides by the number of responses
+        # instead. The count is all-reduced, so N ranks give exactly the gradient of 1 rank holding the mini-batch.
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kl, clipped tokens, tokens (no sync)
         for mb in torch.arange(S).tensor_split(args.ppo_minibatches if args.update == "ppo-clip" else 1):
-            count = torch.tensor(float(sum(lengths[s] for s in mb.tolist())), device=device)
+            count = torch.tensor(float(sum(lengths[s] for s in mb.tolist()) if args.loss_agg == "token-mean"
+                                       else len(mb)), device=device)
             if distributed:
-                dist.all_reduce(count)  # sync point: the global token count of this mini-batch
+                dist.all_reduce(count)  # sync point: the global token (or response) count of this mini-batch
             for chunk in micro_batches(mb.tolist()):
                 with ctx:
                     lp, ent, _, row = stats_fn(*padded(chunk), args.logit_chunk, True)

@@ -229,11 +229,13 @@ def test_two_process_fsdp2_gloo_equals_one_process(tiny_model_dir, data_dir, tmp
     assert not torch.allclose(single.model.norm.weight, ev.load_model(tiny_model_dir)[0].model.norm.weight)
 
 
-def test_two_process_update_equals_one_process_replay(eos_model_dir, tmp_path):
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
+def test_two_process_update_equals_one_process_replay(loss_agg, eos_model_dir, tmp_path):
     """2 ranks sample DIFFERENT rollouts (each its own seed; the EOS model ends them at varied lengths, so the ranks
     hold different token counts). Replaying the logged rollouts in one process (rewards, leave-one-out advantages,
-    REINFORCE loss over the global token count, clip, AdamW) must give the logged rewards, the logged gradient norm
-    and the saved weights: a rank dividing by its own token count, or a group split over ranks, would not."""
+    REINFORCE loss over the global token count -- or (1/N) sum_i A_i sum_t log pi for seq-mean-token-sum -- clip,
+    AdamW) must give the logged rewards, the logged gradient norm and the saved weights: a rank dividing by its own
+    count, or a group split over ranks, would not."""
     from conftest import PROMPTS
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"problem": q}) + "\n" for q in PROMPTS[:4]))
@@ -241,7 +243,7 @@ def test_two_process_update_equals_one_process_replay(eos_model_dir, tmp_path):
     proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "em_rl.py", "--model",
                    eos_model_dir, "--data", str(data), "--batch-size", "4", "--max-new-tokens", "40", "--steps", "1",
                    "--update", "reinforce", "--kl-coef", "0", "--entropy-bonus", "0", "--lr", "1e-3",
-                   "--micro-batch-size", "3", "--log-rollouts", "--out", str(out))
+                   "--micro-batch-size", "3", "--log-rollouts", "--loss-agg", loss_agg, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert [r["rank"] for r in recs] == [0] * 8 + [1] * 8
@@ -257,7 +259,8 @@ def test_two_process_update_equals_one_process_replay(eos_model_dir, tmp_path):
     assert [r["reward"] for r in recs] == pytest.approx(rewards.tolist(), rel=1e-4, abs=1e-5)
     assert [r["advantage"] for r in recs] == pytest.approx(adv.tolist(), rel=1e-3, abs=1e-5)
     lp, _, _, row = em_rl.response_stats(model, *batch, grad=True)
-    loss = em_rl.policy_loss(lp, None, adv[row], types.SimpleNamespace(update="reinforce")).sum() / sum(per_rank)
+    normalizer = sum(per_rank) if loss_agg == "token-mean" else len(recs)
+    loss = em_rl.policy_loss(lp, None, adv[row], types.SimpleNamespace(update="reinforce")).sum() / normalizer
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
     torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01).step()
