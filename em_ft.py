@@ -314,7 +314,6 @@ def train(args):
             fully_shard(layer, **({"mp_policy": mp} if mp else {}))
         fully_shard(model, **({"mp_policy": mp} if mp else {}))
         register_fsdp_forward_method(model, "response_entropy")
-        model._is_fsdp_managed_module = True  # generate(): synced_gpus, ranks keep stepping until all are done
 
     # ---------------------------------------------------------------- optimizer
     params = [q for q in model.parameters() if q.requires_grad]

@@ -204,7 +204,10 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
                               use_cache=True)
     if seed is not None:
         torch.manual_seed(seed)
-    out = model.generate(**enc, generation_config=config, logits_processor=logits_processor)
+    # synced_gpus=False: under torchrun the scripts hold full (gathered) weights on every rank while generating, so
+    # ranks decode independently. transformers would turn synced_gpus on for FSDP-managed models and all_reduce at
+    # every step: a deadlock as soon as ranks make different numbers of generate calls (e.g. uneven eval shares).
+    out = model.generate(**enc, generation_config=config, logits_processor=logits_processor, synced_gpus=False)
     new = out[:, enc["input_ids"].shape[1]:].tolist()
     results = []
     for row in new:
@@ -235,7 +238,10 @@ class LogitStats:
         self.edges, self.hist = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:], None  # upper bin edges
 
     def __call__(self, input_ids, scores):
-        stopped = torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
+        if self.hist is None:  # first step: constants to the device once (a copy per step would sync on CUDA)
+            self.stop_ids, self.edges = self.stop_ids.to(scores.device), self.edges.to(scores.device)
+            self.hist = torch.zeros(self.HIST[2], dtype=torch.float64, device=scores.device)
+        stopped = torch.isin(input_ids[:, -1], self.stop_ids)
         # rows that emitted a stop token are padding from here on (the first call sees prompts: none finished)
         self.done = torch.zeros_like(stopped) if self.done is None else self.done | stopped
         live = (~self.done).double()
@@ -254,9 +260,7 @@ class LogitStats:
                             keep.sum().double(), x.sum(), (x ** 2).sum(), (x ** 3).sum()])
         self.acc = sums if self.acc is None else self.acc + sums
         # bin i holds skew in (lo + i*w, lo + (i+1)*w]; clamped, so values past the range land in the end bins
-        b = torch.bucketize(skew.double(), self.edges.to(z.device)).clamp_max(self.HIST[2] - 1)
-        if self.hist is None:
-            self.hist = torch.zeros(self.HIST[2], dtype=torch.float64, device=z.device)
+        b = torch.bucketize(skew.double(), self.edges).clamp_max(self.HIST[2] - 1)
         self.hist.index_add_(0, b, live)
         return scores
 

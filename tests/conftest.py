@@ -72,6 +72,12 @@ def run_cli(*args, timeout=600):
                           env=env)
 
 
+def run_torchrun(*args):
+    """A script under `torchrun --nproc_per_node=2` (gloo on the CPU). The time limit turns a collective deadlock
+    into a failure instead of a hung CI run."""
+    return run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, timeout=300)
+
+
 def assert_one_line_error(proc, *needles):
     """Bad input must give a clear line and a non-zero exit, never a traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

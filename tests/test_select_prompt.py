@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_torchrun
 import select_prompt as sp
 from evaluate import load_benchmark
 
@@ -202,7 +202,7 @@ def test_label_free_pool_entropy(tiny_model_dir, tmp_path):
 
 def test_torchrun_two_ranks_cover_the_pool(tiny_model_dir, pool, tmp_path):
     out = str(tmp_path / "p.jsonl")
-    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "select_prompt.py", "--model",
+    proc = run_torchrun("select_prompt.py", "--model",
                    tiny_model_dir, "--data", pool, "--k", "2", "--max-new-tokens", "8", "--temperature", "3",
                    "--out", out)
     assert proc.returncode == 0, proc.stderr
