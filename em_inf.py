@@ -261,6 +261,7 @@ def run(args):
             results[mode][name] = m
             all_samples += [{**s, "mode": mode} for s in samples]
     if world > 1:
+        dist.barrier()  # all ranks tear gloo/NCCL down together (one rank alone can abort at exit)
         dist.destroy_process_group()
     if rank != 0:
         return

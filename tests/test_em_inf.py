@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_torchrun
 from transformers import GenerationConfig
 
 import evaluate
@@ -248,6 +248,23 @@ def test_cli_smoke_run_with_plain_comparison(tiny_model_dir, data_dir, tmp_path)
     lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and {x["mode"] for x in lines} == {"em-inf", "plain"}
     assert "em-inf" in proc.stdout and "plain" in proc.stdout
+
+
+def test_torchrun_two_ranks_gather_every_problem_in_order(tiny_model_dir, data_dir, tmp_path):
+    """2 ranks each decode every 2nd problem; the gathered samples come back in the benchmark's order, once each, and
+    the entropy sums of both ranks add up (scored tokens == generated tokens)."""
+    out = tmp_path / "out"
+    proc = run_torchrun("em_inf.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "math500",
+                        "--limit", "3", "--max-new-tokens", "8", "--batch-size", "2", "--compare-plain", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    want = [p["id"] for p in evaluate.load_benchmark("math500", data_dir, limit=3)]
+    for mode in ("em-inf", "plain"):
+        mine = [x for x in lines if x["mode"] == mode]
+        assert [x["id"] for x in mine] == want
+        m = res["metrics"][mode]["math500"]
+        assert m["problems"] == 3 and m["scored_tokens"] == sum(x["length"] for x in mine)
 
 
 @pytest.mark.parametrize("flags,needle", [
