@@ -255,7 +255,8 @@ def test_torchrun_two_ranks_gather_every_problem_in_order(tiny_model_dir, data_d
     the entropy sums of both ranks add up (scored tokens == generated tokens)."""
     out = tmp_path / "out"
     proc = run_torchrun("em_inf.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "math500",
-                        "--limit", "3", "--max-new-tokens", "8", "--batch-size", "2", "--compare-plain", "--out", str(out))
+                        "--limit", "3", "--max-new-tokens", "8", "--batch-size", "2", "--compare-plain",
+                        "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
