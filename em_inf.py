@@ -14,20 +14,30 @@ Adaptive temperature: per row, if H0 = H(softmax z) > --at-threshold, bisect tau
 softmax(z / tau) at T = 1. Released defaults: target_ratio 0.85, [0.01, 1], tol 0.1, 100, 1e-5 (the paper's text
 says target_ratio 0.4-0.6 works best: try --target-ratio 0.5).
 
-Order, made explicit: the model's logits -> update (EM-INF or adaptive temperature) -> divide by --temperature ->
-(--top-p) -> sample, as in the released script (update first, its temperature warper second). The processor does
-the division itself, so `generate` runs at temperature 1. Inside anyone's `model.generate(temperature=T,
-logits_processor=[EMInfProcessor(adjust)])` the order is the same: transformers runs custom processors before its
-temperature/top-k/top-p warpers.
+Order, made explicit: the model's logits -> update (EM-INF or adaptive temperature) -> repetition penalty -> divide by
+--temperature -> top-k -> top-p -> sample, as in the released script (it updates the raw logits, then runs generate's
+processors). transformers applies its own penalty BEFORE custom processors, so the processor applies the penalty and
+the division itself and `generate` runs at temperature 1 with only top-k/top-p (its warpers run after custom ones).
 
-What differs from the released code: each row is its own problem (the release sums the entropy over the batch, so
-rows are coupled, and runs batch 1 in 16 processes); the entropy is exact (the release adds 1e-12/1e-9 inside the
-log); -inf logits (from other processors) stay -inf and out of the entropy; the early stop is an on-device mask
-(no host sync per step); Adam is written out with the closed-form gradient (same math as torch.optim.Adam on
-autograd, in fewer kernels; tests check it against that reference); the release's sampler floors every
-probability at 1e-9, ours samples the plain softmax. Left out: self-consistency, resuming an interrupted run.
+Sampling settings (--sampling-config): `model` (default, the release): top-k, top-p and repetition penalty from the
+model's generation_config.json, the temperature overridden (Qwen2.5-7B-Instruct: top-k 20, top-p 0.8, penalty 1.05; an
+unset field takes transformers' default: top-k 50, top-p 1, penalty 1); `clean`: top-k off, top-p 1, no penalty. One
+setting for every mode, so EM-INF, plain and adaptive temperature stay comparable (the release ran its plain and
+adaptive-temperature baselines through vLLM 0.7.3 with a SamplingParams that sets only the temperature, i.e. clean).
+--top-k / --top-p / --repetition-penalty override single fields. The effective values are in results.json's protocol.
+
+Released code (made Table 3) vs here:
+| released                                           | here                                    | flag              |
+|----------------------------------------------------|-----------------------------------------|-------------------|
+| entropy summed over the batch (runs batch 1)       | per row: rows are independent           | -                 |
+| +1e-12 inside the entropy's log                    | exact; -inf logits stay out             | -                 |
+| autograd + torch.optim.Adam, break under threshold | closed form, on-device stop (tested =)  | -                 |
+| sampler floors probabilities at 1e-9               | plain softmax                           | -                 |
+| EM-INF: model generation_config, T overridden      | the same, in every mode (default)       | --sampling-config |
+| plain, adaptive-temp: vLLM SamplingParams, T only  | `clean` (top-k off, top-p 1, no penalty) | --sampling-config |
 Rows are independent in exact arithmetic; on CPU a row's result alone and inside a batch are bit-identical (tested),
 on CUDA reductions may round differently per batch shape (logits agree to ~1e-4 where Adam's eps amplifies it).
+Left out: self-consistency, resuming an interrupted run.
 
     # 1 GPU: EM-INF with plain sampling from the same code path as the baseline (Table 3's five benchmarks)
     python em_inf.py --model Qwen/Qwen2.5-7B-Instruct --compare-plain
@@ -39,15 +49,15 @@ on CUDA reductions may round differently per batch shape (logits agree to ~1e-4 
     python em_inf.py --model /tmp/tiny --data-dir ../shared/benchmarks --benchmarks math500 --limit 8 \
         --max-new-tokens 32 --batch-size 4 --compare-plain --out /tmp/em_inf_smoke
 
-In code: `model.generate(**enc, do_sample=True, temperature=1.0, top_k=0,
-logits_processor=[EMInfProcessor(minimize_logit_entropy, temperature=0.1)])`.
+In code: `model.generate(**enc, do_sample=True, temperature=1.0, top_k=20, top_p=0.8,
+logits_processor=[EMInfProcessor(minimize_logit_entropy, temperature=0.1, repetition_penalty=1.05)])`.
 Outputs in --out: results.json (accuracy, mean entropy of the sampling distribution before/after the update,
 tokens/s, per mode and benchmark; protocol, versions, args) and samples.jsonl (one line per response).
 """
 import argparse, functools, json, math, os, sys, time
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 import evaluate
 from evaluate import EvalError
@@ -113,18 +123,24 @@ def adaptive_temperature(logits, target_ratio=0.85, tmin=0.01, tmax=1.0, tol=0.1
 
 
 class EMInfProcessor(LogitsProcessor):
-    """adjust(scores) (minimize_logit_entropy, adaptive_temperature, or None for plain sampling), then / temperature.
-    Also sums, on the device, the entropy of the sampling distribution before (softmax(scores / T)) and after the
-    adjustment over unfinished rows: a row whose last token is a stop or pad token has finished (generate pads it)."""
+    """adjust(scores) (minimize_logit_entropy, adaptive_temperature, or None for plain sampling), then the repetition
+    penalty, then / temperature: the released order (its update runs on the raw logits, then generate's processors:
+    penalty, temperature, top-k, top-p). transformers runs its own penalty BEFORE custom processors, so the penalty is
+    applied here and generate gets repetition_penalty 1; top-k/top-p stay generate's (its warpers come after custom
+    processors). Also sums, on the device, the entropy of the sampling distribution before (no update) and after the
+    update over unfinished rows: a row whose last token is a stop or pad token has finished (generate pads it)."""
 
-    def __init__(self, adjust=None, temperature=1.0, stop_ids=()):
+    def __init__(self, adjust=None, temperature=1.0, stop_ids=(), repetition_penalty=1.0):
         self.adjust, self.temperature = adjust, temperature
+        self.penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty != 1 else None
         self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
         # entropy before / after at the sampling temperature, the same at T = 1 (what EM-INF lowers), scored rows
         self.sums = torch.zeros(5, dtype=torch.float64)
 
     def __call__(self, input_ids, scores):
         adjusted = self.adjust(scores) if self.adjust else scores
+        if self.penalty:  # (on the prompt and the response so far, as transformers' processor always does)
+            scores, adjusted = self.penalty(input_ids, scores.clone()), self.penalty(input_ids, adjusted.clone())
         out = adjusted / self.temperature
         self.stop_ids = self.stop_ids.to(input_ids.device)
         live = ~torch.isin(input_ids[:, -1], self.stop_ids)
@@ -133,6 +149,20 @@ class EMInfProcessor(LogitsProcessor):
         stats = torch.stack([(x * live).sum() for x in h] + [live.sum()])  # (x[live] would sync: nonzero)
         self.sums = self.sums.to(scores.device) + stats.double()  # stays on the device: no sync per token
         return out
+
+
+def sampling_settings(model, args):
+    """(top_k, top_p, repetition_penalty). --sampling-config model (default): the released EM-INF sampled with
+    model.generation_config, only the temperature overridden (Qwen2.5-7B-Instruct: top-k 20, top-p 0.8, penalty
+    1.05); a field the model leaves unset takes transformers' default (top-k 50, top-p 1, penalty 1). clean: top-k
+    off, top-p 1, no penalty. --top-k / --top-p / --repetition-penalty, when given, override either."""
+    g = model.generation_config if args.sampling_config == "model" else None
+
+    def pick(flag, field, unset, clean):
+        value = None if g is None else getattr(g, field, None)
+        return flag if flag is not None else clean if g is None else unset if value is None else value
+    return (pick(args.top_k, "top_k", 50, 0), pick(args.top_p, "top_p", 1.0, 1.0),
+            pick(args.repetition_penalty, "repetition_penalty", 1.0, 1.0))
 
 
 # what results.json reports: mean entropy over generated tokens of unfinished rows, before/after the update
@@ -172,7 +202,13 @@ def main(argv=None):
     # --- decoding
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature after the update "
                         "(default: 0.1 for em-inf and plain, 1.0 for adaptive-temp, as released)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, applied after the temperature")
+    parser.add_argument("--sampling-config", default="model", choices=["model", "clean"], help="model (released "
+                        "EM-INF): the model's generation_config top-k/top-p/repetition penalty, temperature "
+                        "overridden; clean: top-k off, top-p 1, no penalty. Applies to every mode (comparable)")
+    parser.add_argument("--top-k", type=int, default=None, help="override the top-k of --sampling-config (0 = off)")
+    parser.add_argument("--top-p", type=float, default=None, help="override the top-p of --sampling-config")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="override the penalty of "
+                        "--sampling-config (applied after the update, before the temperature, as released)")
     parser.add_argument("--max-new-tokens", type=int, default=4096, help="generation budget per response")
     parser.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (each batch: seed, benchmark, index)")
@@ -180,7 +216,8 @@ def main(argv=None):
                         "or the last number (evaluate.py's flag)")
     # --- system
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (per GPU)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32")
+    parser.add_argument("--dtype", default=None, help="auto (default, or $EM_DTYPE: bf16 on CUDA and on CPUs with "
+                        "native bf16, else fp32) | bfloat16 | float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the EM-INF update (CUDA)")
     parser.add_argument("--out", default=None, help="output folder (default eval_out/em_inf-<model name>)")
     args = parser.parse_args(argv)
@@ -199,9 +236,12 @@ def check_args(args):
         raise EvalError("--threshold and --at-threshold must be >= 0 (entropies are in [0, log V])")
     if not (0 < args.tmin < args.tmax and args.tol > 0 and args.max_iter >= 1 and 0 < args.target_ratio <= 1):
         raise EvalError("need 0 < --tmin < --tmax, --tol > 0, --max-iter >= 1 and --target-ratio in (0, 1]")
-    if (args.temperature is not None and args.temperature <= 0) or not 0 < args.top_p <= 1:
+    if (args.temperature is not None and args.temperature <= 0) or (args.top_p is not None and not 0 < args.top_p <= 1):
         raise EvalError("--temperature must be > 0 (EM-INF samples) and --top-p in (0, 1]")
-    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.dtype not in ("auto", "bfloat16",
+    if (args.top_k is not None and args.top_k < 0) or (args.repetition_penalty is not None and
+                                                       not args.repetition_penalty > 0):
+        raise EvalError("--top-k must be >= 0 and --repetition-penalty > 0")
+    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.dtype not in (None, "auto", "bfloat16",
                                                                                          "float32"):
         raise EvalError("--n, --max-new-tokens and --batch-size must be >= 1; --dtype auto, bfloat16 or float32")
 
@@ -235,19 +275,29 @@ def run(args):
                                                  max_iter=args.max_iter, threshold=args.at_threshold),
               "plain": None}
     temperature = args.temperature or (1.0 if args.mode == "adaptive-temp" else 0.1)
+    top_k, top_p, penalty = sampling_settings(model, args)
+    modes = [args.mode] + (["plain"] if args.compare_plain and args.mode != "plain" else [])
+    # --- warm-up: one short batch per mode before anything is timed. The first generate of a process pays one-off
+    # costs (allocator growth, kernel selection); without it the first mode's tokens/s came out ~20% low.
+    first = next(iter(data.values()))[rank::world][:args.batch_size]
+    for mode in modes if first else []:
+        evaluate.generate_batch(model, tokenizer, [evaluate.build_prompt(tokenizer, p["problem"], args.template)
+                                                   for p in first], 4, 1.0, top_p, top_k=top_k,
+                                logits_processor=[EMInfProcessor(adjust[mode], temperature, stops, penalty)])
     # --- loop: each mode over each benchmark; plain (if asked) runs the same prompts, seeds and temperature
     results, all_samples, t_start = {}, [], time.time()
-    for mode in [args.mode] + (["plain"] if args.compare_plain and args.mode != "plain" else []):
+    for mode in modes:
         results[mode] = {}
         for name, problems in data.items():
-            proc, shard, samples = EMInfProcessor(adjust[mode], temperature, stops), problems[rank::world], []
+            proc, shard, samples = EMInfProcessor(adjust[mode], temperature, stops, penalty), problems[rank::world], []
             t0 = time.time()
             if shard:  # (more ranks than problems: an empty shard still joins the gather below)
-                # generate samples at T = 1 with no warper but top-p: the processor has already divided by T
+                # generate samples at T = 1 with only top-k/top-p: the processor has applied penalty and / T
                 _, samples = evaluate.evaluate_model(
                     model, tokenizer, shard, template=args.template, max_new_tokens=args.max_new_tokens,
-                    temperature=1.0, top_p=args.top_p, n=args.n, batch_size=args.batch_size, seed=args.seed + rank,
-                    name=name, progress=rank == 0, logits_processor=[proc], answer_fallback=args.answer_fallback)
+                    temperature=1.0, top_p=top_p, n=args.n, batch_size=args.batch_size, seed=args.seed + rank,
+                    name=name, progress=rank == 0, logits_processor=[proc], answer_fallback=args.answer_fallback,
+                    top_k=top_k)
             gathered = [(samples, proc.sums.tolist(), time.time() - t0)]  # .tolist(): the one sync per benchmark
             if world > 1:
                 gathered = gathered * world
@@ -273,9 +323,11 @@ def run(args):
     os.replace(os.path.join(out, "samples.jsonl.tmp"), os.path.join(out, "samples.jsonl"))
     protocol = {"model": args.model, "template": args.template, "system_prompt": evaluate.TEMPLATES[args.template][0],
                 "user_template": evaluate.TEMPLATES[args.template][1], "temperature": temperature,
-                "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "n": args.n, "seed": args.seed,
+                "sampling_config": args.sampling_config, "top_k": top_k, "top_p": top_p,
+                "repetition_penalty": penalty, "max_new_tokens": args.max_new_tokens, "n": args.n, "seed": args.seed,
                 "world_size": world, "benchmarks": {k: len(v) for k, v in data.items()},
-                "order": "logits -> update -> / temperature -> top-p -> sample"}
+                "dtype": str(model.dtype).replace("torch.", ""),
+                "order": "logits -> update -> repetition penalty -> / temperature -> top-k -> top-p -> sample"}
     evaluate.write_json_atomic(os.path.join(out, "results.json"), {
         "metrics": results, "protocol": protocol, "versions": evaluate.package_versions(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -265,7 +265,8 @@ def train(args):
     if context and max(map(len, prompt_ids)) + args.max_new_tokens > context and rank == 0:
         print(f"warning: prompt ({max(map(len, prompt_ids))} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
               f"the model's context of {context}; long responses run past the trained positions")
-    ref = ev.load_model(args.model)[0].eval().requires_grad_(False) if args.kl_coef > 0 else None
+    ref = ev.load_model(args.model, "bfloat16" if cuda else "float32")[0].eval().requires_grad_(False) \
+        if args.kl_coef > 0 else None  # bf16 on CUDA as the policy's compute, fp32 on CPU
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and cuda):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stats_fn, fsdp_modules = partial(response_stats, model), []

@@ -90,6 +90,11 @@ def entropy_score(entropy_sums, token_counts):
 
 def rank_key(row):  # highest score first; ties: p closest to 1/2 (no p: after those with one), then pool order
     return (-row["score"], abs(row["p"] - 0.5) if row["p"] is not None else 1.0, row["index"])
+
+
+def tie_at_top(ranked):
+    """How many candidates share the top one's score and p: among those the ranking falls to pool order."""
+    return sum(rank_key({**r, "index": 0}) == rank_key({**ranked[0], "index": 0}) for r in ranked) if ranked else 0
 # ---- end method ----
 
 
@@ -168,8 +173,8 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=1, help="how many top candidates go into --out")
     parser.add_argument("--keep-samples", type=int, default=2, help="responses kept per candidate in the outputs")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (k per candidate)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on "
-                        "CUDA, fp32 on CPU")
+    parser.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="auto (default, or "
+                        "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--overwrite", action="store_true", help="discard the samples of an earlier run")
     args = parser.parse_args(argv)
     try:
@@ -297,11 +302,19 @@ def run(args):
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in part)
         os.replace(path + ".tmp", path)
+    tied = tie_at_top(rows)
     write_json_atomic(stem + ".run.json", {"args": vars(args), "versions": package_versions(), "candidates":
-                                           len(pool), "wall_s": time.time() - t0})
+                                           len(pool), "tied_at_top": tied, "wall_s": time.time() - t0})
     for row in rows[:args.top]:
         print(f"#{row['rank']} id={row['id']} {args.score}={row['score']:.4f} p={row['p']} "
               f"problem={row['problem'][:100]!r}")
+    if tied > 1:  # the pick is then the pool's order, not the model's: say so, and what would separate them
+        trunc = sum(r["truncated"] for r in rows) / len(rows)
+        others = ", ".join(sorted({"variance", "disagreement", "entropy"} - {args.score}))
+        print(f"note: the top {tied} candidates tie ({args.score}={rows[0]['score']:.4f}, p={rows[0]['p']}): the "
+              f"pick is the first of them in pool order. {100 * trunc:.0f}% of samples hit the budget. To break the "
+              "tie: " + ("a larger --max-new-tokens (truncated samples have no answer), " if trunc > 0.2 else "") +
+              f"more --k, or another --score ({others})")
     boxed = sum(a is not None for c in pool for a in done[c["id"]]["answers"]) / (len(pool) * args.k)
     print(f"boxed answers in {100 * boxed:.0f}% of samples" + (" -- the scores need them; if the model can box "
           "answers, ask it to: --template qwen-math or --no-strip-suffix" if boxed < 0.5 else ""))

@@ -17,6 +17,10 @@ from tiny_model import build_tiny_model  # noqa: E402
 # The real benchmark files live beside the checkout (../shared/benchmarks); EM_DATA_DIR overrides.
 DATA_DIR = os.environ.get("EM_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "benchmarks"))
 
+# --dtype auto picks bf16 on CPUs with native bf16 and fp32 elsewhere: pin fp32 (in-process and in every CLI run) so
+# that no test outcome depends on the CPU that runs it.
+os.environ["EM_DTYPE"] = "float32"
+
 # Tiny models are dominated by per-op overhead: one thread is several times faster than two on 2 cores.
 torch.set_num_threads(1)
 

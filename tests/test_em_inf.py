@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run_cli, run_torchrun
 from transformers import GenerationConfig
 
 import evaluate
-from em_inf import EMInfProcessor, adaptive_temperature, minimize_logit_entropy, token_entropy
+from em_inf import EMInfProcessor, adaptive_temperature, minimize_logit_entropy, sampling_settings, token_entropy
 
 
 def released_update(row, n_steps=3, lr=0.1, threshold=0.3, kl_weight=0.05):
@@ -199,6 +199,69 @@ def test_processor_in_generate_equals_hand_written_loop(tiny, proc_temperature, 
     assert token_entropy(torch.stack(scores)).mean() > 1.0  # the test samples from a spread distribution
 
 
+def released_order_scores(seq, z, penalty, temperature, top_k, top_p):
+    """The released EM-INF's order, written out: update the raw logits, then generate's processors in transformers'
+    order: repetition penalty (over every token of the sequence so far, prompt included), temperature, top-k, top-p."""
+    s = minimize_logit_entropy(z)
+    for b in range(len(s)):
+        seen = seq[b].unique()
+        v = s[b, seen]
+        s[b, seen] = torch.where(v < 0, v * penalty, v / penalty)
+    s = s / temperature
+    s = s.masked_fill(s < s.topk(top_k, -1).values[:, -1:], -math.inf)
+    srt, idx = s.sort(-1)  # ascending; drop the low tail whose mass is <= 1 - top_p, keep at least the top token
+    drop = srt.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    return s.masked_fill(drop.scatter(-1, idx, drop), -math.inf)
+
+
+def test_penalty_top_k_top_p_in_the_released_order(tiny):
+    """With the model-config sampling (Qwen2.5-7B-Instruct's top-k 20 / top-p 0.8 / penalty 1.05, here a stronger
+    penalty 1.3 so it shows): generate + EMInfProcessor == update -> penalty -> / T -> top-k -> top-p -> sample by hand.
+    transformers runs its own penalty before custom processors; passing it to generate instead would differ."""
+    model, tokenizer = tiny
+    ids, new, T, k, p, pen = tiny_prompts(tokenizer), 12, 1.3, 20, 0.8, 1.3
+    stops = evaluate.stop_token_ids(tokenizer, model)
+    update = functools.partial(minimize_logit_entropy, n_steps=3, threshold=0.3, kl_weight=0.05)
+    proc = EMInfProcessor(update, T, stops + [tokenizer.pad_token_id], repetition_penalty=pen)
+    config = GenerationConfig(max_new_tokens=new, do_sample=True, temperature=1.0, top_k=k, top_p=p,
+                              eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                         logits_processor=[proc])
+    torch.manual_seed(5)
+    seq, alive = ids.clone(), torch.ones(len(ids), dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(new):
+            s = released_order_scores(seq, model(seq).logits[:, -1].float(), pen, T, k, p)
+            tok = torch.multinomial(s.softmax(-1), 1)[:, 0]
+            tok = torch.where(alive, tok, tokenizer.pad_token_id)
+            seq = torch.cat([seq, tok[:, None]], 1)
+            alive &= ~torch.isin(tok, torch.tensor(stops))
+            if not alive.any():
+                break
+    assert torch.equal(out, seq)
+    # the penalty is not a no-op here: transformers' own (before the update) samples something else
+    torch.manual_seed(5)
+    theirs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                            logits_processor=[EMInfProcessor(update, T, stops)], repetition_penalty=pen)
+    assert not torch.equal(theirs, seq)
+
+
+def test_sampling_settings_model_clean_and_overrides(tiny):
+    import copy
+    import types
+    model = copy.copy(tiny[0])
+    model.generation_config = GenerationConfig(top_k=20, top_p=0.8, repetition_penalty=1.05, temperature=0.7)
+    args = types.SimpleNamespace(sampling_config="model", top_k=None, top_p=None, repetition_penalty=None)
+    assert sampling_settings(model, args) == (20, 0.8, 1.05)  # Qwen2.5-7B-Instruct's file, as the release used it
+    assert sampling_settings(model, types.SimpleNamespace(**{**vars(args), "sampling_config": "clean"})) == (0, 1, 1)
+    override = types.SimpleNamespace(**{**vars(args), "top_k": 0, "top_p": 0.95})
+    assert sampling_settings(model, override) == (0, 0.95, 1.05)
+    model.generation_config = GenerationConfig()  # nothing set: transformers' defaults, as the release's 4.55 had
+    assert sampling_settings(model, args) == (50, 1.0, 1.0)
+
+
 class ForceStop:
     """Test helper: at call `at`, row 0 may only emit the stop token (a -inf mask, like top-p leaves)."""
 
@@ -245,6 +308,9 @@ def test_cli_smoke_run_with_plain_comparison(tiny_model_dir, data_dir, tmp_path)
     assert em["entropy_t1_before"] > em["entropy_t1_after"] and plain["entropy_t1_before"] == plain["entropy_t1_after"]
     assert em["tokens_per_s"] > 0 and em["problems"] == 3 and 0 <= em["pass@1"] <= 100
     assert res["protocol"]["temperature"] == 0.1 and res["protocol"]["template"] == "agarwal"
+    # the tiny model's generation_config sets no sampling field: transformers' defaults (the release's protocol)
+    assert [res["protocol"][k] for k in ("sampling_config", "top_k", "top_p", "repetition_penalty")] == [
+        "model", 50, 1.0, 1.0]
     lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and {x["mode"] for x in lines} == {"em-inf", "plain"}
     assert "em-inf" in proc.stdout and "plain" in proc.stdout

@@ -272,6 +272,26 @@ def test_cli_writes_results_and_samples(tiny_model_dir, data_dir, tmp_path):
     assert not [p for p in os.listdir(out) if ".tmp" in p]
 
 
+def test_dtype_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    assert os.environ["EM_DTYPE"] == "float32"  # conftest pins it: no outcome depends on the CPU running the tests
+    assert ev.resolve_dtype(None)[0] == torch.float32 and ev.resolve_dtype("bfloat16")[0] == torch.bfloat16
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(ev, "cpu_has_native_bf16", lambda: native)
+        assert ev.resolve_dtype("auto")[0] == want
+    with pytest.raises(ev.EvalError):
+        ev.resolve_dtype("float16")
+
+
+def test_cli_dtype_auto_says_what_it_chose(tiny_model_dir, data_dir, tmp_path):
+    proc = run_cli("evaluate.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--limit", "1",
+                   "--max-new-tokens", "2", "--dtype", "auto", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    want = ev.resolve_dtype("auto")  # this machine's answer (bf16 with avx512_bf16/AMX, else fp32)
+    assert f"--dtype {want[1]}" in proc.stdout
+    protocol = json.loads((tmp_path / "o" / "results.json").read_text())["protocol"]
+    assert protocol["dtype"] == str(want[0]).replace("torch.", "")
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--benchmarks", "math5000"], "unknown benchmark"),
     (["--data", "/nonexistent/file.jsonl"], "no such file"),

@@ -65,6 +65,8 @@ def test_rank_key_ties():
     assert [r["index"] for r in sorted(rows, key=sp.rank_key)] == [2, 4, 0, 1, 3]  # equal variance -> pool order
     rows = [{"score": 0.5, "p": p, "index": i} for i, p in enumerate([None, 0.25, 0.5, 0.5, 0.75])]
     assert [r["index"] for r in sorted(rows, key=sp.rank_key)] == [2, 3, 1, 4, 0]  # p nearest 1/2, None last
+    assert sp.tie_at_top(sorted(rows, key=sp.rank_key)) == 2  # 2 and 3: same score and p, pool order decides
+    assert sp.tie_at_top([{"score": 0.0, "p": 0.0}] * 5) == 5 and sp.tie_at_top([]) == 0
 
 
 def test_strip_suffix_row_124(data_dir):
@@ -170,7 +172,11 @@ def test_scores_and_ranking_on_fixed_graded_samples(tiny_model_dir, pool, tmp_pa
             "entropy": (["0", "267", "1", "124", "2", "3"], [2.5, 2.5, 2.0, 0.625, 0, 0])}
     for score, (order, scores) in want.items():
         sp.main(base + ["--score", score])
-        assert "resuming: 6 of 6" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "resuming: 6 of 6" in printed
+        # variance: 124 and 2 tie on score and p, so pool order picks; entropy: 0 and 267 tie on score, p separates
+        assert ("note: the top 2 candidates tie" in printed) == (score == "variance"), printed
+        assert json.load(open(out.replace(".jsonl", ".run.json")))["tied_at_top"] == (2 if score == "variance" else 1)
         assert len(open(out + ".partial.jsonl").read().splitlines()) == 7  # nothing sampled, nothing appended
         ranked = read_jsonl(out.replace(".jsonl", ".ranked.jsonl"))
         assert [r["id"] for r in ranked] == order, score
