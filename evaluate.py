@@ -455,34 +455,32 @@ _idle_workers, _workers_lock = [], threading.Lock()
 
 def _grade_in_worker(pred, gold, timeout):
     """_math_verify in a child process (on its main thread, so math-verify's alarm works there), for callers off the
-    main thread. One child per concurrent caller, reused; the caller waits at most 3 time limits + 10 s for the
-    verdict and kills the child past that (sympy stuck in C code does not see the alarm): counted as an error."""
-    import select, subprocess
+    main thread. One child per concurrent caller, kept for reuse; the caller waits at most 3 time limits + 10 s for
+    a verdict and kills the child past that (sympy stuck in C code does not see the alarm): counted as an error."""
+    import atexit, inspect, select, subprocess
 
-    def read_line(w, limit):
-        if select.select([w.stdout], [], [], limit)[0]:
-            return w.stdout.readline() or None  # "" = the child died
-        return None
+    def read_line(w, limit):  # the child answers one line per request: nothing is left buffered after readline
+        return (w.stdout.readline() or None) if select.select([w.stdout], [], [], limit)[0] else None  # "": died
 
     with _workers_lock:
         w = _idle_workers.pop() if _idle_workers else None
-    if w is None or w.poll() is not None:
-        import inspect
-        w = subprocess.Popen([sys.executable, "-c", "import json, sys\n" + inspect.getsource(_math_verify) +
-                              _WORKER_LOOP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if read_line(w, 300) != "ready\n":  # importing sympy on a loaded machine can take a while
-            w.kill()
-            w.wait()
-            return False, True
     try:
+        if w is None or w.poll() is not None:
+            w = subprocess.Popen([sys.executable, "-c", "import json, sys\n" + inspect.getsource(_math_verify) +
+                                  _WORKER_LOOP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            atexit.register(w.kill)
+            line = read_line(w, 300)  # importing sympy on a loaded machine can take a while
+            if line != "ready\n":
+                raise OSError(f"grading worker did not start: {line!r}")
         w.stdin.write(json.dumps([pred, gold, timeout]) + "\n")
         w.stdin.flush()
-        line = read_line(w, 3 * timeout + 10)
-    except OSError:  # the child is gone
-        line = None
-    if line is None:
-        w.kill()
-        w.wait()
+        line = read_line(w, None if timeout is None else 3 * timeout + 10)
+        if line is None:
+            raise OSError("grading worker timed out or died")
+    except OSError:  # no child, a dead one, or one past the backstop: this answer counts as a grading error
+        if w is not None:
+            w.kill()
+            w.wait()
         return False, True
     with _workers_lock:
         _idle_workers.append(w)

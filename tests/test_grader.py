@@ -140,8 +140,8 @@ GOOD = {"problem": "What is 1+1?", "answer": "2"}
     ([GOOD, {"problem": None, "answer": "4"}], "row 1: the problem ('problem') is null"),
     ([{"problem": None, "answer": "4"}, GOOD], "row 0: the problem ('problem') is null"),
     ([GOOD, {"problem": "  ", "answer": "4"}], "row 1: the problem ('problem') is empty"),
-    ([GOOD, {"problem": [{"role": "system", "content": "Be brief."}], "answer": "4"}], "row 1: the chat-format "
-                                                                                        "problem ('problem') has no user"),
+    ([GOOD, {"problem": [{"role": "system", "content": "Be brief."}], "answer": "4"}],
+     "row 1: the chat-format problem ('problem') has no user"),
     ([GOOD, {"problem": "2+2?", "answer": {"value": 4}}], "row 1: the answer ('answer') is a dict"),
 ])
 def test_every_row_is_checked(tmp_path, rows, needle):
@@ -223,6 +223,10 @@ def test_hostile_answer_is_bounded_in_a_thread():
     assert len(HOSTILE) < ev.MAX_ANSWER_CHARS
     assert _in_thread(ev.grade_answer, HOSTILE, "42", 1) == (False, True)  # timed out: wrong, a grading error
     assert _in_thread(ev.grade_answer, "\\frac{1}{2}", "0.5") == (True, False)  # the worker survives it
+    for w in list(ev._idle_workers):  # a worker that died while idle is replaced
+        w.kill()
+        w.wait()
+    assert _in_thread(ev.grade_answer, "\\frac{3}{4}", "0.75") == (True, False)
 
 
 def test_thread_verdicts_equal_main_thread(data_dir):
