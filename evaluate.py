@@ -456,7 +456,8 @@ _idle_workers, _workers_lock = [], threading.Lock()
 def _grade_in_worker(pred, gold, timeout):
     """_math_verify in a child process (on its main thread, so math-verify's alarm works there), for callers off the
     main thread. One child per concurrent caller, kept for reuse; the caller waits at most 3 time limits + 10 s for
-    a verdict and kills the child past that (sympy stuck in C code does not see the alarm): counted as an error."""
+    a verdict and kills the child past that (sympy stuck in C code does not see the alarm): counted as an error.
+    POSIX only (select on a pipe), as is math-verify's alarm itself."""
     import atexit, inspect, select, subprocess
 
     def read_line(w, limit):  # the child answers one line per request: nothing is left buffered after readline
