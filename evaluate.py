@@ -340,7 +340,7 @@ def plot_logit_stats(results, path):
 # ----------------------------------------------------------------------------- answers and grading
 def extract_answer(response, fallback=False):
     """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces, or of a brace-less `\\boxed 5` (up to
-    the next $ or line end); None if there is none, or if the last box never closes.
+    the next $, \\], \\) or line end); None if there is none, or if the last box never closes.
     fallback=True adds the Qwen2.5-Math harness's fallbacks (One-shot EM's eval), in its order: Minerva's "The final
     answer is $X$. I hope it is correct." (checked before any box), then the box, "the answer is X", else the last
     number of the response."""
@@ -359,7 +359,7 @@ def extract_answer(response, fallback=False):
                 if depth == 0:
                     return response[start + 1:j].strip()
         else:  # `\boxed 5$`: LaTeX boxes the next token; models mean the rest of the formula
-            bare = re.match(r"[^$\n]*", response[start:]).group().strip().rstrip(".")
+            bare = re.match(r"(.*?)(?:\$|\\\]|\\\)|\n|$)", response[start:]).group(1).strip().rstrip(".")
             if bare:
                 return bare
         # unbalanced or empty: the last box gives nothing; an earlier box cannot be "the last one" either

@@ -89,6 +89,8 @@ def test_stray_dollar_inside_a_gold_box(data_dir):
     ("\\boxed 7 and later \\boxed{3}", "3"),
     ("\\boxed\\frac{1}{2}$", "\\frac{1}{2}"),
     ("\\boxed {4}", "4"),
+    ("\\[ \\boxed 9 \\]", "9"),
+    ("\\( \\boxed x+1 \\) so", "x+1"),
     ("\\boxedanswer 5", None),  # not the \boxed command
     ("\\boxed $", None),  # nothing in it
 ])
