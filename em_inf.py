@@ -259,7 +259,11 @@ def run(args):
     data = {}
     for src in args.benchmarks.split(","):
         name = os.path.splitext(os.path.basename(src))[0] if src.endswith((".json", ".jsonl", ".parquet")) else src
+        if name in data:  # names key the samples and the results: two files must not share one
+            raise EvalError(f"two benchmarks are named {name!r} ({src}): give the files different names")
         data[name] = evaluate.load_benchmark(src, args.data_dir, limit=args.limit)
+        if rank == 0 and (missing := sum(p["answer"] is None for p in data[name])):  # results.json: no_gold
+            print(f"{name}: {missing} problems have no gold answer and are graded wrong")
     # --- model
     model, tokenizer = evaluate.load_model(args.model, args.dtype)
     vocab = model.get_output_embeddings().out_features

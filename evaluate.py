@@ -69,19 +69,27 @@ def _read_rows(path):
             return pq.read_table(path).to_pylist()
         with open(path) as f:
             if path.endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
+                rows = []
+                for n, line in enumerate(f, 1):
+                    try:
+                        rows += [json.loads(line)] if line.strip() else []
+                    except ValueError as e:
+                        raise EvalError(f"cannot read {path}: line {n} is not JSON ({e})") from None
+                return rows
             data = json.load(f)
     except (ValueError, OSError) as e:
         raise EvalError(f"cannot read {path}: {e}") from None
-    return data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
+    if isinstance(data, dict):  # {"data": [rows]} or {"rows": [rows]}; any other object is the one row
+        data = data.get("data", data.get("rows", [data]))
+    if not isinstance(data, list):
+        raise EvalError(f"{path}: \"data\"/\"rows\" holds a {type(data).__name__}, not a list of rows")
+    return data
 
 
 def _gold(value, key):
+    """The gold answer as a string; None when the row has none (null, empty, Minerva solution without a box)."""
     if value is None:
         return None
-    if isinstance(value, (list, tuple)):  # OlympiadBench: a list of answers; the first is the gold
-        value = value[0] if value else None
-        return None if value is None else _gold(value, key)
     if isinstance(value, float) and value.is_integer():  # AMC stores 27 as 27.0
         value = int(value)
     value = str(value).strip()
@@ -89,14 +97,23 @@ def _gold(value, key):
         return extract_answer(value)
     if "####" in value:  # GSM8K: "...reasoning...\n#### 1,234"
         value = value.split("####")[-1].strip().replace(",", "")
-    return value
+    return value or None
+
+
+def _kind(value):  # for error messages: "null", "empty", "a list", "an int"
+    name = type(value).__name__
+    if value is None or isinstance(value, str) and not value.strip():
+        return "null" if value is None else "empty"
+    return ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=None, split=None, limit=None,
                    require_answer=True):
     """Load a benchmark by name (local file under data_dir, else the Hugging Face Hub), a local
-    .json/.jsonl/.parquet file, or a hub dataset id. Returns [{"id", "problem", "answer"}] (answer may be None
-    when require_answer=False)."""
+    .json/.jsonl/.parquet file, or a hub dataset id. Returns [{"id", "problem", "answer"}]. Every row is checked: a
+    row that is not an object, or whose problem is not text (or a chat list with a user message), is an EvalError
+    naming the file and the row (0-based). A row without a gold answer gets answer None (graded wrong, counted
+    as no_gold by compute_metrics); so does every row when require_answer=False and there is no answer column."""
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
     if name_or_path in BENCHMARKS:
@@ -118,26 +135,41 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
         except Exception as e:  # offline, no such dataset, no such split: one line, not a traceback
             raise EvalError(f"cannot load {hub_id} from the Hugging Face Hub ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}); pass a local file or --data-dir") from None
+    where = source or hub_id
     if not rows:
         raise EvalError(f"{name_or_path}: the dataset is empty")
-    columns = sorted(rows[0]) if isinstance(rows[0], dict) else []
-    pkey = problem_key or next((k for k in PROBLEM_KEYS if _get(rows[0], k) is not None), None)
-    akey = answer_key or next((k for k in ANSWER_KEYS if _get(rows[0], k) is not None), None)
-    if pkey is None or _get(rows[0], pkey) is None:
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise EvalError(f"{where}: row {n} is {_kind(row)}, not an object with named fields")
+    columns = sorted(rows[0])
+    # a column counts if any row has it (the first row may be the one with a null)
+    pkey = problem_key or next((k for k in PROBLEM_KEYS if any(_get(r, k) is not None for r in rows)), None)
+    akey = answer_key or next((k for k in ANSWER_KEYS if any(_get(r, k) is not None for r in rows)), None)
+    if pkey is None or all(_get(r, pkey) is None for r in rows):
         raise EvalError(f"{name_or_path}: no problem column {problem_key or PROBLEM_KEYS} (columns: {columns}); "
                         "name it with --problem-key")
-    if require_answer and (akey is None or _get(rows[0], akey) is None):
+    if require_answer and (akey is None or all(_get(r, akey) is None for r in rows)):
         raise EvalError(f"{name_or_path}: no answer column {answer_key or ANSWER_KEYS} (columns: {columns}); "
                         "name it with --answer-key")
     ids = [str(r.get("unique_id", r.get("id", i))) for i, r in enumerate(rows)]
     if len(set(ids)) != len(ids):  # the file's own ids are not unique: fall back to the row index
         ids = [str(i) for i in range(len(rows))]
     out = []
-    for i, row in zip(ids, rows):
-        problem = _get(row, pkey)
-        if isinstance(problem, list):  # chat-format prompt (e.g. DeepScaleR): the last user message
-            problem = [m["content"] for m in problem if m.get("role") == "user"][-1]
-        out.append({"id": i, "problem": str(problem), "answer": _gold(_get(row, akey), akey) if akey else None})
+    for n, (i, row) in enumerate(zip(ids, rows)):
+        problem, answer = _get(row, pkey), _get(row, akey) if akey else None
+        if isinstance(problem, list) and problem and all(isinstance(m, dict) for m in problem):
+            # chat-format prompt (e.g. DeepScaleR): the last user message
+            users = [m.get("content") for m in problem if m.get("role") == "user"]
+            if not users:
+                raise EvalError(f"{where}: row {n}: the chat-format problem ({pkey!r}) has no user message")
+            problem = users[-1]
+        if not isinstance(problem, str) or not problem.strip():
+            raise EvalError(f"{where}: row {n}: the problem ({pkey!r}) is {_kind(problem)}, not text")
+        if isinstance(answer, (list, tuple)):  # OlympiadBench: a list of answers; the first is the gold
+            answer = answer[0] if answer else None
+        if isinstance(answer, (dict, list, tuple)):
+            raise EvalError(f"{where}: row {n}: the answer ({akey!r}) is {_kind(answer)}, not a value")
+        out.append({"id": i, "problem": problem, "answer": _gold(answer, akey) if akey else None})
     return out[:limit] if limit else out
 
 
@@ -307,57 +339,154 @@ def plot_logit_stats(results, path):
 
 # ----------------------------------------------------------------------------- answers and grading
 def extract_answer(response, fallback=False):
-    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces; None if there is none.
-    fallback=True adds the Qwen2.5-Math harness's fallbacks (One-shot EM's eval): "the answer is X", else the last
+    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces, or of a brace-less `\\boxed 5` (up to
+    the next $, \\], \\) or line end); None if there is none, or if the last box never closes.
+    fallback=True adds the Qwen2.5-Math harness's fallbacks (One-shot EM's eval), in its order: Minerva's "The final
+    answer is $X$. I hope it is correct." (checked before any box), then the box, "the answer is X", else the last
     number of the response."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", response)]
-    if starts:
-        depth, start = 1, starts[-1]
-        for j in range(start, len(response)):
-            depth += {"{": 1, "}": -1}.get(response[j], 0)
-            if depth == 0:
-                return response[start:j].strip()
-        # unbalanced: the last box never closes; an earlier box cannot be "the last one" either
+    if fallback:
+        said = re.search(r"final answer is \$(.+?)\$\. I hope", response, flags=re.DOTALL)
+        if said:
+            boxed = extract_answer(said.group(1))
+            return said.group(1).strip() if boxed is None else boxed
+    boxes = list(re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*", response))
+    if boxes:
+        start = boxes[-1].end()
+        if response.startswith("{", start):
+            depth = 0
+            for j in range(start, len(response)):
+                depth += {"{": 1, "}": -1}.get(response[j], 0)
+                if depth == 0:
+                    return response[start + 1:j].strip()
+        else:  # `\boxed 5$`: LaTeX boxes the next token; models mean the rest of the formula
+            bare = re.match(r"(.*?)(?:\$|\\\]|\\\)|\n|$)", response[start:]).group(1).strip().rstrip(".")
+            if bare:
+                return bare
+        # unbalanced or empty: the last box gives nothing; an earlier box cannot be "the last one" either
     if not fallback:
         return None
     said = re.findall(r"answer is:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s|\.?$|\n)", response, flags=re.IGNORECASE)
     if said:
         return said[-1].strip()
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", response)
-    return numbers[-1].replace(",", "") if numbers else None
+    numbers = re.findall(r"-?\d*\.?\d+", response.replace(",", ""))  # the harness's pattern, thousands joined
+    return re.sub(r"^(-?)\.", r"\g<1>0.", numbers[-1]) if numbers else None
+
+
+# text-style wrappers: \text{X}, \textbf{X}, \mathbf{X}, \mathrm{X}, \mbox{X} -> X
+_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|textit|mathbf|mathrm|mbox)\s*\{")
+
+
+def _unwrap(s):
+    """Drops text-style wrappers with their matching brace (nested braces kept), in one pass."""
+    if not _WRAPPER.search(s):
+        return s
+    out, opened, i = [], [], 0  # opened: for each open brace, whether it belongs to a wrapper
+    while i < len(s):
+        m = _WRAPPER.match(s, i)
+        if m:
+            opened.append(True)
+            i = m.end()
+            continue
+        if s[i] == "{":
+            opened.append(False)
+        elif s[i] == "}" and opened and opened.pop():
+            i += 1
+            continue
+        out.append(s[i])
+        i += 1
+    return "".join(out)
 
 
 def normalize_answer(ans):
+    """Canonical string for the exact-match fast path and majority votes: no spacing, \\left/\\right, $ or currency
+    \\$, text-style wrappers; dfrac/tfrac -> frac; no trailing period; 27.0 -> 27."""
+    ans = _unwrap(ans.replace("\\$", ""))
     ans = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\ |\$|\s", "", ans).replace("dfrac", "frac").replace("tfrac", "frac")
-    ans = re.sub(r"\\text\{(.*?)\}", r"\1", ans).rstrip(".")
-    return re.sub(r"^(-?\d+)\.0+$", r"\1", ans)
+    return re.sub(r"^(-?\d+)\.0+$", r"\1", ans.rstrip("."))
 
 
 MAX_ANSWER_CHARS = 1000  # longer "answers" are degenerate output; math-verify on them only burns its timeout
 
 
 def grade_answer(pred, gold, timeout=5):
-    """Returns (correct, error): error=True when math-verify timed out or raised (counted as wrong)."""
+    """Returns (correct, error): error=True when math-verify timed out or raised (counted as wrong).
+    Bounded on every thread: math-verify's time limit is signal.alarm, which only works on the main thread, so on
+    any other thread math-verify runs in a worker process instead (same verdicts; see _grade_in_worker)."""
     if pred is None or gold is None:
         return False, False
-    if normalize_answer(pred) == normalize_answer(gold):
-        return True, False
     if len(pred) > MAX_ANSWER_CHARS:
         return False, True
+    if normalize_answer(pred) == normalize_answer(gold):
+        return True, False
+    # Bare LaTeX for math-verify, which reads what lies between $...$: delimiters, currency \$ and a final period are
+    # dropped (as the Qwen2.5-Math harness strips them), so a gold "\$36" is 36, "$(-\infty, 0)$." is an interval,
+    # and a stray $ inside a gold box (Minerva #72) does not cut the gold in two.
     # Minerva golds use scientific notation ("4.5e33"), which math-verify does not read as a number.
-    pred, gold = (re.sub(r"^(-?\d+(?:\.\d+)?)e([-+]?\d+)$", r"\1\\times 10^{\2}", a.strip()) for a in (pred, gold))
+    pred, gold = (re.sub(r"^(-?\d+(?:\.\d+)?)e([-+]?\d+)$", r"\1\\times 10^{\2}",
+                         a.replace("\\$", "").replace("$", "").strip().rstrip(".")) for a in (pred, gold))
+    if threading.current_thread() is threading.main_thread():
+        return _math_verify(pred, gold, timeout)
+    return _grade_in_worker(pred, gold, timeout)
+
+
+def _math_verify(pred, gold, timeout):
+    """math-verify on bare LaTeX strings -> (correct, error). Needs a main thread (its time limit is signal.alarm):
+    the caller's, or a grading worker's, which runs this function's source (keep it self-contained)."""
     from math_verify import parse, verify
-    # math-verify guards itself with signal.alarm, which only works in the main thread.
-    t = timeout if threading.current_thread() is threading.main_thread() else None
     try:
-        g = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$", parsing_timeout=t,
-                  raise_on_error=True)
-        p = parse(f"${pred}$", parsing_timeout=t, raise_on_error=True)
-        return bool(g and p and verify(g, p, timeout_seconds=t, raise_on_error=True)), False
+        g = parse(f"${gold}$", parsing_timeout=timeout, raise_on_error=True)
+        p = parse(f"${pred}$", parsing_timeout=timeout, raise_on_error=True)
+        return bool(g and p and verify(g, p, timeout_seconds=timeout, raise_on_error=True)), False
     except BaseException as e:  # math-verify's TimeoutException, sympy errors, RecursionError...
         if isinstance(e, KeyboardInterrupt):
             raise
         return False, True
+
+
+_WORKER_LOOP = """
+from math_verify import parse, verify  # imported before "ready": the first answer does not pay for it
+out, sys.stdout = sys.stdout, sys.stderr  # the pipe carries verdicts only; stray prints go to stderr
+print("ready", file=out, flush=True)
+for line in sys.stdin:
+    print(json.dumps(_math_verify(*json.loads(line))), file=out, flush=True)
+"""
+_idle_workers, _workers_lock = [], threading.Lock()
+
+
+def _grade_in_worker(pred, gold, timeout):
+    """_math_verify in a child process (on its main thread, so math-verify's alarm works there), for callers off the
+    main thread. One child per concurrent caller, kept for reuse; the caller waits at most 3 time limits + 10 s for
+    a verdict and kills the child past that (sympy stuck in C code does not see the alarm): counted as an error.
+    POSIX only (select on a pipe), as is math-verify's alarm itself."""
+    import atexit, inspect, select, subprocess
+
+    def read_line(w, limit):  # the child answers one line per request: nothing is left buffered after readline
+        return (w.stdout.readline() or None) if select.select([w.stdout], [], [], limit)[0] else None  # "": died
+
+    with _workers_lock:
+        w = _idle_workers.pop() if _idle_workers else None
+    try:
+        if w is None or w.poll() is not None:
+            w = subprocess.Popen([sys.executable, "-c", "import json, sys\n" + inspect.getsource(_math_verify) +
+                                  _WORKER_LOOP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            atexit.register(w.kill)
+            line = read_line(w, 300)  # importing sympy on a loaded machine can take a while
+            if line != "ready\n":
+                raise OSError(f"grading worker did not start: {line!r}")
+        w.stdin.write(json.dumps([pred, gold, timeout]) + "\n")
+        w.stdin.flush()
+        line = read_line(w, None if timeout is None else 3 * timeout + 10)
+        if line is None:
+            raise OSError("grading worker timed out or died")
+    except OSError:  # no child, a dead one, or one past the backstop: this answer counts as a grading error
+        if w is not None:
+            w.kill()
+            w.wait()
+        return False, True
+    with _workers_lock:
+        _idle_workers.append(w)
+    correct, error = json.loads(line)
+    return correct, error
 
 
 def is_correct(response, gold, fallback=False):
@@ -373,7 +502,8 @@ def pass_at_k(n, c, k):
 
 
 def compute_metrics(samples, n):
-    """samples: dicts with id, correct, extracted, length, truncated, grade_error (n per problem)."""
+    """samples: dicts with id, correct, extracted, length, truncated, grade_error (n per problem), and gold (None
+    for a problem without a gold answer: counted in no_gold)."""
     by_id = {}
     for s in samples:
         by_id.setdefault(s["id"], []).append(s)
@@ -397,6 +527,7 @@ def compute_metrics(samples, n):
     m["truncated_rate"] = 100 * sum(s["truncated"] for s in samples) / max(len(samples), 1)
     m["mean_length"] = sum(s["length"] for s in samples) / max(len(samples), 1)
     m["grading_errors"] = sum(s["grade_error"] for s in samples)
+    m["no_gold"] = sum(g[0].get("gold", "") is None for g in by_id.values())  # problems graded wrong: no gold
     return m
 
 
@@ -614,7 +745,13 @@ def run(args):
     data = {}
     for src in sources:
         name = os.path.splitext(os.path.basename(src))[0] if args.data else src
+        if name in data:  # names key the samples, the seeds and the results: two files must not share one
+            raise EvalError(f"two benchmarks are named {name!r} ({src}): give the files different names")
         data[name] = load_benchmark(src, args.data_dir, args.problem_key, args.answer_key, limit=args.limit)
+        missing = [p["id"] for p in data[name] if p["answer"] is None]
+        if missing:
+            print(f"{name}: {len(missing)} problems have no gold answer and are graded wrong (ids "
+                  f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     os.makedirs(out, exist_ok=True)
     protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "template": args.template,
