@@ -227,8 +227,10 @@ def test_two_process_fsdp2_gloo_equals_one_process(tiny_model_dir, data_dir, tmp
     assert meta["world_size"] == 2
     loaded, _ = ev.load_model(str(tmp_path / "d" / "step_1"))
     assert loaded.config.architectures == ["Qwen2ForCausalLM"]
+    # micro-token-mean: 2 ranks make micro-batches of 3 + 1 responses, 1 process 3 + 3 + 2; identical rollouts give
+    # the same mean, up to summation order (seen: 1.2e-6, against updates of 2e-3)
     for (k, v), (k2, v2) in zip(single.state_dict().items(), loaded.state_dict().items()):
-        assert k == k2 and torch.allclose(v, v2, atol=1e-6), k
+        assert k == k2 and torch.allclose(v, v2, atol=1e-5), k
     assert not torch.allclose(single.model.norm.weight, ev.load_model(tiny_model_dir)[0].model.norm.weight)
 
 
