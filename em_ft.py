@@ -16,13 +16,18 @@ positions. No reward, no labels, no KL. Checkpoints are Hugging Face folders tha
     # CPU smoke run on the tiny random model (offline)
     python tests/tiny_model.py /tmp/tiny && python em_ft.py --model /tmp/tiny --max-steps 3
 
-What "step" means: --max-steps and step_<N> count OPTIMIZER UPDATES of --batch-size rollouts. The paper's released
-loop counted one micro-batch of 2 prompts per GPU as a "step": its step_10 checkpoint (8 GPUs, accumulation 4) holds
-2 updates of 64 rollouts, so the default --max-steps 2 reproduces it; `--max-steps 10` runs 10 real updates.
+What "step" means: --max-steps and step_<N> count OPTIMIZER UPDATES of --batch-size rollouts. The released loop's
+"step" was one micro-batch of 2 prompts per GPU: its step_10 (8 GPUs, accumulation 4) = our default --max-steps 2.
 Recipes (--recipe; any flag given explicitly overrides the recipe): see RECIPES below and papers.md.
-Fixed vs. the released One-shot EM code: the logit at t scores token t+1 (shift by one), the response mask comes
-from each row's own prompt boundary (left padding), EOS is scored even when it equals the pad id, and the loss is
-normalized over the whole effective batch (all micro-batches and ranks), not per micro-batch.
+Released One-shot EM code vs. here (every other one-shot default is the released value; EM-FT released no code):
+  released code                             here (default)                       the released form
+  logit at t scores token t (no shift)      it scores token t+1                  none (a fix)
+  mask from the non-pad prompt count        each row's own prompt boundary       none (a fix: left padding)
+  EOS unscored when it equals the pad id    EOS scored                           none (a fix)
+  token mean of each micro-batch (2 roll-   token mean over the whole update     --loss-norm micro-token-mean
+    outs), averaged over micro-batches        (all micro-batches and ranks)        --micro-batch-size 2 (tested)
+  "step" = 1 micro-batch of 2 per GPU       step = 1 optimizer update            --max-steps 2 = its step_10
+  bf16 ZeRO-2, fp32 master + Adam on CPU    the same on 1 GPU; FSDP2 (torchrun)  --offload-optimizer (1 GPU)
 Left out: LoRA, sequence packing, vLLM rollouts, resuming the optimizer state (checkpoints hold weights only).
 Outputs in --out: step_<N>/ (safetensors + tokenizer + train_args.json), log.jsonl (one line per update).
 """
@@ -88,8 +93,9 @@ def loss_normalizer(n_tokens, n_trajectories, loss_norm):
     the response length, the scale lr 2e-5 was tuned for. trajectory-sum (EM-FT): the sum over a response is an
     estimate of the entropy of the whole response, H(y|x), the quantity Agarwal et al. minimize; longer responses
     weigh more and the loss grows with length, one reason for their small lr. micro-token-mean (the released One-shot
-    EM code, to reproduce it exactly with --micro-batch-size 2): None = each micro-batch's own token mean, averaged
-    over the update's micro-batches; a token then weighs 1/(tokens of its micro-batch), so short pairs count more."""
+    EM loop's formula; its micro-batch was one generate call of 2 prompts per GPU: --micro-batch-size 2): None = each
+    micro-batch's own token mean, averaged over all micro-batches of the update (all ranks); the micro-batches are
+    consecutive rollouts in sampling order, and a token weighs 1/(tokens of its micro-batch): short pairs count more."""
     return {"token-mean": n_tokens, "trajectory-sum": n_trajectories}.get(loss_norm)
 # ---- end method ----
 
@@ -135,20 +141,22 @@ def pack(rows, pad_id, device):
 
 def accumulate_gradients(model, rows, pad_id, args, normalizer, scale=1.0, ctx=nullcontext()):
     """Forward/backward over micro-batches of rows; the summed gradients are those of the effective batch's loss.
-    Returns the summed token entropy (for logging)."""
+    Returns this rank's summed token entropy and its share of the loss (shares of all ranks add up to the loss)."""
     device, total = next(model.parameters()).device, 0.0  # total stays a device tensor: no sync per micro-batch
-    # Micro-batches of similar total length: less padding; the gradient does not depend on the grouping (except
-    # with normalizer None, the released per-micro-batch mean, where the grouping is part of the loss).
-    micro = length_sorted_batches([len(p) + len(r) for p, r in rows], args.micro_batch_size)
+    # normalizer None (the released per-micro-batch mean): the grouping is part of the loss, so it is the release's,
+    # consecutive rows in sampling order. Otherwise micro-batches of similar length: less padding, same gradient.
+    b, n = args.micro_batch_size, len(rows)
+    micro = ([range(i, min(i + b, n)) for i in range(0, n, b)] if normalizer is None else
+             length_sorted_batches([len(p) + len(r) for p, r in rows], b))
     for idx in micro:
         ids, attn, resp = pack([rows[i] for i in idx], pad_id, device)
         with ctx:
             ent_sum, n_tok = model.response_entropy(ids, attn, resp, args.loss_temperature, args.entropy_chunk)
         # scale = world undoes FSDP's gradient averaging; for the per-micro-batch mean it must stay averaged
-        denom = normalizer if normalizer is not None else n_tok.sum() * len(micro) * scale
-        (ent_sum.sum() / denom * scale).backward()
-        total = total + ent_sum.sum().detach()
-    return float(total)
+        part = ent_sum.sum() / (normalizer if normalizer is not None else n_tok.sum() * len(micro) * scale)
+        (part * scale).backward()
+        total = total + torch.stack([ent_sum.sum(), part]).detach()
+    return total.tolist()
 
 
 def offloaded_step(params, master, optimizer, grad_clip):
@@ -211,7 +219,7 @@ def main(argv=None):
     p.add_argument("--loss-temperature", type=float, default=None, help="T in softmax(z/T) (one-shot 0.5, em-ft 1)")
     p.add_argument("--loss-norm", default=None, choices=["token-mean", "trajectory-sum", "micro-token-mean"],
                    help="normalization over the effective batch (one-shot token-mean, em-ft trajectory-sum; "
-                   "micro-token-mean = the released code's mean per micro-batch)")
+                   "micro-token-mean = the released mean per micro-batch, whose size is then in the loss: 2 there)")
     p.add_argument("--entropy-chunk", type=int, default=1024, help="positions per lm_head/entropy chunk (memory)")
     # --- optimizer
     p.add_argument("--max-steps", type=int, default=None, help="optimizer updates (2 = paper's step_10; em-ft 40)")
@@ -220,7 +228,7 @@ def main(argv=None):
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
     p.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward (memory only)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per fwd/bwd (memory; see --loss-norm)")
     p.add_argument("--seed", type=int, default=15, help="seed (the paper's 15; results are seed-sensitive)")
     # --- evaluation and early stopping
     p.add_argument("--eval-every", type=int, default=0, help="evaluate before training and every N updates (0: off)")
@@ -350,7 +358,7 @@ def train(args):
 
     if args.eval_every:
         run_eval(0)
-    first_entropy = None  # the first update's entropy, for --stop-entropy-drop
+    first_entropy, warned = None, False  # the first update's entropy, for --stop-entropy-drop
     for step in tqdm(range(1, args.max_steps + 1), desc="em_ft", disable=rank != 0, dynamic_ncols=True):
         t0 = time.time()
         if cuda:
@@ -378,9 +386,13 @@ def train(args):
         if fsdp:
             dist.all_reduce(counts)
         n_tok, n_traj, n_trunc, n_seq_tok = counts.tolist()
+        if n_trunc > n_traj / 2 and rank == 0 and not warned:  # once, rank 0
+            warned = True
+            tqdm.write(f"warning: {n_trunc / n_traj:.0%} of the rollouts of update {step} hit --max-new-tokens "
+                       f"{args.max_new_tokens} (cut before EOS, which is then never scored); consider raising it")
         # FSDP averages gradients over ranks; the loss is already divided by the global count, so scale by world.
-        ent = accumulate_gradients(model, rows, tokenizer.pad_token_id, args,
-                                   loss_normalizer(n_tok, n_traj, args.loss_norm), world, ctx)
+        ent, loss = accumulate_gradients(model, rows, tokenizer.pad_token_id, args,
+                                         loss_normalizer(n_tok, n_traj, args.loss_norm), world, ctx)
         if offload:
             norm = offloaded_step(params, master, optimizer, args.grad_clip)
         else:
@@ -388,12 +400,12 @@ def train(args):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
-        ent = torch.tensor([ent], dtype=torch.float64)
+        ent = torch.tensor([ent, loss], dtype=torch.float64)
         if fsdp:
             dist.all_reduce(ent)
-        t2, ent = time.time(), ent.item()
+        t2, (ent, loss) = time.time(), ent.tolist()
         entropy = ent / n_tok  # mean token entropy of this update's rollouts, before the update
-        stats = {"step": step, "loss": ent / (loss_normalizer(n_tok, n_traj, args.loss_norm) or n_tok),
+        stats = {"step": step, "loss": loss,
                  "entropy": entropy,
                  "grad_norm": norm.item(), "response_length": n_tok / n_traj, "truncated": n_trunc / n_traj,
                  "rollout_tok_s": n_tok / (t1 - t0), "train_tok_s": n_seq_tok / (t2 - t1), "step_s": t2 - t0,

@@ -1,35 +1,32 @@
 r"""
-em_rl.py -- EM-RL (Agarwal et al., arXiv 2505.15134): on-policy RL whose ONLY reward is the model's confidence
-in its own sampled response. No labels.
+em_rl.py -- EM-RL (Agarwal et al., arXiv 2505.15134): on-policy RL whose ONLY reward is the model's confidence.
 
     --reward token           r(y) = -sum_t H(pi(.|x,y_<t))        EM-RL-token (the paper's best math row)
     --reward sequence        r(y) =  sum_t log pi(y_t|x,y_<t)     EM-RL-sequence (E[r] = -trajectory entropy)
     --reward self-certainty  r(y) =  mean_t KL(U || pi(.|x,y_<t))  Intuitor's reward, a label-free neighbour
 
-Each step: sample --n-rollouts responses (T=1) for each of --batch-size prompts, all n of a prompt in one KV-cached
-generate call; ONE no-grad forward gives the old log-probs, entropies and rewards; leave-one-out baseline within each
-prompt's group; PPO-clip over --ppo-minibatches mini-batches with a k3 KL to the frozen initial model and a small
-entropy bonus. Logged per step: reward, entropy, length, truncation, accuracy and reward/correctness correlation
-(when the prompts have answers), and the failure modes (repetition spam, length collapse).
+Each step: --n-rollouts responses (T=1) to each of --batch-size prompts (a prompt's n in one KV-cached generate call);
+ONE no-grad forward gives old log-probs, entropies, rewards; leave-one-out baseline per prompt; the update below.
 
-Paper vs released code (../shared/papers.md section 2): the paper writes sums over tokens and a REINFORCE/RLOO
-update with a 0.001 KL; the code behind its Table 2 used length-normalized means, PPO-clip (0.2, 4 mini-batches,
-1 epoch), a 0.001 k3 KL and verl's +0.001 entropy bonus. Defaults follow the code (it made the published
-numbers); the paper's form is `--reward-agg sum --update reinforce --entropy-bonus 0 --loss-agg seq-mean-token-sum`.
+Paper vs released code (verl, run_emrl_*_math.sh, 4 GPUs; papers.md 2). Defaults: the code's (it made the tables).
+  paper                    released code = default                                   flag
+  reward: sum over tokens  mean over the response's tokens                           --reward-agg sum
+  REINFORCE (RLOO)         PPO-clip 0.2, 4 mini-batches of 128 prompts, 1 epoch      --update reinforce
+  no entropy term          verl's +0.001 entropy bonus (it RAISES entropy)           --entropy-bonus 0
+  (1/N) sum_i A_i sum_t    mean over micro-batches (8 per GPU) of token means        --loss-agg seq-mean-token-sum
+  early stop (validation)  one epoch: floor(prompts / 512) steps                     --steps
+  4096-token sequences     prompts > 1024 tokens dropped; 3072 new tokens            --max-prompt-length
 
-    # 1 GPU (80 GB): bf16 policy + bf16 frozen reference on the GPU, fp32 master weights + AdamW on the CPU
-    # (~100 GB of CPU RAM for a 7B); the paper trained on 35K NuminaMath problems
+    # 1 GPU (80 GB): bf16 policy + bf16 reference on the GPU, fp32 master weights + AdamW on the CPU (~100 GB RAM)
     python em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl --reward token --out checkpoints/em_rl_token
-    # 8 GPUs: FSDP2, fp32 master weights and AdamW state sharded 8 ways
+    # 8 GPUs: FSDP2, fp32 master weights and AdamW state sharded 8 ways (the paper: 35K NuminaMath problems)
     torchrun --nproc_per_node=8 em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl --reward token
     # CPU smoke run on the tiny random model (offline, seconds)
-    python tests/tiny_model.py /tmp/tiny
-    python em_rl.py --model /tmp/tiny --data ../shared/benchmarks/gsm8k.jsonl --limit 8 --batch-size 4 \
-        --max-new-tokens 48 --steps 3 --lr 1e-3 --kl-coef 0.01 --save-steps 1 --out /tmp/em_rl_smoke
+    python tests/tiny_model.py /tmp/tiny && python em_rl.py --model /tmp/tiny --data ../shared/benchmarks/gsm8k.jsonl \
+        --limit 8 --batch-size 4 --max-new-tokens 48 --steps 3 --lr 1e-3 --kl-coef 0.01 --save-steps 1 --out /tmp/em_rl
 
-Output: <out>/step_<N>/ (HF folder + train_args.json; N counts rollout steps, each --ppo-minibatches optimizer
-updates), <out>/log.jsonl. Left out: vLLM rollouts (HF generate + KV cache instead), early stopping on a validation
-split (use --eval-every, pick a checkpoint), sequence packing, the paper's code-generation runs.
+Output: <out>/step_<N>/ (HF folder + train_args.json; N counts rollout steps, each --ppo-minibatches optimizer updates),
+<out>/log.jsonl. Left out: vLLM (HF generate instead), early stopping (use --eval-every), packing, code runs.
 """
 import argparse, json, math, os, resource, shutil, statistics, sys, time, zlib
 from contextlib import nullcontext
@@ -84,7 +81,7 @@ def k3_kl(ref_logp, logp):
 
 
 def policy_loss(logp, old_logp, adv, args):
-    """Per-token policy-gradient term; the caller sums tokens and divides by the global token count."""
+    """Per-token policy-gradient term; the caller aggregates it over tokens (--loss-agg)."""
     if args.update == "reinforce":  # the paper: REINFORCE with the RLOO baseline, strictly on-policy
         return -adv * logp
     ratio = torch.exp(logp - old_logp)  # 1 on the first mini-batch; later ones are slightly off-policy
@@ -157,12 +154,13 @@ def offloaded_step(params, master, optimizer, grad_clip):
 def main(argv=None):
     p = argparse.ArgumentParser(description="EM-RL: RL with the model's own negative entropy as the only reward.")
     # --- model and data
-    p.add_argument("--model", default="Qwen/Qwen2.5-Math-7B", help="hub id or local folder (paper: Qwen2.5-Math-7B)")
+    p.add_argument("--model", required=True, help="hub id or local folder of a causal LM (paper: Qwen2.5-Math-7B)")
     p.add_argument("--data", required=True, help="training prompts: .json/.jsonl/.parquet file or hub dataset id "
                    "(paper: 35K NuminaMath problems); answers are optional, used only for logging")
     p.add_argument("--problem-key", default=None, help="problem column (default: problem/question/prompt/input)")
     p.add_argument("--answer-key", default=None, help="answer column, for accuracy logs only (default: auto)")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--max-prompt-length", type=int, default=1024, help="drop longer prompts (released: 1024)")
     p.add_argument("--template", default="agarwal", choices=list(ev.TEMPLATES), help="prompt format (paper: agarwal)")
     # --- rollouts
     p.add_argument("--batch-size", type=int, default=512, help="prompts per step, all ranks together (paper: 512)")
@@ -180,9 +178,8 @@ def main(argv=None):
     # --- update
     p.add_argument("--update", default="ppo-clip", choices=["ppo-clip", "reinforce"], help="ppo-clip = released "
                    "code; reinforce = the paper's REINFORCE (one update per rollout batch)")
-    p.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-sum"], help="loss "
-                   "normalizer: every token of the mini-batch (released code, verl's default) or every response "
-                   "(REINFORCE's (1/N) sum_i A_i sum_t grad log pi, the paper's form)")
+    p.add_argument("--loss-agg", default="micro-token-mean", choices=["micro-token-mean", "token-mean",
+                   "seq-mean-token-sum"], help="per micro-batch (released), per mini-batch token, per response (paper)")
     p.add_argument("--clip-ratio", type=float, default=0.2, help="PPO clip epsilon (released code: 0.2)")
     p.add_argument("--ppo-minibatches", type=int, default=4, help="optimizer updates per rollout batch, 1 epoch")
     p.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL to the frozen initial model (0: no ref model)")
@@ -190,8 +187,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate, constant (paper: 1e-6)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (verl default)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
-    p.add_argument("--steps", type=int, default=100, help="rollout steps (paper: early stop on validation)")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward/backward (memory knob)")
+    p.add_argument("--steps", type=int, default=None, help="rollout steps (default: one epoch, as released)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per fwd/bwd per rank (released: 8)")
     p.add_argument("--logit-chunk", type=int, default=1024, help="positions per chunk of the vocab projection")
     p.add_argument("--seed", type=int, default=0, help="data order and sampling seed (each rank draws its own)")
     # --- system
@@ -217,13 +214,13 @@ def main(argv=None):
 
 def train(args):
     # ---------------------------------------------------------------------------- setup
-    if min(args.batch_size, args.max_new_tokens, args.steps, args.micro_batch_size, args.ppo_minibatches,
+    if min(args.batch_size, args.max_new_tokens, args.steps or 1, args.micro_batch_size, args.ppo_minibatches,
            args.rollout_batch_size, args.logit_chunk, args.n_rollouts - 1) < 1 or args.temperature <= 0 or \
             args.clip_ratio <= 0 or min(args.lr, args.kl_coef, args.eval_every) < 0:
         raise ev.EvalError("--n-rollouts must be >= 2 (the baseline needs a group), sizes/counts >= 1, --temperature "
                            "and --clip-ratio > 0, --lr/--kl-coef/--eval-every >= 0")
     try:
-        save_steps = {int(s) for s in args.save_steps.split(",") if s.strip()} | {args.steps}
+        save_steps = {int(s) for s in args.save_steps.split(",") if s.strip()}
     except ValueError:
         raise ev.EvalError(f"--save-steps must be a comma list of integers, got {args.save_steps!r}") from None
     distributed, cuda = int(os.environ.get("WORLD_SIZE", 1)) > 1, torch.cuda.is_available()
@@ -252,19 +249,24 @@ def train(args):
     # exceeds ~|w|*2^-9 ~ 2e-3|w|; at lr 1e-6 Adam's first updates are ~1e-6 against |w| ~ 1e-2..1e-1 (1e-5..1e-4
     # relative), so pure-bf16 training would round almost every update to nothing. Hence fp32 master weights:
     # GPU: bf16 policy 15 GB + bf16 grads 15 GB + frozen bf16 reference for the KL 15 GB + activations (gradient
-    # checkpointing, chunked logits: a few GB per micro-batch of 4 x 3.3K tokens) + the rollout KV cache (57 KB per
+    # checkpointing, chunked logits: a few GB per micro-batch of 8 x 3.3K tokens) + the rollout KV cache (57 KB per
     # token: 64 sequences x 3.3K tokens = 12 GB) ~ 65 GB. CPU (--offload-optimizer): fp32 master 30 GB + AdamW
     # moments 60 GB. torchrun: FSDP2 shards fp32 params/grads/moments N ways (bf16 compute, fp32 gradient
     # reduction); each rank keeps a full bf16 reference (15 GB). CPU: plain fp32 model and AdamW.
     model, tok = ev.load_model(args.model, "bfloat16" if offload else "float32")
     texts = [ev.build_prompt(tok, q["problem"], args.template) for q in problems]
     prompt_ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and max(map(len, prompt_ids)) >= context:
-        raise ev.EvalError(f"a prompt of {max(map(len, prompt_ids))} tokens does not fit the context of {context}")
-    if context and max(map(len, prompt_ids)) + args.max_new_tokens > context and rank == 0:
-        print(f"warning: prompt ({max(map(len, prompt_ids))} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
-              f"the model's context of {context}; long responses run past the trained positions")
+    context = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
+    keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= min(args.max_prompt_length, context - 1)]  # as verl
+    args.steps = args.steps or len(keep) // args.batch_size  # the released run: one epoch, last partial batch dropped
+    if not keep or args.steps < 1:
+        raise ev.EvalError(f"{len(keep)} of {len(texts)} prompts fit --max-prompt-length and the context" + (
+            f"; one epoch of --batch-size {args.batch_size} is 0 steps: give --steps" if keep else ""))
+    print(f"{len(texts) - len(keep)} longer prompts dropped, {len(keep)} kept: {args.steps} steps") if master else None
+    problems, texts, prompt_ids = ([x[i] for i in keep] for x in (problems, texts, prompt_ids))
+    save_steps.add(args.steps)
+    if max(map(len, prompt_ids)) + args.max_new_tokens > context and master:
+        print(f"warning: a prompt + --max-new-tokens exceeds the model's context of {context} (untrained positions)")
     ref = ev.load_model(args.model, "bfloat16" if cuda else "float32")[0].eval().requires_grad_(False) \
         if args.kl_coef > 0 else None  # bf16 on CUDA as the policy's compute, fp32 on CPU
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and cuda):
@@ -335,7 +337,7 @@ def train(args):
     # ---------------------------------------------------------------------------- loop
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    per_rank, order, first_len, updates = args.batch_size // world, [], None, 0
+    per_rank, order, first_len, updates, warned = args.batch_size // world, [], None, 0, False
     if args.eval_every:
         emit({"step": 0, **evaluate()})  # the base model's score, for comparison
 
@@ -377,17 +379,17 @@ def train(args):
         rewards = torch.cat(rewards)
         adv = group_advantages(rewards, n, args.baseline)  # a prompt's group never straddles ranks: no communication
         t_score = time.time()
-        # -- update. Token-mean loss (verl's default): every response token of the mini-batch, on every rank, weighs
-        # the same (long responses count more than short ones); seq-mean-token-sum divides by the number of responses
-        # instead. The count is all-reduced, so N ranks give exactly the gradient of 1 rank holding the mini-batch.
+        # -- update. micro-token-mean (verl as released): the whole per-token loss (policy term, entropy bonus, KL) is
+        # each micro-batch's own token mean / the rank's micro-batches, averaged over ranks by FSDP. token-mean /
+        # seq-mean-token-sum divide by the mini-batch's token / response count over all ranks (* world undoes FSDP).
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kl, clipped tokens, tokens (no sync)
         for mb in torch.arange(S).tensor_split(args.ppo_minibatches if args.update == "ppo-clip" else 1):
             count = torch.tensor(float(sum(lengths[s] for s in mb.tolist()) if args.loss_agg == "token-mean"
                                        else len(mb)), device=device)
-            if distributed:
+            if distributed and args.loss_agg != "micro-token-mean":
                 dist.all_reduce(count)  # sync point: the global token (or response) count of this mini-batch
-            for chunk in micro_batches(mb.tolist()):
+            for chunk in (micro := micro_batches(mb.tolist())):
                 with ctx:
                     lp, ent, _, row = stats_fn(*padded(chunk), args.logit_chunk, True)
                 old = torch.cat([old_lp[s] for s in chunk])
@@ -396,7 +398,8 @@ def train(args):
                 loss = loss - args.entropy_bonus * ent  # a BONUS: it raises entropy, against the EM reward (as verl)
                 kl = k3_kl(torch.cat([ref_lp[s] for s in chunk]), lp) if ref is not None else torch.zeros_like(lp)
                 loss = loss + args.kl_coef * kl
-                (loss.sum() / count * world).backward()  # FSDP averages over ranks: undo its 1/world
+                scale = 1 / (len(lp) * len(micro)) if args.loss_agg == "micro-token-mean" else world / count
+                (loss.sum() * scale).backward()
                 ratio = (lp - old).exp()
                 # clipped = the clip is active (no gradient): ratio past 1+eps with A > 0, or below 1-eps with A < 0
                 clipped = ((ratio > 1 + args.clip_ratio) & (a_tok > 0)) | ((ratio < 1 - args.clip_ratio) & (a_tok < 0))
@@ -418,6 +421,9 @@ def train(args):
                         "ids": o["ids"], "reward": r, "advantage": a} if args.log_rollouts else None)
                       for s, ((i, o), r, a, e) in enumerate(zip(rollouts, rewards.tolist(), adv.tolist(), ent_sums)))
         r, a, L, trunc, ent_sum, rep, ok, rolls = zip(*recs)
+        if master and not warned and sum(trunc) > len(L) / 2:  # once: a response cut before EOS never scores it
+            warned = True
+            tqdm.write(f"warning: {sum(trunc) / len(L):.0%} of step {step}'s responses hit --max-new-tokens (no EOS)")
         if master and args.log_rollouts:  # every response of the step, in rank order (groups of n stay together)
             with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
                 f.writelines(json.dumps(x) + "\n" for x in rolls)

@@ -102,8 +102,8 @@ def test_gradient_accumulation_4x2_equals_batch_of_8(eos_model_dir):
         for micro in (2, 8):
             args = types.SimpleNamespace(micro_batch_size=micro, loss_temperature=0.5, entropy_chunk=7)
             model.zero_grad()
-            total = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args,
-                                               em_ft.loss_normalizer(n_tok, len(rows), norm))
+            total, _ = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args,
+                                                  em_ft.loss_normalizer(n_tok, len(rows), norm))
             grads[norm, micro] = [q.grad.clone() for q in model.parameters()]
         for g1, g2 in zip(grads[norm, 2], grads[norm, 8]):
             torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-8)
@@ -114,28 +114,40 @@ def test_gradient_accumulation_4x2_equals_batch_of_8(eos_model_dir):
 
 
 def test_released_per_micro_batch_normalization(eos_model_dir):
-    """--loss-norm micro-token-mean: the mean over micro-batches of each micro-batch's own token mean."""
+    """--loss-norm micro-token-mean is the released loop's loss: micro-batches of consecutive rollouts in sampling
+    order (one generate call of 2 prompts per GPU there), each micro-batch's own token mean, averaged over the
+    micro-batches. Written out here on rollouts of different lengths; loss and gradients must match."""
     model, tok = load_model(eos_model_dir)
     bind(model)
-    rows = rows_for(tok, model, n=6, max_new=16, seed=5)
+    rows = rows_for(tok, model, n=6, max_new=16, seed=6)
+    assert len({len(r) for _, r in rows}) > 2, "responses must differ in length"
+    # the length-sorted grouping (other norms) is not the sampling order here, so a regrouping would show
+    assert sorted(map(sorted, em_ft.length_sorted_batches([len(p) + len(r) for p, r in rows], 2))) != \
+        [[0, 1], [2, 3], [4, 5]]
     args = types.SimpleNamespace(micro_batch_size=2, loss_temperature=0.5, entropy_chunk=7)
     model.zero_grad()
-    em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, em_ft.loss_normalizer(1, 1, "micro-token-mean"))
+    ent, loss = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args,
+                                           em_ft.loss_normalizer(1, 1, "micro-token-mean"))
     got = [q.grad.clone() for q in model.parameters()]
     model.zero_grad()
-    groups = em_ft.length_sorted_batches([len(p) + len(r) for p, r in rows], 2)
-    loss = 0
-    for idx in groups:  # written out: (sum of entropies / tokens) per pair, averaged over the 3 pairs
-        ent, n = model.response_entropy(*em_ft.pack([rows[i] for i in idx], tok.pad_token_id, "cpu"), 0.5, 1024)
-        loss = loss + ent.sum() / n.sum() / len(groups)
-    loss.backward()
+    want, total = 0, 0
+    for pair in (rows[0:2], rows[2:4], rows[4:6]):  # (sum of token entropies / tokens) per pair, mean of the 3
+        ids, attn, resp = em_ft.pack(pair, tok.pad_token_id, "cpu")
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+        h = torch.cat([direct_entropy(logits[i, :-1][resp[i, 1:]], 0.5) for i in range(len(pair))])  # t scores t+1
+        want, total = want + h.sum() / len(h) / 3, total + h.sum().item()
+    want.backward()
+    assert loss == pytest.approx(want.item(), rel=1e-5) and ent == pytest.approx(total, rel=1e-5)
     for g1, g2 in zip(got, [q.grad for q in model.parameters()]):
-        assert_grad_close(g1, g2)
+        assert_grad_close(g1, g2.float())
     # and it really differs from the global token mean when pairs have different lengths
     n_tok = sum(len(r) for _, r in rows)
     model.zero_grad()
-    em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, em_ft.loss_normalizer(n_tok, 6, "token-mean"))
-    assert any(not torch.allclose(g1, q.grad, rtol=1e-3) for g1, q in zip(got, model.parameters()) if q.grad is not None)
+    _, global_loss = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args,
+                                                em_ft.loss_normalizer(n_tok, 6, "token-mean"))
+    assert global_loss == pytest.approx(total / n_tok, rel=1e-5) and abs(global_loss - loss) > 1e-4 * loss
+    assert any(not torch.allclose(g1, q.grad, rtol=1e-3) for g1, q in zip(got, model.parameters())
+               if q.grad is not None)
 
 
 def mean_sample_entropy(path, prompt, T=1.0):
@@ -162,6 +174,8 @@ def test_training_lowers_entropy_of_own_samples(tiny_model_dir, tmp_path):
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(r["response_length"] > 0 and 0 <= r["truncated"] <= 1 and r["peak_mem_gb"] > 0 for r in log)
+    # the tiny model never emits EOS: every rollout is cut, and the user is told once (not at every update)
+    assert log[0]["truncated"] == 1 and proc.stdout.count("hit --max-new-tokens 48") == 1, proc.stdout
 
 
 def test_em_ft_recipe_checkpoints_and_overrides(tiny_model_dir, multi_data, tmp_path):
@@ -237,6 +251,7 @@ def test_two_process_fsdp_update_equals_one_process_on_same_rollouts(eos_model_d
     assert [g["step"] for g in logs] == [0, 1, 1] and logs[0]["eval_problems"] == logs[2]["eval_problems"] == 1
     log = logs[1]
     assert abs(log["grad_norm"] - norm.item()) < 1e-4 * norm.item(), (log["grad_norm"], norm.item())
+    assert ("hit --max-new-tokens" in proc.stdout) == (log["truncated"] > 0.5), proc.stdout  # rank 0 warns once
     dist_model = AutoModelForCausalLM.from_pretrained(str(out / "step_1"))
     for (n, x), y in zip(dist_model.named_parameters(), model.parameters()):
         torch.testing.assert_close(x, y.detach(), rtol=0, atol=2e-5, msg=n)
