@@ -24,7 +24,8 @@ Fixed vs. the released One-shot EM code: the logit at t scores token t+1 (shift 
 from each row's own prompt boundary (left padding), EOS is scored even when it equals the pad id, and the loss is
 normalized over the whole effective batch (all micro-batches and ranks), not per micro-batch.
 Left out: LoRA, sequence packing, vLLM rollouts, resuming the optimizer state (checkpoints hold weights only).
-Outputs in --out: step_<N>/ (safetensors + tokenizer + train_args.json), log.jsonl (one line per update).
+Outputs in --out: step_<N>/ (safetensors + tokenizer + train_args.json), log.jsonl (one line per update and per
+checkpoint written; a rerun into the same --out starts a new log and keeps the last one as log.prev.jsonl).
 """
 import argparse, itertools, json, os, random, resource, shutil, time, types
 from contextlib import nullcontext

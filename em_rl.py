@@ -28,8 +28,9 @@ numbers); the paper's form is `--reward-agg sum --update reinforce --entropy-bon
         --max-new-tokens 48 --steps 3 --lr 1e-3 --kl-coef 0.01 --save-steps 1 --out /tmp/em_rl_smoke
 
 Output: <out>/step_<N>/ (HF folder + train_args.json; N counts rollout steps, each --ppo-minibatches optimizer
-updates), <out>/log.jsonl. Left out: vLLM rollouts (HF generate + KV cache instead), early stopping on a validation
-split (use --eval-every, pick a checkpoint), sequence packing, the paper's code-generation runs.
+updates), <out>/log.jsonl (per step; "checkpoint" where one was written; a rerun keeps the last as log.prev.jsonl).
+Left out: vLLM rollouts (HF generate + KV cache instead), early stopping on a validation split (use --eval-every,
+pick a checkpoint), sequence packing, the paper's code-generation runs.
 """
 import argparse, json, math, os, resource, shutil, statistics, time, zlib
 from contextlib import nullcontext

@@ -485,6 +485,8 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
         if x is None or not math.isfinite(x) or lo is not None and (x < lo or lo_open and x == lo) or \
                 hi is not None and (x > hi or hi_open and x == hi):
             raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        if kind is float and abs(x) > 3.4028234663852886e38:  # torch would fail turning it into a float32 scalar
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}, beyond the float32 range")
         return x
     return parse
 
@@ -566,8 +568,8 @@ def cli_main(work, args, resumes):
             where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
             sys.exit(f"error: no space left on the device{where}; free some space and {again}")
         if "probability tensor contains" in text:  # torch.multinomial on the model's nan/inf probabilities
-            sys.exit("error: sampling met non-finite probabilities: the model's logits are not finite (diverged "
-                     "training or broken weights)")
+            sys.exit("error: sampling met non-finite probabilities: the logits (over the temperature) are not "
+                     "finite -- diverged training, broken weights, or a temperature too close to 0")
         raise
 
 

@@ -74,7 +74,8 @@ BAD = {
         (["--reward", "bogus"], "--reward")],
     "em_inf.py": [
         (["--limit", "0"], "--limit"), (["--n-steps", "-1"], "--n-steps"), (["--lr", "nan"], "--lr"),
-        (["--lr", "-0.1"], "--lr"), (["--lr", "inf"], "--lr"), (["--threshold", "-1"], "--threshold"),
+        (["--lr", "-0.1"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "1e300"], "float32"),
+        (["--threshold", "-1"], "--threshold"),
         (["--threshold", "nan"], "--threshold"), (["--kl-weight", "inf"], "--kl-weight"),
         (["--kl-weight", "-1"], "--kl-weight"), (["--target-ratio", "0"], "--target-ratio"),
         (["--target-ratio", "1.5"], "--target-ratio"), (["--tmin", "0"], "--tmin"), (["--tmax", "-1"], "--tmax"),
@@ -275,7 +276,8 @@ def test_number_types():
     for parse, text, want in ok:
         assert parse(text) == want and type(parse(text)) is type(want), (text, want)
     bad = [(ev.pos_int, "0"), (ev.pos_int, "1.0"), (ev.pos_int, ""), (ev.nonneg_int, "-1"), (ev.pos_float, "0"),
-           (ev.pos_float, "nan"), (ev.pos_float, "inf"), (ev.pos_float, "1e400"), (ev.nonneg_float, "-0.1"),
+           (ev.pos_float, "nan"), (ev.pos_float, "inf"), (ev.pos_float, "1e400"), (ev.pos_float, "1e300"),
+           (ev.nonneg_float, "-0.1"),
            (ev.unit_float, "0"), (ev.unit_float, "1.0001"), (ev.unit_open, "1"), (ev.finite_float, "-inf"),
            (ev.seed_int, str(2 ** 32)), (ev.number(int, 2), "1"), (ev.step_list, "0"), (ev.step_list, "1,,x")]
     for parse, text in bad:
