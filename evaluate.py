@@ -537,6 +537,10 @@ def open_log(out, *others):
     for name in ("log.jsonl",) + others:
         if os.path.exists(os.path.join(out, name)):
             os.replace(os.path.join(out, name), os.path.join(out, name.replace(".jsonl", ".prev.jsonl")))
+    old = sorted((d for d in os.listdir(out) if re.fullmatch(r"step_\d+", d)), key=lambda d: int(d[5:]))
+    if old:  # checkpoints this run does not rewrite stay behind: say so once
+        print(f"note: {out} holds checkpoints of an earlier run ({', '.join(old)}); this run replaces those it "
+              "saves; the earlier log is now log.prev.jsonl")
     return open(os.path.join(out, "log.jsonl"), "w")
 
 
@@ -705,6 +709,8 @@ def main(argv=None):
 def run(args):
     if args.n > 1 and args.temperature == 0:  # (the numbers' ranges are checked by argparse)
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
+    if args.temperature == 0 and (args.top_p < 1 or args.top_k and not args.logit_stats):  # not silently ignored
+        raise EvalError("--top-p/--top-k need --temperature > 0 (greedy decoding ignores them)")
     sources = args.data.split(",") if args.data else args.benchmarks.split(",")
     data = {}
     for src in sources:

@@ -33,7 +33,8 @@ BAD = {
         (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--top-p", "nan"], "--top-p"),
         (["--n", "0"], "--n"), (["--n", "2"], "needs --temperature"), (["--top-k", "-1"], "--top-k"),
         (["--seed", "-1"], "--seed"), (["--seed", str(2 ** 40)], "--seed"), (["--batch-size", "0"], "--batch-size"),
-        (["--template", "bogus"], "--template"), (["--dtype", "fp16"], "--dtype")],
+        (["--template", "bogus"], "--template"), (["--dtype", "fp16"], "--dtype"),
+        (["--top-p", "0.9"], "--top-p/--top-k need --temperature"), (["--top-k", "5"], "need --temperature > 0")],
     "em_ft.py": [
         (["--batch-size", "0"], "--batch-size"), (["--max-new-tokens", "-3"], "--max-new-tokens"),
         (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
@@ -300,7 +301,7 @@ def test_load_model_names_what_is_wrong(tiny_model_dir, tmp_path):
         ev.load_model(str(notok))
 
 
-def test_rerun_into_the_same_out_starts_a_fresh_log(tiny_model_dir, data, tmp_path):
+def test_rerun_into_the_same_out_starts_a_fresh_log(tiny_model_dir, data, tmp_path, capsys):
     """A second run into --out: log.jsonl holds only its own steps (each once) and the checkpoints it wrote;
     the first run's log is kept as log.prev.jsonl."""
     import em_ft
@@ -311,7 +312,9 @@ def test_rerun_into_the_same_out_starts_a_fresh_log(tiny_model_dir, data, tmp_pa
                                    "--kl-coef", "0", "--ppo-minibatches", "1", "--steps"])):
         out = str(tmp_path / script)
         main(["--model", tiny_model_dir, "--out", out, "--save-steps", "1", *common, "2"])
+        capsys.readouterr()
         main(["--model", tiny_model_dir, "--out", out, *common, "1"])
+        assert "holds checkpoints of an earlier run (step_1, step_2)" in capsys.readouterr().out, script
         log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         prev = [json.loads(line) for line in open(os.path.join(out, "log.prev.jsonl"))]
         steps = [r["step"] for r in log if "loss" in r]
