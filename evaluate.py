@@ -563,6 +563,8 @@ def cli_main(work, args, resumes):
     except EvalError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
+        for bar in list(getattr(tqdm, "_instances", [])):  # open bars would redraw at exit, after the line below
+            bar.close()
         print(f"\ninterrupted; {again}", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
