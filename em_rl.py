@@ -28,7 +28,7 @@ numbers); the paper's form is `--reward-agg sum --update reinforce --entropy-bon
         --max-new-tokens 48 --steps 3 --lr 1e-3 --kl-coef 0.01 --save-steps 1 --out /tmp/em_rl_smoke
 
 Output: <out>/step_<N>/ (HF folder + train_args.json; N counts rollout steps, each --ppo-minibatches optimizer
-updates), <out>/log.jsonl (per step; "checkpoint" where one was written; a rerun keeps the last as log.prev.jsonl).
+updates), <out>/log.jsonl (a line per step, "checkpoint" if one was saved; a rerun keeps the old as log.prev.jsonl).
 Left out: vLLM rollouts (HF generate + KV cache instead), early stopping on a validation split (use --eval-every,
 pick a checkpoint), sequence packing, the paper's code-generation runs.
 """

@@ -210,15 +210,17 @@ def test_ctrl_c_is_one_line_and_exit_130(script, tiny_model_dir, data_dir, tmp_p
 
 
 def test_full_disk_mid_run_is_one_line_and_resumes(tiny_model_dir, data_dir, tmp_path):
-    """Simulated ENOSPC (no tiny filesystem in CI): os.fsync raises what a full disk raises, at its 3rd call --
-    run.json, then batch 1's samples are on disk; batch 2's fsync fails. The rerun (real fsync) resumes from them.
-    (By hand, on a real 24 KB tmpfs, the same run failed with the same line and resumed to identical samples.)"""
+    """Simulated ENOSPC (no tiny filesystem in CI): os.fsync raises what a full disk raises at its 2nd call on
+    samples.jsonl -- batches 1 and 2 were written (flushed), batch 2's fsync fails. The rerun (real fsync) resumes
+    from them. (By hand, on a real 24 KB tmpfs, the same kind of run failed with this line and resumed to samples
+    identical to an uninterrupted run's.)"""
     out = str(tmp_path / "o")
     args = ["evaluate.py", "--model", tiny_model_dir, "--data", os.path.join(data_dir, "gsm8k.jsonl"), "--limit", "6",
             "--batch-size", "2", "--max-new-tokens", "8", "--out", out]
     shim = ("import errno, os, runpy, sys\ncalls, real = [0], os.fsync\n"
-            "def fsync(fd):\n    calls[0] += 1\n    if calls[0] == 3:\n"
-            "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n    return real(fd)\n"
+            "def fsync(fd):\n    calls[0] += os.readlink(f'/proc/self/fd/{fd}').endswith('samples.jsonl')\n"
+            "    if calls[0] == 2:\n        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+            "    return real(fd)\n"
             f"os.fsync = fsync\nsys.argv = {args!r}\nrunpy.run_path('evaluate.py', run_name='__main__')\n")
     proc = run_cli("-c", shim)
     assert_one_line_error(proc, "error: no space left on the device", "rerun the same command to resume")
