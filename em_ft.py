@@ -29,9 +29,10 @@ Released One-shot EM code vs. here (every other one-shot default is the released
   "step" = 1 micro-batch of 2 per GPU       step = 1 optimizer update            --max-steps 2 = its step_10
   bf16 ZeRO-2, fp32 master + Adam on CPU    the same on 1 GPU; FSDP2 (torchrun)  --offload-optimizer (1 GPU)
 Left out: LoRA, sequence packing, vLLM rollouts, resuming the optimizer state (checkpoints hold weights only).
-Outputs in --out: step_<N>/ (safetensors + tokenizer + train_args.json), log.jsonl (one line per update).
+Outputs in --out: step_<N>/ (safetensors + tokenizer + train_args.json), log.jsonl (one line per update and per
+checkpoint written; a rerun into the same --out starts a new log and keeps the last one as log.prev.jsonl).
 """
-import argparse, itertools, json, os, random, resource, shutil, sys, time, types
+import argparse, itertools, json, os, random, resource, shutil, time, types
 from contextlib import nullcontext
 
 import torch
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 from evaluate import (EvalError, build_prompt, compute_metrics, evaluate_model, generate_batch,
                       length_sorted_batches, load_benchmark, load_model, package_versions, write_json_atomic)
+import evaluate as ev  # the CLI helpers: argparse number types, cli_main, check_out_dir, open_log, check_finite
 
 # One-shot EM's training prompt pi_1 (row 124 of the DeepScaleR subset; gold 12.8, never used by EM).
 PI1 = ("The pressure \\( P \\) exerted by wind on a sail varies jointly as the area \\( A \\) of the sail and the "
@@ -205,44 +207,45 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="prompt set: .json/.jsonl/.parquet or hub dataset id with a problem "
                    "column (one-shot default: the embedded wind-pressure prompt pi_1; required for em-ft)")
     p.add_argument("--problem-key", default=None, help="problem column of --data (default: problem/question/...)")
-    p.add_argument("--template", default=None, help="prompt format, evaluate.TEMPLATES (one-shot: chat = bare "
-                   "problem with the model's default system prompt; em-ft: agarwal)")
+    p.add_argument("--template", default=None, choices=list(ev.TEMPLATES), help="prompt format (one-shot: chat = "
+                   "bare problem with the model's default system prompt; em-ft: agarwal)")
     # --- rollouts
-    p.add_argument("--batch-size", type=int, default=None, help="rollouts per optimizer update, 1 per prompt row, "
-                   "over all ranks (one-shot 64, em-ft 512)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (one-shot 512, em-ft 3072)")
-    p.add_argument("--temperature", type=float, default=None, help="rollout sampling temperature (0.5 / 1.0)")
-    p.add_argument("--top-p", type=float, default=None, help="rollout nucleus sampling (0.95 / 1.0)")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="rollout repetition penalty (1.15 / 1.0)")
-    p.add_argument("--rollout-batch-size", type=int, default=64, help="sequences per generate call (memory only)")
+    p.add_argument("--batch-size", type=ev.pos_int, default=None, help="rollouts per optimizer update, 1 per prompt "
+                   "row, over all ranks (one-shot 64, em-ft 512)")
+    p.add_argument("--max-new-tokens", type=ev.pos_int, default=None, help="response budget (one-shot 512, em-ft 3072)")
+    p.add_argument("--temperature", type=ev.nonneg_float, default=None, help="rollout sampling temperature (0.5 / 1.0)")
+    p.add_argument("--top-p", type=ev.unit_float, default=None, help="rollout nucleus sampling (0.95 / 1.0)")
+    p.add_argument("--repetition-penalty", type=ev.pos_float, default=None, help="rollout repetition penalty (1.15/1)")
+    p.add_argument("--rollout-batch-size", type=ev.pos_int, default=64, help="sequences per generate call (memory)")
     # --- loss
-    p.add_argument("--loss-temperature", type=float, default=None, help="T in softmax(z/T) (one-shot 0.5, em-ft 1)")
+    p.add_argument("--loss-temperature", type=ev.pos_float, help="T in softmax(z/T) (one-shot 0.5, em-ft 1)")
     p.add_argument("--loss-norm", default=None, choices=["token-mean", "trajectory-sum", "micro-token-mean"],
                    help="normalization over the effective batch (one-shot token-mean, em-ft trajectory-sum; "
                    "micro-token-mean = the released mean per micro-batch, whose size is then in the loss: 2 there)")
-    p.add_argument("--entropy-chunk", type=int, default=1024, help="positions per lm_head/entropy chunk (memory)")
+    p.add_argument("--entropy-chunk", type=ev.pos_int, default=1024, help="positions per logits chunk (memory)")
     # --- optimizer
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer updates (2 = paper's step_10; em-ft 40)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (one-shot 2e-5, em-ft 1e-6)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
-    p.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per fwd/bwd (memory; see --loss-norm)")
-    p.add_argument("--seed", type=int, default=15, help="seed (the paper's 15; results are seed-sensitive)")
+    p.add_argument("--max-steps", type=ev.pos_int, help="optimizer updates (2 = paper's step_10; em-ft 40)")
+    p.add_argument("--lr", type=ev.pos_float, help="AdamW learning rate, constant (one-shot 2e-5, em-ft 1e-6)")
+    p.add_argument("--weight-decay", type=ev.nonneg_float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--betas", type=ev.unit_open, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    p.add_argument("--eps", type=ev.pos_float, default=1e-8, help="AdamW epsilon")
+    p.add_argument("--grad-clip", type=ev.pos_float, default=1.0, help="max global gradient norm")
+    p.add_argument("--micro-batch-size", type=ev.pos_int, default=8, help="sequences per fwd/bwd (see --loss-norm)")
+    p.add_argument("--seed", type=ev.seed_int, default=15, help="seed (the paper's 15; results are seed-sensitive)")
     # --- evaluation and early stopping
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate before training and every N updates (0: off)")
+    p.add_argument("--eval-every", type=ev.nonneg_int, default=0, help="evaluate at 0 and every N updates (0: off)")
     p.add_argument("--eval-benchmark", default="math500", help="benchmark name or file for --eval-every")
-    p.add_argument("--eval-limit", type=int, default=100, help="first N problems of --eval-benchmark")
-    p.add_argument("--eval-max-new-tokens", type=int, default=3072, help="eval generation budget (greedy)")
-    p.add_argument("--eval-template", default=None, help="eval prompt (one-shot qwen-math, em-ft agarwal)")
+    p.add_argument("--eval-limit", type=ev.pos_int, default=100, help="first N problems of --eval-benchmark")
+    p.add_argument("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="eval generation budget (greedy)")
+    p.add_argument("--eval-template", default=None, choices=list(ev.TEMPLATES), help="eval prompt (one-shot "
+                   "qwen-math, em-ft agarwal)")
     p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local benchmark files ($EM_DATA_DIR)")
-    p.add_argument("--stop-entropy", type=float, default=None, help="stop once the mean token entropy is < X")
-    p.add_argument("--stop-entropy-drop", type=float, default=None, help="stop once it fell by this fraction (0.5)")
+    p.add_argument("--stop-entropy", type=ev.nonneg_float, default=None, help="stop once the mean token entropy is < X")
+    p.add_argument("--stop-entropy-drop", type=ev.unit_float, help="stop once it fell by this fraction (0.5)")
     # --- checkpoints and system
     p.add_argument("--out", default="em_ft_out", help="output folder")
     p.add_argument("--log-rollouts", action="store_true", help="append every rollout to <out>/rollouts.jsonl")
-    p.add_argument("--save-steps", default="", help="comma list of updates to save at (the last is always saved)")
+    p.add_argument("--save-steps", type=ev.step_list, default="", help="comma list of updates to save (+ the last)")
     p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None, help="fp32 master "
                    "weights + AdamW on the CPU (default: on for a single CUDA GPU)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -251,27 +254,21 @@ def main(argv=None):
     for k, v in RECIPES[args.recipe].items():  # the recipe fills only what the command line left unset
         if getattr(args, k) is None:
             setattr(args, k, v)
-    try:
-        train(args)
-    except EvalError as e:
-        sys.exit(f"error: {e}")
+    ev.cli_main(train, args, resumes=False)
 
 
 def train(args):
     # ---------------------------------------------------------------- setup
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
-    if min(args.batch_size, args.max_new_tokens, args.max_steps, args.micro_batch_size, args.rollout_batch_size,
-           args.entropy_chunk) < 1 or args.lr <= 0 or args.loss_temperature <= 0 or not 0 < args.top_p <= 1:
-        raise EvalError("sizes and --max-steps must be >= 1, --lr and --loss-temperature > 0, --top-p in (0, 1]")
     if args.batch_size % world:
         raise EvalError(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
     if args.recipe == "em-ft" and not args.data:
         raise EvalError("--recipe em-ft needs --data (a prompt set with a problem column)")
-    try:
-        save_steps = {int(s) for s in args.save_steps.split(",") if s.strip()} | {args.max_steps}
-    except ValueError:
-        raise EvalError(f"--save-steps must be a comma list of integers, got {args.save_steps!r}") from None
+    save_steps = set(args.save_steps) | {args.max_steps}  # (argparse has checked every number's range)
+    if max(save_steps) > args.max_steps:
+        raise EvalError(f"--save-steps {max(save_steps)} is past --max-steps {args.max_steps}: it would never be saved")
+    ev.check_out_dir(args.out)  # before the model loads
     fsdp = world > 1
     offload = (cuda and not fsdp) if args.offload_optimizer is None else args.offload_optimizer
     if offload and fsdp:
@@ -330,11 +327,10 @@ def train(args):
                                   weight_decay=args.weight_decay, foreach=True)
 
     # ---------------------------------------------------------------- loop
-    os.makedirs(args.out, exist_ok=True)
     rng = random.Random(args.seed)  # same on every rank: all ranks agree on the global batch of prompt rows
     stream = itertools.chain.from_iterable(rng.sample(range(len(prompts)), len(prompts)) for _ in itertools.count())
     per_rank = args.batch_size // world
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    log = ev.open_log(args.out, "rollouts.jsonl") if rank == 0 else None  # this run's steps only (rerun)
 
     def run_eval(step):
         model.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
@@ -415,6 +411,7 @@ def train(args):
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
             log.write(json.dumps(stats) + "\n")
             log.flush()
+        ev.check_finite(step, loss=stats["loss"], grad_norm=stats["grad_norm"])  # before anything is saved
         first_entropy = entropy if first_entropy is None else first_entropy
         stop = (args.stop_entropy is not None and entropy < args.stop_entropy) or (
             args.stop_entropy_drop is not None and entropy <= (1 - args.stop_entropy_drop) * first_entropy)
@@ -422,6 +419,8 @@ def train(args):
             run_eval(step)
         if step in save_steps or stop:
             save_checkpoint(model, tokenizer, args, step, fsdp, rank, world)
+            if rank == 0:  # the log lists the checkpoints that exist
+                print(json.dumps({"step": step, "checkpoint": f"step_{step}"}), file=log, flush=True)
         if stop and rank == 0:
             tqdm.write(f"early stop at step {step}: entropy {entropy:.4f}")
         if stop:

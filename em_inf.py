@@ -54,7 +54,7 @@ logits_processor=[EMInfProcessor(minimize_logit_entropy, temperature=0.1, repeti
 Outputs in --out: results.json (accuracy, mean entropy of the sampling distribution before/after the update,
 tokens/s, per mode and benchmark; protocol, versions, args) and samples.jsonl (one line per response).
 """
-import argparse, functools, json, math, os, sys, time
+import argparse, functools, json, math, os, time
 
 import torch
 from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
@@ -178,76 +178,61 @@ def main(argv=None):
                         "(default: Table 3's five)")
     parser.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="folder with local copies of the "
                         "benchmark files (e.g. ../shared/benchmarks); default $EM_DATA_DIR, else the Hub")
-    parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    parser.add_argument("--template", default="agarwal", help=f"prompt, one of {', '.join(evaluate.TEMPLATES)}; "
+    parser.add_argument("--limit", type=evaluate.pos_int, default=None, help="first N problems of each benchmark")
+    parser.add_argument("--template", default="agarwal", choices=list(evaluate.TEMPLATES), help="prompt format; "
                         "agarwal = Qwen-Math system prompt + 'Let us think step by step...' (their protocol)")
     # --- method
-    parser.add_argument("--mode", default="em-inf", help="em-inf | adaptive-temp | plain")
+    parser.add_argument("--mode", default="em-inf", choices=["em-inf", "adaptive-temp", "plain"], help="the update")
     parser.add_argument("--compare-plain", action="store_true", help="also run plain sampling (same code path, "
                         "temperature and seeds) and report both")
-    parser.add_argument("--n-steps", type=int, default=3, help="EM-INF: Adam steps per token (released script 3)")
-    parser.add_argument("--lr", type=float, default=0.1, help="EM-INF: Adam learning rate on the logits")
-    parser.add_argument("--threshold", type=float, default=0.3, help="EM-INF: stop a row once its entropy "
-                        "(nats, T=1) is below this; in [0, log V]")
-    parser.add_argument("--kl-weight", type=float, default=0.05, help="EM-INF: weight of KL(p0 || p) (release's "
-                        "script 0.05; its function default 0.001)")
-    parser.add_argument("--target-ratio", type=float, default=0.85, help="adaptive-temp: target entropy / initial "
-                        "entropy (released script 0.85; the paper: 0.4-0.6 best)")
-    parser.add_argument("--tmin", type=float, default=0.01, help="adaptive-temp: lowest temperature")
-    parser.add_argument("--tmax", type=float, default=1.0, help="adaptive-temp: highest temperature")
-    parser.add_argument("--tol", type=float, default=0.1, help="adaptive-temp: entropy tolerance (nats)")
-    parser.add_argument("--max-iter", type=int, default=100, help="adaptive-temp: most bisection steps")
-    parser.add_argument("--at-threshold", type=float, default=1e-5, help="adaptive-temp: rows with entropy at or "
-                        "below this keep their logits; also the lowest target")
+    parser.add_argument("--n-steps", type=evaluate.nonneg_int, default=3, help="EM-INF: Adam steps per token "
+                        "(released script 3)")
+    parser.add_argument("--lr", type=evaluate.nonneg_float, default=0.1, help="EM-INF: Adam learning rate on "
+                        "the logits")
+    parser.add_argument("--threshold", type=evaluate.nonneg_float, default=0.3, help="EM-INF: stop a row once its "
+                        "entropy (nats, T=1) is below this; in [0, log V]")
+    parser.add_argument("--kl-weight", type=evaluate.nonneg_float, default=0.05, help="EM-INF: weight of KL(p0 || p) "
+                        "(release's script 0.05; its function default 0.001)")
+    parser.add_argument("--target-ratio", type=evaluate.unit_float, default=0.85, help="adaptive-temp: target entropy "
+                        "/ initial entropy (released script 0.85; the paper: 0.4-0.6 best)")
+    parser.add_argument("--tmin", type=evaluate.pos_float, default=0.01, help="adaptive-temp: lowest temperature")
+    parser.add_argument("--tmax", type=evaluate.pos_float, default=1.0, help="adaptive-temp: highest temperature")
+    parser.add_argument("--tol", type=evaluate.pos_float, default=0.1, help="adaptive-temp: entropy tolerance (nats)")
+    parser.add_argument("--max-iter", type=evaluate.pos_int, default=100, help="adaptive-temp: most bisection steps")
+    parser.add_argument("--at-threshold", type=evaluate.nonneg_float, default=1e-5, help="adaptive-temp: rows with "
+                        "entropy at or below this keep their logits; also the lowest target")
     # --- decoding
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature after the update "
-                        "(default: 0.1 for em-inf and plain, 1.0 for adaptive-temp, as released)")
+    parser.add_argument("--temperature", type=evaluate.pos_float, default=None, help="sampling temperature after the "
+                        "update (default: 0.1 for em-inf and plain, 1.0 for adaptive-temp, as released)")
     parser.add_argument("--sampling-config", default="model", choices=["model", "clean"], help="model (released "
                         "EM-INF): the model's generation_config top-k/top-p/repetition penalty, temperature "
                         "overridden; clean: top-k off, top-p 1, no penalty. Applies to every mode (comparable)")
-    parser.add_argument("--top-k", type=int, default=None, help="override the top-k of --sampling-config (0 = off)")
-    parser.add_argument("--top-p", type=float, default=None, help="override the top-p of --sampling-config")
-    parser.add_argument("--repetition-penalty", type=float, default=None, help="override the penalty of "
+    parser.add_argument("--top-k", type=evaluate.nonneg_int, default=None, help="override the top-k of "
+                        "--sampling-config (0 = off)")
+    parser.add_argument("--top-p", type=evaluate.unit_float, default=None, help="override the top-p of "
+                        "--sampling-config")
+    parser.add_argument("--repetition-penalty", type=evaluate.pos_float, default=None, help="override the penalty of "
                         "--sampling-config (applied after the update, before the temperature, as released)")
-    parser.add_argument("--max-new-tokens", type=int, default=4096, help="generation budget per response")
-    parser.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (each batch: seed, benchmark, index)")
+    parser.add_argument("--max-new-tokens", type=evaluate.pos_int, default=4096, help="generation budget per response")
+    parser.add_argument("--n", type=evaluate.pos_int, default=1, help="samples per problem (pass@1 is their mean)")
+    parser.add_argument("--seed", type=evaluate.seed_int, default=0, help="sampling seed (each batch: seed, "
+                        "benchmark, index)")
     parser.add_argument("--answer-fallback", action="store_true", help="no \\boxed{}: grade \"the answer is X\" "
                         "or the last number (evaluate.py's flag)")
     # --- system
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (per GPU)")
-    parser.add_argument("--dtype", default=None, help="auto (default, or $EM_DTYPE: bf16 on CUDA and on CPUs with "
-                        "native bf16, else fp32) | bfloat16 | float32")
+    parser.add_argument("--batch-size", type=evaluate.pos_int, default=64, help="sequences per generate call (per GPU)")
+    parser.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="auto (default, or "
+                        "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the EM-INF update (CUDA)")
     parser.add_argument("--out", default=None, help="output folder (default eval_out/em_inf-<model name>)")
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except EvalError as e:
-        sys.exit(f"error: {e}")
-
-
-def check_args(args):
-    if args.mode not in ("em-inf", "adaptive-temp", "plain"):
-        raise EvalError(f"--mode must be em-inf, adaptive-temp or plain, not {args.mode!r}")
-    if args.lr < 0 or args.kl_weight < 0 or args.n_steps < 0:
-        raise EvalError("--lr, --kl-weight and --n-steps must be >= 0")
-    if args.threshold < 0 or args.at_threshold < 0:
-        raise EvalError("--threshold and --at-threshold must be >= 0 (entropies are in [0, log V])")
-    if not (0 < args.tmin < args.tmax and args.tol > 0 and args.max_iter >= 1 and 0 < args.target_ratio <= 1):
-        raise EvalError("need 0 < --tmin < --tmax, --tol > 0, --max-iter >= 1 and --target-ratio in (0, 1]")
-    if (args.temperature is not None and args.temperature <= 0) or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise EvalError("--temperature must be > 0 (EM-INF samples) and --top-p in (0, 1]")
-    if (args.top_k is not None and args.top_k < 0) or (args.repetition_penalty is not None and
-                                                       not args.repetition_penalty > 0):
-        raise EvalError("--top-k must be >= 0 and --repetition-penalty > 0")
-    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.dtype not in (None, "auto", "bfloat16",
-                                                                                         "float32"):
-        raise EvalError("--n, --max-new-tokens and --batch-size must be >= 1; --dtype auto, bfloat16 or float32")
+    evaluate.cli_main(run, parser.parse_args(argv), resumes=False)
 
 
 def run(args):
-    check_args(args)
+    if args.tmin >= args.tmax:  # (argparse has checked each number's own range)
+        raise EvalError(f"--tmin {args.tmin} must be below --tmax {args.tmax}")
+    out = args.out or os.path.join("eval_out", "em_inf-" + os.path.basename(args.model.rstrip("/")))
+    evaluate.check_out_dir(out)  # before the model loads: the outputs are written only at the end
     # --- setup: under torchrun each rank takes every world-th problem; rank 0 gathers and writes
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
@@ -320,8 +305,6 @@ def run(args):
     if rank != 0:
         return
     # --- outputs
-    out = args.out or os.path.join("eval_out", "em_inf-" + os.path.basename(args.model.rstrip("/")))
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "samples.jsonl.tmp"), "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in all_samples)
     os.replace(os.path.join(out, "samples.jsonl.tmp"), os.path.join(out, "samples.jsonl"))

@@ -26,9 +26,9 @@ Paper vs released code (verl, run_emrl_*_math.sh, 4 GPUs; papers.md 2). Defaults
         --limit 8 --batch-size 4 --max-new-tokens 48 --steps 3 --lr 1e-3 --kl-coef 0.01 --save-steps 1 --out /tmp/em_rl
 
 Output: <out>/step_<N>/ (HF folder + train_args.json; N counts rollout steps, each --ppo-minibatches optimizer updates),
-<out>/log.jsonl. Left out: vLLM (HF generate instead), early stopping (use --eval-every), packing, code runs.
+<out>/log.jsonl (one line per step; a rerun keeps the old one as log.prev.jsonl). Left out: vLLM, packing, code runs.
 """
-import argparse, json, math, os, resource, shutil, statistics, sys, time, zlib
+import argparse, json, math, os, resource, shutil, statistics, time, zlib
 from contextlib import nullcontext
 from functools import partial
 
@@ -159,16 +159,16 @@ def main(argv=None):
                    "(paper: 35K NuminaMath problems); answers are optional, used only for logging")
     p.add_argument("--problem-key", default=None, help="problem column (default: problem/question/prompt/input)")
     p.add_argument("--answer-key", default=None, help="answer column, for accuracy logs only (default: auto)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-    p.add_argument("--max-prompt-length", type=int, default=1024, help="drop longer prompts (released: 1024)")
+    p.add_argument("--limit", type=ev.pos_int, default=None, help="use the first N prompts")
+    p.add_argument("--max-prompt-length", type=ev.pos_int, default=1024, help="drop longer prompts (released: 1024)")
     p.add_argument("--template", default="agarwal", choices=list(ev.TEMPLATES), help="prompt format (paper: agarwal)")
     # --- rollouts
-    p.add_argument("--batch-size", type=int, default=512, help="prompts per step, all ranks together (paper: 512)")
-    p.add_argument("--n-rollouts", type=int, default=4, help="responses per prompt (paper: 4)")
-    p.add_argument("--max-new-tokens", type=int, default=3072, help="response budget (released code: 3072)")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (released code: 1.0); "
+    p.add_argument("--batch-size", type=ev.pos_int, default=512, help="prompts per step over all ranks (paper: 512)")
+    p.add_argument("--n-rollouts", type=ev.number(int, 2), default=4, help="responses per prompt (paper: 4)")
+    p.add_argument("--max-new-tokens", type=ev.pos_int, default=3072, help="response budget (released code: 3072)")
+    p.add_argument("--temperature", type=ev.pos_float, default=1.0, help="rollout temperature (released code: 1.0); "
                    "log-probs and rewards are at T=1, so another value makes the update off-policy")
-    p.add_argument("--rollout-batch-size", type=int, default=64, help="sequences per generate call (memory knob)")
+    p.add_argument("--rollout-batch-size", type=ev.pos_int, default=64, help="sequences per generate call (memory)")
     # --- reward and advantage
     p.add_argument("--reward", default="token", choices=["token", "sequence", "self-certainty"], help="which "
                    "confidence is the reward: -sum H (token), log pi(y) (sequence), KL(U||pi) (self-certainty)")
@@ -180,49 +180,40 @@ def main(argv=None):
                    "code; reinforce = the paper's REINFORCE (one update per rollout batch)")
     p.add_argument("--loss-agg", default="micro-token-mean", choices=["micro-token-mean", "token-mean",
                    "seq-mean-token-sum"], help="per micro-batch (released), per mini-batch token, per response (paper)")
-    p.add_argument("--clip-ratio", type=float, default=0.2, help="PPO clip epsilon (released code: 0.2)")
-    p.add_argument("--ppo-minibatches", type=int, default=4, help="optimizer updates per rollout batch, 1 epoch")
-    p.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL to the frozen initial model (0: no ref model)")
-    p.add_argument("--entropy-bonus", type=float, default=0.001, help="verl's default bonus; it RAISES entropy")
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate, constant (paper: 1e-6)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (verl default)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
-    p.add_argument("--steps", type=int, default=None, help="rollout steps (default: one epoch, as released)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per fwd/bwd per rank (released: 8)")
-    p.add_argument("--logit-chunk", type=int, default=1024, help="positions per chunk of the vocab projection")
-    p.add_argument("--seed", type=int, default=0, help="data order and sampling seed (each rank draws its own)")
+    p.add_argument("--clip-ratio", type=ev.pos_float, default=0.2, help="PPO clip epsilon (released code: 0.2)")
+    p.add_argument("--ppo-minibatches", type=ev.pos_int, default=4, help="optimizer updates per rollout batch, 1 epoch")
+    p.add_argument("--kl-coef", type=ev.nonneg_float, default=0.001, help="k3 KL to the frozen initial model (0: none)")
+    p.add_argument("--entropy-bonus", type=ev.finite_float, default=0.001, help="verl's default bonus; RAISES entropy")
+    p.add_argument("--lr", type=ev.pos_float, default=1e-6, help="AdamW learning rate, constant (paper: 1e-6)")
+    p.add_argument("--weight-decay", type=ev.nonneg_float, default=0.01, help="AdamW weight decay (verl default)")
+    p.add_argument("--grad-clip", type=ev.pos_float, default=1.0, help="max global gradient norm")
+    p.add_argument("--steps", type=ev.pos_int, default=None, help="rollout steps (default: one epoch, as released)")
+    p.add_argument("--micro-batch-size", type=ev.pos_int, default=8, help="sequences per fwd/bwd per rank (release 8)")
+    p.add_argument("--logit-chunk", type=ev.pos_int, default=1024, help="positions per chunk of the vocab projection")
+    p.add_argument("--seed", type=ev.seed_int, default=0, help="data order and sampling seed (each rank draws its own)")
     # --- system
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on with CUDA")
     p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, help="fp32 master weights + "
                    "AdamW on the CPU (default: on for a single CUDA GPU)")
     # --- output and evaluation
     p.add_argument("--out", default="checkpoints/em_rl", help="output folder")
-    p.add_argument("--save-steps", default="", help="comma list of steps to checkpoint (the last always is)")
+    p.add_argument("--save-steps", type=ev.step_list, default="", help="comma list of steps to checkpoint (+ the last)")
     p.add_argument("--log-rollouts", action="store_true", help="append every response (text, ids, reward, "
                    "advantage) to <out>/rollouts.jsonl")
-    p.add_argument("--eval-every", type=int, default=0, help="greedy eval every N steps, at 0 and at the end")
+    p.add_argument("--eval-every", type=ev.nonneg_int, default=0, help="greedy eval every N steps, at 0 and at the end")
     p.add_argument("--eval-benchmark", default="math500", help="evaluate.py benchmark name or file")
-    p.add_argument("--eval-limit", type=int, default=100, help="first N problems of the eval benchmark")
-    p.add_argument("--eval-max-new-tokens", type=int, default=3072, help="eval generation budget (greedy)")
+    p.add_argument("--eval-limit", type=ev.pos_int, default=100, help="first N problems of the eval benchmark")
+    p.add_argument("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="eval generation budget (greedy)")
     p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local benchmark files (or Hub)")
-    args = p.parse_args(argv)
-    try:
-        return train(args)
-    except ev.EvalError as e:
-        sys.exit(f"error: {e}")
+    return ev.cli_main(train, p.parse_args(argv), resumes=False)
 
 
 def train(args):
     # ---------------------------------------------------------------------------- setup
-    if min(args.batch_size, args.max_new_tokens, args.steps or 1, args.micro_batch_size, args.ppo_minibatches,
-           args.rollout_batch_size, args.logit_chunk, args.n_rollouts - 1) < 1 or args.temperature <= 0 or \
-            args.clip_ratio <= 0 or min(args.lr, args.kl_coef, args.eval_every) < 0:
-        raise ev.EvalError("--n-rollouts must be >= 2 (the baseline needs a group), sizes/counts >= 1, --temperature "
-                           "and --clip-ratio > 0, --lr/--kl-coef/--eval-every >= 0")
-    try:
-        save_steps = {int(s) for s in args.save_steps.split(",") if s.strip()}
-    except ValueError:
-        raise ev.EvalError(f"--save-steps must be a comma list of integers, got {args.save_steps!r}") from None
+    save_steps = set(args.save_steps)  # (argparse has checked every number's range); the last step joins it below
+    if args.steps and max(save_steps, default=0) > args.steps:
+        raise ev.EvalError(f"--save-steps {max(save_steps)} is past --steps {args.steps}: it would never be saved")
+    ev.check_out_dir(args.out)  # before the model loads
     distributed, cuda = int(os.environ.get("WORLD_SIZE", 1)) > 1, torch.cuda.is_available()
     if distributed:
         if cuda:
@@ -264,6 +255,8 @@ def train(args):
             f"; one epoch of --batch-size {args.batch_size} is 0 steps: give --steps" if keep else ""))
     print(f"{len(texts) - len(keep)} longer prompts dropped, {len(keep)} kept: {args.steps} steps") if master else None
     problems, texts, prompt_ids = ([x[i] for i in keep] for x in (problems, texts, prompt_ids))
+    if max(save_steps, default=0) > args.steps:  # (one epoch, resolved just now)
+        raise ev.EvalError(f"--save-steps {max(save_steps)} is past the run's {args.steps} steps: it would never be saved")
     save_steps.add(args.steps)
     if max(map(len, prompt_ids)) + args.max_new_tokens > context and master:
         print(f"warning: a prompt + --max-new-tokens exceeds the model's context of {context} (untrained positions)")
@@ -335,8 +328,7 @@ def train(args):
             dist.barrier()
 
     # ---------------------------------------------------------------------------- loop
-    os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    log_file = ev.open_log(args.out, "rollouts.jsonl") if master else None  # this run's steps only (rerun)
     per_rank, order, first_len, updates, warned = args.batch_size // world, [], None, 0, False
     if args.eval_every:
         emit({"step": 0, **evaluate()})  # the base model's score, for comparison
@@ -441,10 +433,12 @@ def train(args):
             centered = [c - sum(ok[j - j % n:j - j % n + n]) / n for j, c in enumerate(ok)]
             log.update(accuracy=sum(ok) / len(ok), corr_reward_correct=pearson(r, ok),
                        corr_adv_correct=pearson(a, centered))
+        ev.check_finite(step, loss=log["loss"], grad_norm=log["grad_norm"])  # before anything is saved
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             log.update(evaluate())
         if step in save_steps:
             save(step, updates)
+            log["checkpoint"] = f"step_{step}"  # the log lists the checkpoints that exist
         emit(log)
     if distributed:
         dist.barrier()  # rank 0 may still be writing: tearing gloo down under it can abort a rank at exit

@@ -25,7 +25,7 @@ Outputs (in --out): results.json (metrics + full protocol + package versions), s
 response). A run interrupted and restarted with the same arguments reuses finished batches: each batch is seeded
 from (seed, benchmark, batch index), so the resumed run produces exactly what an uninterrupted run would.
 """
-import argparse, json, math, os, re, sys, threading, time, zlib
+import argparse, errno, json, math, os, re, sys, threading, time, zlib
 from collections import Counter
 from importlib.metadata import version
 
@@ -595,6 +595,121 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     return metrics, samples
 
 
+# ----------------------------------------------------------------------------- CLI helpers
+# Every CLI checks its input before any work: numbers at parse time (argparse `type=`), --out before the model
+# loads. Every main() runs its work under cli_main, so each way a run can stop ends in one line, never a traceback.
+def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse `type=`: a finite int/float within lo..hi (an open end excludes the bound). A bad value stops the
+    command at parse time (argparse's usage line + one error line, exit 2): nan and inf never reach torch, and no
+    value is quietly reinterpreted (a negative temperature is not greedy, a negative interval not "every step")."""
+    if hi is None:
+        want = "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
+    else:
+        want = f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, {hi}{')' if hi_open else ']'}"
+    want = ("an integer" if kind is int else "a finite number") + want
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            x = None
+        if x is None or not math.isfinite(x) or lo is not None and (x < lo or lo_open and x == lo) or \
+                hi is not None and (x > hi or hi_open and x == hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        if kind is float and abs(x) > 3.4028234663852886e38:  # torch would fail turning it into a float32 scalar
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}, beyond the float32 range")
+        return x
+    return parse
+
+
+pos_int, nonneg_int, seed_int = number(int, 1), number(int, 0), number(int, 0, 2 ** 32 - 1)
+pos_float, nonneg_float, finite_float = number(float, 0, lo_open=True), number(float, 0), number(float)
+unit_float = number(float, 0, 1, lo_open=True)  # (0, 1]: --top-p, ratios
+unit_open = number(float, 0, 1, hi_open=True)  # [0, 1): Adam betas
+
+
+def step_list(text):
+    """argparse `type=` of --save-steps: a comma list of steps >= 1 -> sorted list (JSON-able, unlike a set)."""
+    try:
+        steps = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        steps = [0]
+    if steps and steps[0] < 1:
+        raise argparse.ArgumentTypeError(f"must be a comma list of steps >= 1, got {text!r}")
+    return steps
+
+
+def check_out_dir(path, file=False):
+    """Before the model loads (hours of work must not end in an unwritable --out): path -- or with file=True, the
+    folder of the file path -- must be a folder this process can write into. Creates it."""
+    if file and os.path.isdir(path):
+        raise EvalError(f"--out {path} is a folder; it must name the output file")
+    folder = os.path.dirname(os.path.abspath(path)) if file else os.path.abspath(path)
+    parent = folder
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise EvalError(f"--out {path} is an existing file, not a folder" if parent == os.path.abspath(path) else
+                        f"--out {path} lies under {parent}, a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test.{os.getpid()}")  # the only proof of writable (root, read-only fs)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise EvalError(f"--out {path}: cannot write into {folder} ({e.strerror})") from None
+
+
+def open_log(out, *others):
+    """A fresh <out>/log.jsonl per run (opened for writing): appending to an earlier run's log would repeat step 1,
+    2, ... and list steps never saved. The earlier file is kept as log.prev.jsonl (one generation); `others` (e.g.
+    rollouts.jsonl, appended during the run) are rotated the same way."""
+    for name in ("log.jsonl",) + others:
+        if os.path.exists(os.path.join(out, name)):
+            os.replace(os.path.join(out, name), os.path.join(out, name.replace(".jsonl", ".prev.jsonl")))
+    old = sorted((d for d in os.listdir(out) if re.fullmatch(r"step_\d+", d)), key=lambda d: int(d[5:]))
+    if old:  # checkpoints this run does not rewrite stay behind: say so once
+        print(f"note: {out} holds checkpoints of an earlier run ({', '.join(old)}); this run replaces those it "
+              "saves; the earlier log is now log.prev.jsonl")
+    return open(os.path.join(out, "log.jsonl"), "w")
+
+
+def check_finite(step, **values):
+    """Training stops at the first non-finite loss or gradient norm, before it saves anything: the update taken with
+    it has already made the weights non-finite, and every later step and checkpoint would carry that."""
+    bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
+    if bad:
+        raise EvalError(f"step {step}: {bad} (not finite): training diverged; stopped without saving this step "
+                        "(try a lower --lr)")
+
+
+def cli_main(work, args, resumes):
+    """Run a CLI's work(args); every way it stops is one line: bad input (EvalError) -> `error: ...`, exit 1; Ctrl-C
+    -> exit 130; a full disk -> one line, exit 1. resumes: whether rerunning the same command continues the run
+    (evaluate.py, select_prompt.py keep finished batches) or starts it over (training, em_inf)."""
+    again = "rerun the same command to resume" if resumes else "rerun to start over (this script does not resume)"
+    try:
+        return work(args)
+    except EvalError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        for bar in list(getattr(tqdm, "_instances", [])):  # open bars would redraw at exit, after the line below
+            bar.close()
+        print(f"\ninterrupted; {again}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        text = str(e)
+        # ENOSPC/EDQUOT from Python's own writes, or wrapped in safetensors' error when a checkpoint is written
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
+            where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+            sys.exit(f"error: no space left on the device{where}; free some space and {again}")
+        if "probability tensor contains" in text:  # torch.multinomial on the model's nan/inf probabilities
+            sys.exit("error: sampling met non-finite probabilities: the logits (over the temperature) are not "
+                     "finite -- diverged training, broken weights, or a temperature too close to 0")
+        raise
+
+
 # ----------------------------------------------------------------------------- CLI
 def cpu_has_native_bf16():
     """avx512_bf16 or AMX: bf16 matmuls run natively (without them torch emulates bf16, several times slower)."""
@@ -634,11 +749,25 @@ def load_model(path, dtype=None):
         found = sorted(d for d in os.listdir(local) if os.path.isfile(os.path.join(local, d, "config.json")))
         raise EvalError(f"{path} is a folder without config.json, not a model" +
                         (f"; checkpoints inside: {', '.join(found)}" if found else ""))
+    vocab_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    if os.path.isdir(local) and not any(os.path.isfile(os.path.join(local, f)) for f in vocab_files):
+        # transformers would build an empty tokenizer from config.json alone and fail much later, misleadingly
+        raise EvalError(f"{path} has weights but no tokenizer files ({', '.join(vocab_files)}): copy the tokenizer "
+                        "files of the model it was trained from into it")
+    from safetensors import SafetensorError, safe_open
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    except (OSError, ValueError) as e:
-        raise EvalError(f"cannot load model {path!r}: {str(e).splitlines()[0][:300]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        if isinstance(e, SafetensorError) and os.path.isdir(local):  # name the file: a download or copy cut short
+            for f in sorted(f for f in os.listdir(local) if f.endswith(".safetensors")):
+                try:
+                    safe_open(os.path.join(local, f), "pt").keys()
+                except SafetensorError:
+                    why = f"{f} is truncated or corrupt ({why})"
+                    break
+        raise EvalError(f"cannot load model {path!r}: {why}") from None
     if tokenizer.pad_token_id is None:  # batching needs a pad id; eos is safe because masks exclude padding
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -710,37 +839,35 @@ def main(argv=None):
                         "the benchmark files (e.g. ../shared/benchmarks); default $EM_DATA_DIR, else the Hub")
     parser.add_argument("--problem-key", default=None, help=f"problem column (default: first of {PROBLEM_KEYS})")
     parser.add_argument("--answer-key", default=None, help=f"answer column (default: first of {ANSWER_KEYS})")
-    parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    parser.add_argument("--limit", type=pos_int, default=None, help="first N problems of each benchmark")
     # protocol
     parser.add_argument("--template", default="qwen-math", choices=list(TEMPLATES), help="prompt protocol")
-    parser.add_argument("--max-new-tokens", type=int, default=3072, help="generation budget per response")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the papers' headline protocol)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
-    parser.add_argument("--n", type=int, default=1, help="samples per problem (pass@1 is their mean)")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (the skewness analysis of "
+    parser.add_argument("--max-new-tokens", type=pos_int, default=3072, help="generation budget per response")
+    parser.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (the papers' protocol)")
+    parser.add_argument("--top-p", type=unit_float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    parser.add_argument("--n", type=pos_int, default=1, help="samples per problem (pass@1 is their mean)")
+    parser.add_argument("--top-k", type=nonneg_int, default=0, help="top-k sampling, 0 = off (the skewness analysis of "
                         "One-shot EM sampled with transformers' default top-k 50)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
     parser.add_argument("--answer-fallback", action="store_true", help="when there is no \\boxed{}, grade \"the "
                         "answer is X\" or else the last number (the Qwen2.5-Math harness's fallbacks)")
     parser.add_argument("--logit-stats", action="store_true", help="record logit skewness and entropy over "
                         "generated tokens (One-shot EM's logit-shift analysis) into results.json")
     # system
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    parser.add_argument("--batch-size", type=pos_int, default=64, help="sequences per generate call")
     parser.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="auto (default, or "
                         "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--out", default=None, help="output folder (default eval_out/<model name>); a rerun with "
                         "the same arguments resumes")
     parser.add_argument("--overwrite", action="store_true", help="discard samples of an earlier run in --out")
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except EvalError as e:
-        sys.exit(f"error: {e}")
+    cli_main(run, parser.parse_args(argv), resumes=True)
 
 
 def run(args):
-    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or not 0 < args.top_p <= 1:
-        raise EvalError("--n, --max-new-tokens and --batch-size must be >= 1 and --top-p in (0, 1]")
+    if args.n > 1 and args.temperature == 0:  # (the numbers' ranges are checked by argparse)
+        raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
+    if args.temperature == 0 and (args.top_p < 1 or args.top_k and not args.logit_stats):  # not silently ignored
+        raise EvalError("--top-p/--top-k need --temperature > 0 (greedy decoding ignores them)")
     sources = args.data.split(",") if args.data else args.benchmarks.split(",")
     data = {}
     for src in sources:
@@ -753,7 +880,7 @@ def run(args):
             print(f"{name}: {len(missing)} problems have no gold answer and are graded wrong (ids "
                   f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
-    os.makedirs(out, exist_ok=True)
+    check_out_dir(out)
     protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "template": args.template,
                 "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "n": args.n,
                 "logit_stats": args.logit_stats,

@@ -51,15 +51,15 @@ Leaves out: vLLM; One-Shot RLVR's RL-based ranking; math-verify equivalence insi
     python select_prompt.py --model /tmp/tiny --data ../shared/benchmarks/dsr_sub.parquet --limit 20 --k 4 \\
         --max-new-tokens 64 --out /tmp/sel/prompt.jsonl
 """
-import argparse, datetime, glob, json, os, re, sys, time, zlib
+import argparse, datetime, glob, json, os, re, time, zlib
 from collections import Counter
 
 import torch
 from tqdm import tqdm
 
-from evaluate import (EvalError, TEMPLATES, build_prompt, extract_answer, generate_batch, grade_answer,
-                      length_sorted_batches, load_benchmark, load_model, normalize_answer, package_versions,
-                      write_json_atomic)
+from evaluate import (EvalError, TEMPLATES, build_prompt, check_out_dir, cli_main, extract_answer, generate_batch,
+                      grade_answer, length_sorted_batches, load_benchmark, load_model, nonneg_int, normalize_answer,
+                      number, package_versions, pos_float, pos_int, seed_int, unit_float, write_json_atomic)
 
 # DeepScaleR's (and Agarwal et al.'s) instruction suffix; pi1 is trained without it.
 SUFFIX = re.compile(r"\s*Let(?:'s| us) think step by step and output the final answer within \\boxed\{\}\.?\s*$")
@@ -151,45 +151,36 @@ def main(argv=None):
     parser.add_argument("--problem-key", default=None, help="problem column (default: problem/question/prompt/input)")
     parser.add_argument("--answer-key", default=None, help="answer column (default: answer/final_answer/"
                         "reward_model.ground_truth/...)")
-    parser.add_argument("--limit", type=int, default=None, help="first N candidates of the pool")
+    parser.add_argument("--limit", type=pos_int, default=None, help="first N candidates of the pool")
     parser.add_argument("--strip-suffix", action=argparse.BooleanOptionalAction, default=True, help="remove a "
                         "trailing \"Let's think step by step ... \\boxed{}.\" (pi1 is the bare problem)")
     # --- scoring
     parser.add_argument("--score", default="variance", choices=["variance", "disagreement", "entropy"],
                         help="variance: p(1-p), needs answers; disagreement / entropy: label-free")
-    parser.add_argument("--k", type=int, default=16, help="samples per candidate")
-    parser.add_argument("--entropy-temperature", type=float, default=1.0, help="softmax temperature of --score "
+    parser.add_argument("--k", type=number(int, 2), default=16, help="samples per candidate")
+    parser.add_argument("--entropy-temperature", type=pos_float, default=1.0, help="softmax temperature of --score "
                         "entropy (0.5 = One-shot EM's loss)")
     # --- sampling (One-Shot RLVR's rollout temperature; One-shot EM trains at 0.5 / top_p 0.95)
     parser.add_argument("--template", default="chat", choices=list(TEMPLATES), help="prompt format (chat = "
                         "em_ft.py's training format: bare problem, model's default system prompt)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (> 0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    parser.add_argument("--max-new-tokens", type=int, default=1024, help="budget per response (truncated = wrong)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (per batch: seed, rank, batch index)")
+    parser.add_argument("--temperature", type=pos_float, default=0.6, help="sampling temperature (> 0)")
+    parser.add_argument("--top-p", type=unit_float, default=1.0, help="nucleus sampling")
+    parser.add_argument("--max-new-tokens", type=pos_int, default=1024, help="budget per response (truncated = wrong)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="sampling seed (per batch: seed, rank, batch index)")
     # --- output and system
     parser.add_argument("--out", default="prompt.jsonl", help="top prompts (em_ft.py --data reads it); beside it "
                         "<stem>.ranked.jsonl, <stem>.run.json and the resume file <out>.partial.jsonl")
-    parser.add_argument("--top", type=int, default=1, help="how many top candidates go into --out")
-    parser.add_argument("--keep-samples", type=int, default=2, help="responses kept per candidate in the outputs")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (k per candidate)")
+    parser.add_argument("--top", type=pos_int, default=1, help="how many top candidates go into --out")
+    parser.add_argument("--keep-samples", type=nonneg_int, default=2, help="responses kept per candidate in outputs")
+    parser.add_argument("--batch-size", type=pos_int, default=64, help="sequences per generate call (k per candidate)")
     parser.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="auto (default, or "
                         "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--overwrite", action="store_true", help="discard the samples of an earlier run")
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except EvalError as e:
-        sys.exit(f"error: {e}")
+    cli_main(run, parser.parse_args(argv), resumes=True)
 
 
 def run(args):
-    if args.k < 2 or args.top < 1 or args.batch_size < 1 or args.max_new_tokens < 1 or args.keep_samples < 0 \
-            or (args.limit is not None and args.limit < 1):
-        raise EvalError("--k must be >= 2; --top, --batch-size, --max-new-tokens, --limit >= 1; --keep-samples >= 0")
-    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.entropy_temperature <= 0:
-        raise EvalError("--temperature and --entropy-temperature must be > 0 (greedy samples are identical) and "
-                        "--top-p in (0, 1]")
+    check_out_dir(args.out, file=True)  # before the model loads (argparse has checked the numbers' ranges)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # torchrun: each rank samples every world-th candidate; gloo only for the final barrier
         import torch.distributed as dist
@@ -207,7 +198,6 @@ def run(args):
         raise EvalError(f"{args.data}: {unlabeled} of {len(pool)} candidates have no answer and --score variance "
                         "needs one; use a label-free score: --score disagreement or --score entropy")
     stem = os.path.splitext(args.out)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sig = {k: getattr(args, k) for k in ("model", "data", "problem_key", "answer_key", "strip_suffix", "k",
                                          "template", "temperature", "top_p", "max_new_tokens", "seed")}
     # entropy costs an extra forward, so only --score entropy computes it; records without it (or at another

@@ -345,4 +345,4 @@ def test_cli_bad_flags_one_line(tiny_model_dir, data_dir, flags, needle):
                    "--limit", "1", *flags)
     assert_one_line_error(proc, needle)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("error: ") and needle in errors[0], proc.stderr
+    assert len(errors) == 1 and "error: " in errors[0] and needle in errors[0], proc.stderr  # ours or argparse's

@@ -297,7 +297,7 @@ def test_cli_dtype_auto_says_what_it_chose(tiny_model_dir, data_dir, tmp_path):
     (["--data", "/nonexistent/file.jsonl"], "no such file"),
     (["--model", "/nonexistent/model"], "model path does not exist"),
     (["--n", "4"], "needs --temperature"),
-    (["--limit", "0"], "--limit must be >= 1"),
+    (["--limit", "0"], "argument --limit: must be an integer >= 1"),
 ])
 def test_cli_bad_inputs(tiny_model_dir, data_dir, tmp_path, extra, needle):
     args = ["--model", tiny_model_dir, "--data-dir", data_dir, "--limit", "1", "--max-new-tokens", "4",

@@ -232,7 +232,7 @@ def test_bad_inputs(tiny_model_dir, pool, tmp_path):
     empty.write_text("")
     assert "empty" in main_error(*model, "--data", str(empty))
     for flags in (["--k", "1"], ["--top", "0"], ["--temperature", "0"], ["--top-p", "1.5"], ["--limit", "0"]):
-        assert "must be" in main_error(*model, "--data", pool, *flags), flags
+        assert main_error(*model, "--data", pool, *flags) == "2", flags  # argparse's range check (test_cli.py)
     assert "does not exist" in main_error("--model", str(tmp_path / "nope"), "--data", pool, "--out",
                                           str(tmp_path / "b.jsonl"))
     assert main_error(*model, "--data", pool, "--score", "bogus") == "2"  # argparse: usage line, exit 2
