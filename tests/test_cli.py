@@ -70,7 +70,7 @@ BAD = {
         (["--grad-clip", "-1"], "--grad-clip"), (["--steps", "0"], "--steps"),
         (["--micro-batch-size", "0"], "--micro-batch-size"), (["--logit-chunk", "0"], "--logit-chunk"),
         (["--seed", "-1"], "--seed"), (["--save-steps", "1,x"], "--save-steps"),
-        (["--save-steps", "200"], "past --steps"), (["--eval-every", "-1"], "--eval-every"),
+        (["--save-steps", "200", "--steps", "100"], "past --steps"), (["--eval-every", "-1"], "--eval-every"),
         (["--eval-limit", "0"], "--eval-limit"), (["--eval-max-new-tokens", "0"], "--eval-max-new-tokens"),
         (["--reward", "bogus"], "--reward")],
     "em_inf.py": [
