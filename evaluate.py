@@ -464,6 +464,183 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     return metrics, samples
 
 
+# ----------------------------------------------------------------------------- training machinery
+# Shared by em_ft.py and em_rl.py, nothing method-specific: where the fp32 master weights and AdamW state live
+# (optimizer_placement), AdamW on them (MasterAdamW), and the phase timer and host memory read in every log line.
+def optimizer_placement(n_params, free_bytes, margin_bytes=10 * 2**30):
+    """(trainable parameters, free GPU bytes with the bf16 model(s) already loaded) -> (offload, message).
+    Kept on the GPU: 12 B/param (fp32 master + AdamW m + v) for the whole run, 2 B/param for the bf16 grads of
+    each update, and a margin for what comes and goes (checkpointed activations, the rollout KV cache, one group's
+    fp32 grads and AdamW temporaries in the step). If that is more than is free, master and state go to the CPU."""
+    need, gib = n_params * 14 + margin_bytes, 2**30
+    offload = need > free_bytes
+    return offload, (f"optimizer: fp32 master + AdamW m, v {n_params * 12 / gib:.1f} GiB + bf16 grads "
+                     f"{n_params * 2 / gib:.1f} GiB + margin {margin_bytes / gib:.0f} GiB = {need / gib:.1f} GiB "
+                     f"{'>' if offload else '<='} {free_bytes / gib:.1f} GiB free on the GPU: " +
+                     (f"offloaded to the CPU ({n_params * 12 / gib:.1f} GiB of host RAM)" if offload else
+                      "kept on the GPU"))
+
+
+def master_placement(params, offload=None, verbose=True):
+    """Device of the fp32 master weights + AdamW state of a bf16 model: "cpu" if offload, the model's device if
+    offload is False, and with None (auto) the GPU when optimizer_placement says they fit (printed), else the CPU."""
+    device = params[0].device
+    if offload is not None or device.type != "cuda":
+        return "cpu" if offload or device.type != "cuda" else str(device)
+    offload, message = optimizer_placement(sum(q.numel() for q in params), torch.cuda.mem_get_info(device)[0])
+    if verbose:
+        print(message)
+    return "cpu" if offload else str(device)
+
+
+class MasterAdamW:
+    """AdamW for the training scripts, one of three placements (master):
+      None     plain torch AdamW on the parameters themselves (fp32 models: CPU runs, FSDP2's fp32 shards);
+      "cuda"   fp32 master weights + AdamW state on the GPU beside a bf16 model (mixed precision);
+      "cpu"    the same master + state in host RAM (a model whose optimizer does not fit on the GPU).
+    Both master placements do the math of fp32 AdamW on fp32 copies of the weights given the same grads: the global
+    norm is taken in fp32 over the grads, each grad is upcast and scaled by the clip coefficient, AdamW steps the
+    fp32 master and the model receives its rounded copy (the only rounding; tests/test_optimizer.py). The step runs
+    in groups of <= chunk elements, a bigger tensor split in slices (AdamW is elementwise; each slice keeps its own
+    state and step count: the same numbers), so one group's fp32 grads exist at a time. Offloaded from a GPU, the
+    grads of group k+1 go device-to-host on a side stream into a pinned buffer while the CPU steps group k, and the
+    weights go back rounded to bf16 on the CPU, non_blocking from pinned buffers (two of each, used in turn)."""
+
+    def __init__(self, params, master=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, chunk=2**26):
+        self.params, self.groups, group, size = list(params), [], [], 0
+        adamw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        if master is None:
+            self.master, self.opt = None, torch.optim.AdamW(self.params, foreach=True, **adamw)
+            return
+        for i, q in enumerate(self.params):
+            for a in range(0, q.numel(), chunk):
+                n = min(chunk, q.numel() - a)
+                if group and size + n > chunk:
+                    self.groups, group, size = self.groups + [group], [], 0
+                group, size = group + [(i, a, n)], size + n
+        self.groups.append(group)
+        self.master = [q.detach().to(master, torch.float32, copy=True) for q in self.params]
+        self.slices = [[self.master[i].view(-1)[a:a + n] for i, a, n in g] for g in self.groups]
+        # fused: one multithreaded kernel per group, no temporaries (bench/bench_optimizer.py: CPU foreach vs fused)
+        self.opt = torch.optim.AdamW([s for g in self.slices for s in g], fused=True, **adamw)
+        self.staged = self.params[0].device.type == "cuda" and torch.device(master).type == "cpu"
+        if self.staged:  # ~1.5 GB of page-locked host memory at chunk 2^26: what makes the copies asynchronous
+            most = max(sum(n for _, _, n in g) for g in self.groups)
+            self.grad_buf = [torch.empty(most, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+            self.weight_buf = [torch.empty(most, dtype=self.params[0].dtype, pin_memory=True) for _ in range(2)]
+            self.stream = torch.cuda.Stream()
+
+    @torch.no_grad()
+    def step(self, grad_clip, timer=None):
+        """Clip to grad_clip, one AdamW step, grads set to None; returns the global grad norm (before clipping).
+        timer (PhaseTimer) gets the phases grad (norm + fp32 grads where AdamW reads them), adamw, copyback."""
+        mark = timer.mark if timer else lambda name: None
+        if self.master is None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+            mark("grad")
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            mark("adamw")
+            mark("copyback")  # none: the parameters themselves were stepped (the same log fields everywhere)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+        grads = [None if q.grad is None else q.grad.view(-1) for q in self.params]
+        present = [g for g in grads if g is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(present, 2, dtype=torch.float32)))
+        coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient, kept on the device
+        if self.staged:
+            self._staged_step(grads, coef, mark)
+        else:
+            for group, slices in zip(self.groups, self.slices):
+                for (i, a, n), s in zip(group, slices):
+                    s.grad = None if grads[i] is None else grads[i][a:a + n].to(torch.float32, copy=True).mul_(coef)
+                mark("grad")
+                self.opt.step()
+                mark("adamw")
+                for (i, a, n), s in zip(group, slices):
+                    s.grad = None
+                    self.params[i].view(-1)[a:a + n].copy_(s)  # fp32 -> model dtype: the only rounding
+                mark("copyback")
+        for q in self.params:
+            q.grad = None
+        return norm
+
+    def _staged_step(self, grads, coef, mark):
+        stream, main = self.stream, torch.cuda.current_stream()
+        stream.wait_stream(main)  # the grads and coef are computed on the main stream
+
+        def fetch(k):  # group k's grads, upcast and scaled on the GPU, into pinned buffer k % 2 (side stream)
+            with torch.cuda.stream(stream):
+                off, buf = 0, self.grad_buf[k % 2]
+                for i, a, n in self.groups[k]:
+                    if grads[i] is not None:
+                        fp32 = grads[i][a:a + n].to(torch.float32, copy=True).mul_(coef)
+                        buf[off:off + n].copy_(fp32, non_blocking=True)
+                    off += n
+                done = torch.cuda.Event()
+                done.record(stream)
+            return done
+        arrived, sent = fetch(0), [None, None]
+        for k, (group, slices) in enumerate(zip(self.groups, self.slices)):
+            arrived.synchronize()  # host waits for group k's grads (exposed transfer time)
+            arrived = fetch(k + 1) if k + 1 < len(self.groups) else None  # its buffer was consumed at k - 1
+            off, buf = 0, self.grad_buf[k % 2]
+            for (i, a, n), s in zip(group, slices):
+                s.grad, off = None if grads[i] is None else buf[off:off + n], off + n
+            mark("grad")
+            self.opt.step()
+            mark("adamw")
+            if sent[k % 2] is not None:
+                sent[k % 2].synchronize()  # the copy of group k - 2 has finished reading this buffer
+            off, buf = 0, self.weight_buf[k % 2]
+            for (i, a, n), s in zip(group, slices):
+                s.grad, off = None, off + n
+                buf[off - n:off].copy_(s)  # fp32 -> bf16 on the CPU: half the bytes over PCIe
+            with torch.cuda.stream(stream):
+                off = 0
+                for i, a, n in group:
+                    self.params[i].view(-1)[a:a + n].copy_(buf[off:off + n], non_blocking=True)
+                    off += n
+                sent[k % 2] = torch.cuda.Event()
+                sent[k % 2].record(stream)
+            mark("copyback")
+        stream.synchronize()  # the last weights are on the GPU; grads may be freed (no copy reads them any more)
+        main.wait_stream(stream)
+        mark("copyback")
+
+
+class PhaseTimer:
+    """Seconds per phase of one update, with no host sync on the way: on CUDA each mark records an event on the
+    current stream (timestamps of the GPU's progress, the host's when the GPU is idle, as while the CPU steps an
+    offloaded AdamW); on the CPU it reads the clock. mark(name) ends phase `name`; marks of one name add up."""
+
+    def __init__(self, cuda):
+        self.cuda, self.marks = cuda, []
+        self.mark(None)
+
+    def mark(self, name):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def seconds(self):
+        """{"<phase>_s": seconds} in order of first mark, and step_s, their sum (one sync, on the last event)."""
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[f"{name}_s"] = out.get(f"{name}_s", 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        return {**out, "step_s": sum(out.values())}
+
+
+def host_rss_gb():
+    """Resident host memory of this process now (VmRSS; the peak, ru_maxrss, never comes down), in GiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+
+
 # ----------------------------------------------------------------------------- CLI
 def load_model(path, dtype="auto"):
     """Causal LM + tokenizer: bf16 on CUDA, fp32 on CPU (CPUs without native bf16 run it several times slower)."""
