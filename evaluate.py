@@ -500,42 +500,56 @@ class MasterAdamW:
       "cpu"    the same master + state in host RAM (a model whose optimizer does not fit on the GPU).
     Both master placements do the math of fp32 AdamW on fp32 copies of the weights given the same grads: the global
     norm is taken in fp32 over the grads, each grad is upcast and scaled by the clip coefficient, AdamW steps the
-    fp32 master and the model receives its rounded copy (the only rounding; tests/test_optimizer.py). The step runs
-    in groups of <= chunk elements, a bigger tensor split in slices (AdamW is elementwise; each slice keeps its own
-    state and step count: the same numbers), so one group's fp32 grads exist at a time. Offloaded from a GPU, the
-    grads of group k+1 go device-to-host on a side stream into a pinned buffer while the CPU steps group k, and the
-    weights go back rounded to bf16 on the CPU, non_blocking from pinned buffers (two of each, used in turn)."""
+    fp32 master and the model receives its rounded copy (the only rounding; tests/test_optimizer.py). The master
+    lives in chunks of `chunk` elements cut from all parameters laid end to end, and the step runs chunk by chunk
+    (one chunk's fp32 grads at a time). AdamW is elementwise and each piece of a tensor is its own AdamW parameter
+    with its own state and step count: the same numbers as whole tensors. Offloaded from a GPU, the CPU only runs
+    fused AdamW: on a side stream the GPU upcasts chunk k+1's grads and sends them to a pinned buffer (two, used in
+    turn) while the CPU steps chunk k, and each stepped chunk goes back in one DMA from the pinned master, rounded
+    to bf16 on the GPU."""
 
     def __init__(self, params, master=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, chunk=2**26):
-        self.params, self.groups, group, size = list(params), [], [], 0
+        self.params, self.chunks, cur, used = list(params), [], [], 0
         adamw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         if master is None:
-            self.master, self.opt = None, torch.optim.AdamW(self.params, foreach=True, **adamw)
+            self.flat, self.opt = None, torch.optim.AdamW(self.params, foreach=True, **adamw)
             return
         for i, q in enumerate(self.params):
-            for a in range(0, q.numel(), chunk):
-                n = min(chunk, q.numel() - a)
-                if group and size + n > chunk:
-                    self.groups, group, size = self.groups + [group], [], 0
-                group, size = group + [(i, a, n)], size + n
-        self.groups.append(group)
-        self.master = [q.detach().to(master, torch.float32, copy=True) for q in self.params]
-        self.slices = [[self.master[i].view(-1)[a:a + n] for i, a, n in g] for g in self.groups]
-        # fused: one multithreaded kernel per group, no temporaries (bench/bench_optimizer.py: CPU foreach vs fused)
-        self.opt = torch.optim.AdamW([s for g in self.slices for s in g], fused=True, **adamw)
+            a = 0
+            while a < q.numel():  # a piece (param i, offset a, n elements) ends where the tensor or the chunk ends
+                n = min(q.numel() - a, chunk - used)
+                cur.append((i, a, n))
+                used, a = used + n, a + n
+                if used == chunk:
+                    self.chunks, cur, used = self.chunks + [cur], [], 0
+        self.chunks += [cur] if cur else []
         self.staged = self.params[0].device.type == "cuda" and torch.device(master).type == "cpu"
-        if self.staged:  # ~1.5 GB of page-locked host memory at chunk 2^26: what makes the copies asynchronous
-            most = max(sum(n for _, _, n in g) for g in self.groups)
-            self.grad_buf = [torch.empty(most, dtype=torch.float32, pin_memory=True) for _ in range(2)]
-            self.weight_buf = [torch.empty(most, dtype=self.params[0].dtype, pin_memory=True) for _ in range(2)]
+        # page-locked when offloaded (30 GB for a 7B): the weights go back to the GPU by DMA, with no CPU pass
+        self.flat = [torch.cat([self.params[i].detach().view(-1)[a:a + n].to(master, torch.float32) for i, a, n in c])
+                     for c in self.chunks]
+        self.flat = [f.pin_memory() for f in self.flat] if self.staged else self.flat
+        self.slices = [list(f.split([n for _, _, n in c])) for f, c in zip(self.flat, self.chunks)]
+        # fused: one multithreaded kernel per chunk, no temporaries (bench/bench_optimizer.py: for-loop, foreach, fused)
+        self.opt = torch.optim.AdamW([s for sl in self.slices for s in sl], fused=True, **adamw)
+        self.buf = torch.empty(len(self.flat[0]), dtype=torch.float32, device=self.params[0].device)  # fp32 scratch
+        if self.staged:
+            self.pinned = [torch.empty(len(self.buf), dtype=torch.float32, pin_memory=True) for _ in range(2)]
             self.stream = torch.cuda.Stream()
+
+    def master_weights(self):
+        """The fp32 master copy of every parameter, assembled from the chunks (for tests and inspection)."""
+        out = [torch.empty(q.numel(), dtype=torch.float32, device=self.flat[0].device) for q in self.params]
+        for c, sl in zip(self.chunks, self.slices):
+            for (i, a, n), s in zip(c, sl):
+                out[i][a:a + n] = s
+        return [o.view(q.shape) for o, q in zip(out, self.params)]
 
     @torch.no_grad()
     def step(self, grad_clip, timer=None):
         """Clip to grad_clip, one AdamW step, grads set to None; returns the global grad norm (before clipping).
         timer (PhaseTimer) gets the phases grad (norm + fp32 grads where AdamW reads them), adamw, copyback."""
         mark = timer.mark if timer else lambda name: None
-        if self.master is None:
+        if self.flat is None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
             mark("grad")
             self.opt.step()
@@ -544,66 +558,64 @@ class MasterAdamW:
             mark("copyback")  # none: the parameters themselves were stepped (the same log fields everywhere)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
         grads = [None if q.grad is None else q.grad.view(-1) for q in self.params]
-        present = [g for g in grads if g is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(present, 2, dtype=torch.float32)))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g for g in grads if g is not None], 2,
+                                                                         dtype=torch.float32)))
         coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient, kept on the device
-        if self.staged:
-            self._staged_step(grads, coef, mark)
-        else:
-            for group, slices in zip(self.groups, self.slices):
-                for (i, a, n), s in zip(group, slices):
-                    s.grad = None if grads[i] is None else grads[i][a:a + n].to(torch.float32, copy=True).mul_(coef)
-                mark("grad")
-                self.opt.step()
-                mark("adamw")
-                for (i, a, n), s in zip(group, slices):
-                    s.grad = None
-                    self.params[i].view(-1)[a:a + n].copy_(s)  # fp32 -> model dtype: the only rounding
-                mark("copyback")
+        (self._staged_step if self.staged else self._local_step)(grads, coef, mark)
         for q in self.params:
             q.grad = None
         return norm
 
-    def _staged_step(self, grads, coef, mark):
-        stream, main = self.stream, torch.cuda.current_stream()
-        stream.wait_stream(main)  # the grads and coef are computed on the main stream
+    def _gather(self, k, grads, coef):  # chunk k's grads -> self.buf (fp32, on the model's device), clipped
+        off = 0
+        for i, a, n in self.chunks[k]:
+            if grads[i] is not None:
+                self.buf[off:off + n].copy_(grads[i][a:a + n])
+            off += n
+        return self.buf[:off].mul_(coef)
 
-        def fetch(k):  # group k's grads, upcast and scaled on the GPU, into pinned buffer k % 2 (side stream)
-            with torch.cuda.stream(stream):
-                off, buf = 0, self.grad_buf[k % 2]
-                for i, a, n in self.groups[k]:
-                    if grads[i] is not None:
-                        fp32 = grads[i][a:a + n].to(torch.float32, copy=True).mul_(coef)
-                        buf[off:off + n].copy_(fp32, non_blocking=True)
-                    off += n
-                done = torch.cuda.Event()
-                done.record(stream)
-            return done
-        arrived, sent = fetch(0), [None, None]
-        for k, (group, slices) in enumerate(zip(self.groups, self.slices)):
-            arrived.synchronize()  # host waits for group k's grads (exposed transfer time)
-            arrived = fetch(k + 1) if k + 1 < len(self.groups) else None  # its buffer was consumed at k - 1
-            off, buf = 0, self.grad_buf[k % 2]
-            for (i, a, n), s in zip(group, slices):
-                s.grad, off = None if grads[i] is None else buf[off:off + n], off + n
+    def _attach(self, k, grads, buf):  # AdamW steps exactly the pieces of chunk k that have a gradient
+        for (i, a, n), s, g in zip(self.chunks[k], self.slices[k], buf.split([n for _, _, n in self.chunks[k]])):
+            s.grad = None if grads[i] is None else g
+
+    def _local_step(self, grads, coef, mark):  # master on the model's device
+        for k in range(len(self.chunks)):
+            self._attach(k, grads, self._gather(k, grads, coef))
             mark("grad")
             self.opt.step()
             mark("adamw")
-            if sent[k % 2] is not None:
-                sent[k % 2].synchronize()  # the copy of group k - 2 has finished reading this buffer
-            off, buf = 0, self.weight_buf[k % 2]
-            for (i, a, n), s in zip(group, slices):
-                s.grad, off = None, off + n
-                buf[off - n:off].copy_(s)  # fp32 -> bf16 on the CPU: half the bytes over PCIe
-            with torch.cuda.stream(stream):
-                off = 0
-                for i, a, n in group:
-                    self.params[i].view(-1)[a:a + n].copy_(buf[off:off + n], non_blocking=True)
-                    off += n
-                sent[k % 2] = torch.cuda.Event()
-                sent[k % 2].record(stream)
+            for (i, a, n), s in zip(self.chunks[k], self.slices[k]):
+                s.grad = None  # else the next chunk's opt.step() would step this one again
+                self.params[i].view(-1)[a:a + n].copy_(s)  # fp32 -> model dtype: the only rounding
             mark("copyback")
-        stream.synchronize()  # the last weights are on the GPU; grads may be freed (no copy reads them any more)
+
+    def _staged_step(self, grads, coef, mark):  # master in pinned host memory, model on the GPU
+        stream, main = self.stream, torch.cuda.current_stream()
+        stream.wait_stream(main)  # the grads and coef come from the main stream
+
+        def fetch(k):  # side stream: the GPU upcasts and scales chunk k's grads, then DMA into pinned[k % 2]
+            with torch.cuda.stream(stream):
+                fp32 = self._gather(k, grads, coef)
+                self.pinned[k % 2][:len(fp32)].copy_(fp32, non_blocking=True)
+                arrived = torch.cuda.Event()
+                arrived.record(stream)
+            return arrived
+        arrived = fetch(0)
+        for k in range(len(self.chunks)):
+            arrived.synchronize()  # the host waits for chunk k's grads (transfer time not hidden by chunk k-1)
+            # pinned[(k+1) % 2] held chunk k-1's grads, already stepped; self.buf is reused in stream order
+            arrived = fetch(k + 1) if k + 1 < len(self.chunks) else None
+            self._attach(k, grads, self.pinned[k % 2][:len(self.flat[k])])
+            mark("grad")
+            self.opt.step()
+            mark("adamw")
+            with torch.cuda.stream(stream):  # one DMA of the stepped fp32 chunk, rounded to bf16 on the GPU
+                fp32 = self.buf[:len(self.flat[k])].copy_(self.flat[k], non_blocking=True)
+                for (i, a, n), s, w in zip(self.chunks[k], self.slices[k], fp32.split([n for *_, n in self.chunks[k]])):
+                    s.grad = None
+                    self.params[i].view(-1)[a:a + n].copy_(w)
+            mark("copyback")
+        stream.synchronize()  # every chunk is back; nothing reads the grads or the master any more
         main.wait_stream(stream)
         mark("copyback")
 

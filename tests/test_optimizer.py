@@ -17,18 +17,40 @@ def tiny_like_params(tiny, dtype):
         [torch.randn(7, 5, dtype=dtype).requires_grad_()]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_master_adamw_is_fp32_adamw(tiny, dtype):
-    """3 steps of MasterAdamW (master on the CPU, groups of 3000 elements: the 512 x 64 embedding is cut in 11
-    slices, small tensors share groups) == torch.optim.AdamW (fp32, for-loop) on fp32 copies of the same weights
-    with the same grads and clip_grad_norm_; the model holds the master rounded to its dtype."""
+class SyncStream:
+    """Stand-in for torch.cuda's Stream/Event on a machine without a GPU: every copy is already done when issued."""
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    wait_stream = synchronize = record = __init__
+
+
+@pytest.mark.parametrize("dtype,staged", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
+def test_master_adamw_is_fp32_adamw(tiny, dtype, staged, monkeypatch):
+    """3 steps of MasterAdamW (master on the CPU, chunks of 3000 elements: the embedding is cut in 11 pieces, small
+    tensors share chunks, pieces straddle chunk boundaries) == torch.optim.AdamW (fp32, for-loop) on fp32 copies of
+    the same weights with the same grads and clip_grad_norm_; the model holds the master rounded to its dtype.
+    staged: the offloaded-from-GPU path's bookkeeping (two pinned grad buffers used in turn, chunk k+1 fetched
+    before chunk k is stepped, one copy back per chunk), with CUDA streams and events replaced by synchronous
+    stand-ins; the asynchronous copies themselves only run on a GPU (bench/gpu.sh)."""
     torch.manual_seed(0)
     params = tiny_like_params(tiny, dtype)
     ref = [q.detach().to(torch.float32, copy=True).requires_grad_() for q in params]
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     opt = ev.MasterAdamW(params, "cpu", chunk=3000, **kw)
+    if staged:
+        for name in ("Stream", "Event", "stream", "current_stream"):
+            monkeypatch.setattr(torch.cuda, name, SyncStream)
+        opt.staged, opt.stream, opt.pinned = True, SyncStream(), [torch.full((3000,), float("nan")) for _ in range(2)]
     ref_opt = torch.optim.AdamW(ref, foreach=False, fused=False, **kw)
-    assert len(opt.groups) > 10 and any(len(g) > 1 for g in opt.groups)  # split tensors and shared groups
+    assert len(opt.chunks) > 10 and any(len(c) > 1 for c in opt.chunks)  # split tensors and shared chunks
+    assert [len(f) for f in opt.flat[:-1]] == [3000] * (len(opt.chunks) - 1)
     for step, clip in enumerate([1e9, 1.0, 1e9]):  # the clip acts at step 2 only (norms here are 3..10)
         for q, r in zip(params[:-1], ref[:-1]):
             q.grad = (torch.randn_like(r) * 0.01 * (step + 1)).to(dtype)
@@ -39,11 +61,11 @@ def test_master_adamw_is_fp32_adamw(tiny, dtype):
         ref_opt.zero_grad(set_to_none=True)
         torch.testing.assert_close(norm, ref_norm, rtol=1e-6, atol=0)
         assert (norm > clip) == (step == 1)
-        for q, m, r in zip(params, opt.master, ref):
+        for q, m, r in zip(params, opt.master_weights(), ref):
             assert q.grad is None
             torch.testing.assert_close(m, r.detach(), rtol=1e-6, atol=1e-7)
             assert torch.equal(q.detach(), m.to(dtype))  # the only rounding is fp32 -> model dtype
-    assert torch.equal(opt.master[-1], params[-1].detach().float())  # never had a grad: never moved
+    assert torch.equal(opt.master_weights()[-1], params[-1].detach().float())  # never had a grad: never moved
 
 
 def test_plain_placement_is_torch_adamw(tiny):
