@@ -4,9 +4,10 @@ on a parameter set of a real shape, default Qwen2.5-0.5B's (494M parameters): se
 
     before   the old em_ft/em_rl offloaded_step: clip, then per group of 16 tensors grads upcast to fp32 CPU copies
              and one foreach AdamW.step over all the master tensors (it skips those without a grad), copy back
-    after    evaluate.MasterAdamW(params, "cpu"): groups of <= 2^26 elements, grads upcast and scaled by the clip
-             coefficient, fused AdamW, copy back (on a GPU machine the copies are pinned and asynchronous; here the
-             "GPU" model is a bf16 CPU copy, so only the CPU work is timed)
+    after    evaluate.MasterAdamW(params, "cpu"): chunks of 2^26 elements, grads upcast and scaled by the clip
+             coefficient (grad), fused AdamW (adamw), master rounded into the model (copyback). Here the "GPU"
+             model is a bf16 CPU copy, so all three run on the CPU; offloaded from a real GPU, grad and copyback
+             run on the GPU and as DMA, overlapped, and the CPU's share of the step is adamw alone.
     adamw    torch.optim.AdamW alone on the fp32 master with fp32 grads: for-loop, foreach, fused implementations
 
 at each --threads value. The first step of each allocates AdamW's state and is not counted.
@@ -80,12 +81,13 @@ def main():
                         q.grad = g
                     legacy_offloaded_step(model, master, opt, 1.0)
             elif variant == "after":
-                opt = ev.MasterAdamW(model, "cpu", **kw)
+                opt, timers = ev.MasterAdamW(model, "cpu", **kw), []
 
                 def step():
                     for q, g in zip(model, grads):
                         q.grad = g
-                    opt.step(1.0)
+                    timers.append(ev.PhaseTimer(cuda=False))
+                    opt.step(1.0, timers[-1])
             else:  # AdamW alone on fp32 tensors that own their fp32 grads
                 master = [q.detach().to(torch.float32, copy=True).requires_grad_() for q in model]
                 for m, g in zip(master, grads):
@@ -97,6 +99,10 @@ def main():
             rows.append((threads, variant, s))
             print(f"threads {threads}  {variant:8s} {s:7.3f} s/step  ({n / s / 1e6:6.0f}M params/s; "
                   f"x{7.616e9 / n:.1f} for a 7B: ~{s * 7.616e9 / n:.0f} s)  rss {ev.host_rss_gb():.1f} GiB", flush=True)
+            if variant == "after":  # the timed steps' phases (the first, untimed one is timers[0])
+                phases = [t.seconds() for t in timers[1:]]
+                print("    after, per step: " + ", ".join(f"{k[:-2]} {sum(p[k] for p in phases) / len(phases):.3f} s"
+                                                     for k in phases[0]), flush=True)
             del opt, step
             master = None
             gc.collect()

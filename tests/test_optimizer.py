@@ -141,3 +141,21 @@ def test_logs_carry_the_breakdown(tiny_model_dir, tmp_path, offload, capsys):
         assert log["step_s"] == pytest.approx(phases, rel=1e-6), name
     out = capsys.readouterr().out  # the log lines on stdout carry the same fields
     assert all(out.count(f" {key} ") == 2 for key in BREAKDOWN), out
+
+
+def test_gpu_script_smoke_on_cpu(tmp_path):
+    """bench/gpu.sh at the tiny shape (GPU_SH_SHAPE=tiny): every step runs and records its line in the results file,
+    with the benches' RESULT records (the 7B run on a GPU uses the same commands at other sizes)."""
+    import os
+    import subprocess
+    proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={**os.environ, "GPU_SH_SHAPE": "tiny", "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps][:4] == ["env", "em_ft_auto", "em_ft_offload", "em_rl"]
+    assert {"generate_static", "em_inf"} <= {s["step"] for s in steps}
+    assert all(s["rc"] == 0 for s in steps), [(s["step"], s["tail"]) for s in steps if s["rc"]]
+    ft = [r for s in steps if s["step"] == "em_ft_offload" for r in s["results"]]
+    assert len(ft) == 2 and all(r["master"] == "cpu" and r["adamw_s"] > 0 for r in ft)
+    assert [r["bench"] for s in steps if s["step"] == "em_rl" for r in s["results"]] == ["em_rl"]
