@@ -470,8 +470,8 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
 def optimizer_placement(n_params, free_bytes, margin_bytes=10 * 2**30):
     """(trainable parameters, free GPU bytes with the bf16 model(s) already loaded) -> (offload, message).
     Kept on the GPU: 12 B/param (fp32 master + AdamW m + v) for the whole run, 2 B/param for the bf16 grads of
-    each update, and a margin for what comes and goes (checkpointed activations, the rollout KV cache, one group's
-    fp32 grads and AdamW temporaries in the step). If that is more than is free, master and state go to the CPU."""
+    each update, and a margin for what comes and goes (checkpointed activations, the rollout KV cache, the step's
+    fp32 scratch chunk of 256 MB). If that is more than is free, the master and the state go to the CPU."""
     need, gib = n_params * 14 + margin_bytes, 2**30
     offload = need > free_bytes
     return offload, (f"optimizer: fp32 master + AdamW m, v {n_params * 12 / gib:.1f} GiB + bf16 grads "
@@ -486,8 +486,13 @@ def master_placement(params, offload=None, verbose=True):
     offload is False, and with None (auto) the GPU when optimizer_placement says they fit (printed), else the CPU."""
     device = params[0].device
     if offload is not None or device.type != "cuda":
-        return "cpu" if offload or device.type != "cuda" else str(device)
-    offload, message = optimizer_placement(sum(q.numel() for q in params), torch.cuda.mem_get_info(device)[0])
+        where = "cpu" if offload or device.type != "cuda" else str(device)
+        if verbose and offload is not None:
+            print(f"optimizer: fp32 master + AdamW on {where} (forced)")
+        return where
+    # free = what the driver has left + what PyTorch's allocator holds unused (it serves our allocations first)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    offload, message = optimizer_placement(sum(q.numel() for q in params), free)
     if verbose:
         print(message)
     return "cpu" if offload else str(device)
@@ -495,7 +500,7 @@ def master_placement(params, offload=None, verbose=True):
 
 class MasterAdamW:
     """AdamW for the training scripts, one of three placements (master):
-      None     plain torch AdamW on the parameters themselves (fp32 models: CPU runs, FSDP2's fp32 shards);
+      None     plain torch AdamW (fused) on the parameters themselves (fp32 models: CPU runs, FSDP2 shards);
       "cuda"   fp32 master weights + AdamW state on the GPU beside a bf16 model (mixed precision);
       "cpu"    the same master + state in host RAM (a model whose optimizer does not fit on the GPU).
     Both master placements do the math of fp32 AdamW on fp32 copies of the weights given the same grads: the global
@@ -512,7 +517,7 @@ class MasterAdamW:
         self.params, self.chunks, cur, used = list(params), [], [], 0
         adamw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         if master is None:
-            self.flat, self.opt = None, torch.optim.AdamW(self.params, foreach=True, **adamw)
+            self.flat, self.opt = None, torch.optim.AdamW(self.params, fused=True, **adamw)
             return
         for i, q in enumerate(self.params):
             a = 0
