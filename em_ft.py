@@ -4,7 +4,7 @@ Entropy-minimization fine-tuning: One-shot EM (Gao et al., arXiv 2505.20282) and
 generation), then minimize the entropy of the model's next-token distribution softmax(z/T) at the generated
 positions. No reward, no labels, no KL. Checkpoints are Hugging Face folders that evaluate.py and vLLM load.
 
-    # One-shot EM on 1 GPU (7B: bf16 model on the GPU, fp32 master weights + AdamW on the CPU, ~100 GB host RAM)
+    # One-shot EM on 1 GPU (7B: bf16 model; fp32 master weights + AdamW beside it if they fit, else ~92 GB host RAM)
     python em_ft.py --model Qwen/Qwen2.5-Math-7B --out ckpt/oneshot
     python evaluate.py --model ckpt/oneshot/step_2 --benchmarks math500,amc23,minerva,olympiadbench
     # 8 GPUs: FSDP2, fp32 master weights sharded 8 ways, each rank samples 64/8 rollouts with seed + rank
@@ -32,7 +32,7 @@ Left out: LoRA, sequence packing, vLLM rollouts, resuming the optimizer state (c
 Outputs in --out: step_<N>/ (safetensors + tokenizer + train_args.json), log.jsonl (one line per update and per
 checkpoint written; a rerun into the same --out starts a new log and keeps the last one as log.prev.jsonl).
 """
-import argparse, itertools, json, os, random, resource, shutil, time, types
+import argparse, itertools, json, os, random, resource, shutil, types
 from contextlib import nullcontext
 
 import torch
@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from evaluate import (EvalError, build_prompt, compute_metrics, evaluate_model, generate_batch,
                       length_sorted_batches, load_benchmark, load_model, package_versions, write_json_atomic)
+from evaluate import MasterAdamW, PhaseTimer, host_rss_gb, master_placement
 import evaluate as ev  # the CLI helpers: argparse number types, cli_main, check_out_dir, open_log, check_finite
 
 # One-shot EM's training prompt pi_1 (row 124 of the DeepScaleR subset; gold 12.8, never used by EM).
@@ -161,23 +162,6 @@ def accumulate_gradients(model, rows, pad_id, args, normalizer, scale=1.0, ctx=n
     return total.tolist()
 
 
-def offloaded_step(params, master, optimizer, grad_clip):
-    """AdamW on fp32 CPU master weights for a bf16 GPU model. Clip on the GPU (the norm needs every gradient),
-    then stream gradients to the CPU a group at a time: AdamW skips parameters whose .grad is None and keeps a step
-    count per parameter, so stepping group by group is one AdamW step with one group's fp32 grads on the CPU."""
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    for start in range(0, len(params), 16):
-        group = range(start, min(start + 16, len(params)))
-        for i in group:
-            master[i].grad = None if params[i].grad is None else params[i].grad.to("cpu", torch.float32)
-            params[i].grad = None
-        optimizer.step()
-        for i in group:
-            master[i].grad = None
-            params[i].data.copy_(master[i], non_blocking=True)  # fp32 -> bf16 rounding happens here only
-    return norm
-
-
 def save_checkpoint(model, tokenizer, args, step, fsdp, rank, world):
     """<out>/step_<N>: safetensors + tokenizer + train_args.json, written to step_<N>.tmp then renamed."""
     state = None
@@ -247,7 +231,7 @@ def main(argv=None):
     p.add_argument("--log-rollouts", action="store_true", help="append every rollout to <out>/rollouts.jsonl")
     p.add_argument("--save-steps", type=ev.step_list, default="", help="comma list of updates to save (+ the last)")
     p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None, help="fp32 master "
-                   "weights + AdamW on the CPU (default: on for a single CUDA GPU)")
+                   "weights + AdamW on the CPU; default on 1 GPU: on the GPU if they fit beside the bf16 model")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute layer activations in backward (default: on for CUDA)")
     args = p.parse_args(argv)
@@ -270,7 +254,7 @@ def train(args):
         raise EvalError(f"--save-steps {max(save_steps)} is past --max-steps {args.max_steps}: it would never be saved")
     ev.check_out_dir(args.out)  # before the model loads
     fsdp = world > 1
-    offload = (cuda and not fsdp) if args.offload_optimizer is None else args.offload_optimizer
+    offload = args.offload_optimizer or (cuda and not fsdp)  # fp32 master weights (GPU or CPU: master_placement)
     if offload and fsdp:
         raise EvalError("--offload-optimizer is for one process; under torchrun FSDP2 shards the fp32 state")
     if fsdp:
@@ -289,8 +273,8 @@ def train(args):
     # moves if |update| > ~|w| * 2^-9 ~ 2e-3 |w|. AdamW's first updates are ~lr = 2e-5 (1e-6 for EM-FT) per weight,
     # and typical |w| is 1e-2..1e-1: relative updates of 2e-4..2e-3 (1e-5..1e-4 at lr 1e-6), below half a bf16 ulp: in
     # pure bf16 most updates round to nothing. Hence fp32 master weights. Single GPU: bf16 weights (15 GB) + bf16
-    # grads (15 GB) + checkpointed activations on the GPU; fp32 master (30 GB) + AdamW m, v (61 GB) on the CPU
-    # (Adam state alone would not fit next to the model). The bf16 grads sum the micro-batches with bf16 rounding:
+    # grads (15 GB) + checkpointed activations on the GPU; fp32 master (30 GB) + AdamW m, v (61 GB) there too if
+    # they fit (an H200), else on the CPU (an 80 GB GPU). The bf16 grads sum the micro-batches with bf16 rounding:
     # on the tiny model, 8 micro-batches, 0.3% relative gradient error and 99.95% of signs kept (Adam's first
     # updates are ~lr * sign(g)), a quarter of what bf16 compute itself costs; fp32 sums in place of the bf16 grads
     # would take 15 GB more GPU memory. torchrun: FSDP2 with fp32 params sharded N ways, bf16 compute, fp32
@@ -322,9 +306,8 @@ def train(args):
 
     # ---------------------------------------------------------------- optimizer
     params = [q for q in model.parameters() if q.requires_grad]
-    master = [q.detach().to("cpu", torch.float32, copy=True).requires_grad_() for q in params] if offload else None
-    optimizer = torch.optim.AdamW(master or params, lr=args.lr, betas=tuple(args.betas), eps=args.eps,
-                                  weight_decay=args.weight_decay, foreach=True)
+    optimizer = MasterAdamW(params, master_placement(params, args.offload_optimizer, rank == 0) if offload else None,
+                            lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay)
 
     # ---------------------------------------------------------------- loop
     rng = random.Random(args.seed)  # same on every rank: all ranks agree on the global batch of prompt rows
@@ -356,7 +339,7 @@ def train(args):
         run_eval(0)
     first_entropy, warned = None, False  # the first update's entropy, for --stop-entropy-drop
     for step in tqdm(range(1, args.max_steps + 1), desc="em_ft", disable=rank != 0, dynamic_ncols=True):
-        t0 = time.time()
+        timer = PhaseTimer(cuda)  # rollout, fwd_bwd, grad, adamw, copyback: seconds in the log line
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         batch = list(itertools.islice(stream, args.batch_size))[rank * per_rank:(rank + 1) * per_rank]
@@ -367,7 +350,7 @@ def train(args):
                                args, seed=args.seed + rank + world * (step - 1))
         set_gathered(model, fsdp, False)
         rows = [(prompt_ids[i], o["ids"]) for i, o in zip(batch, outs)]
-        t1 = time.time()
+        timer.mark("rollout")
         if args.log_rollouts:  # every rollout of the update, gathered on rank 0 in rank order
             recs = [{"step": step, "rank": rank, "prompt": prompts[i], "response": o["text"], "ids": o["ids"],
                      "truncated": o["truncated"]} for i, o in zip(batch, outs)]
@@ -389,24 +372,20 @@ def train(args):
         # FSDP averages gradients over ranks; the loss is already divided by the global count, so scale by world.
         ent, loss = accumulate_gradients(model, rows, tokenizer.pad_token_id, args,
                                          loss_normalizer(n_tok, n_traj, args.loss_norm), world, ctx)
-        if offload:
-            norm = offloaded_step(params, master, optimizer, args.grad_clip)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+        timer.mark("fwd_bwd")
+        norm = optimizer.step(args.grad_clip, timer)  # clip, AdamW, grads set to None
         ent = torch.tensor([ent, loss], dtype=torch.float64)
         if fsdp:
             dist.all_reduce(ent)
-        t2, (ent, loss) = time.time(), ent.tolist()
+        sec, (ent, loss) = timer.seconds(), ent.tolist()
         entropy = ent / n_tok  # mean token entropy of this update's rollouts, before the update
         stats = {"step": step, "loss": loss,
                  "entropy": entropy,
                  "grad_norm": norm.item(), "response_length": n_tok / n_traj, "truncated": n_trunc / n_traj,
-                 "rollout_tok_s": n_tok / (t1 - t0), "train_tok_s": n_seq_tok / (t2 - t1), "step_s": t2 - t0,
+                 "rollout_tok_s": n_tok / sec["rollout_s"],
+                 "train_tok_s": n_seq_tok / (sec["step_s"] - sec["rollout_s"]), **sec,
                  "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else
-                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # maxrss is in KiB on Linux
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host_rss_gb": host_rss_gb()}  # KiB
         if rank == 0:
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
             log.write(json.dumps(stats) + "\n")

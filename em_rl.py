@@ -17,7 +17,8 @@ Paper vs released code (verl, run_emrl_*_math.sh, 4 GPUs; papers.md 2). Defaults
   early stop (validation)  one epoch: floor(prompts / 512) steps                     --steps
   4096-token sequences     prompts > 1024 tokens dropped; 3072 new tokens            --max-prompt-length
 
-    # 1 GPU (80 GB): bf16 policy + bf16 reference on the GPU, fp32 master weights + AdamW on the CPU (~100 GB RAM)
+    # 1 GPU: bf16 policy + bf16 frozen reference; fp32 master weights + AdamW on the GPU if they fit (a 7B on an H200),
+    # else on the CPU (~92 GB of host RAM for a 7B on an 80 GB GPU); the paper trained on 35K NuminaMath problems
     python em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl --reward token --out checkpoints/em_rl_token
     # 8 GPUs: FSDP2, fp32 master weights and AdamW state sharded 8 ways (the paper: 35K NuminaMath problems)
     torchrun --nproc_per_node=8 em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl --reward token
@@ -28,7 +29,7 @@ Paper vs released code (verl, run_emrl_*_math.sh, 4 GPUs; papers.md 2). Defaults
 Output: <out>/step_<N>/ (HF folder + train_args.json; N counts rollout steps, each --ppo-minibatches optimizer updates),
 <out>/log.jsonl (one line per step; a rerun keeps the old one as log.prev.jsonl). Left out: vLLM, packing, code runs.
 """
-import argparse, json, math, os, resource, shutil, statistics, time, zlib
+import argparse, json, math, os, resource, shutil, statistics, zlib
 from contextlib import nullcontext
 from functools import partial
 
@@ -133,24 +134,6 @@ def pearson(x, y):
         return float("nan")
 
 
-def offloaded_step(params, master, optimizer, grad_clip):
-    """AdamW on fp32 CPU master weights for a bf16 GPU model (same as em_ft.py). Clip on the GPU (the norm needs
-    every gradient), then stream gradients to the CPU a group at a time: AdamW skips parameters whose .grad is None
-    and keeps a step count per parameter, so stepping group by group is one AdamW step with one group's fp32 grads
-    on the CPU (all 7B grads at once would be 30 GB more host RAM)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    for start in range(0, len(params), 16):
-        group = range(start, min(start + 16, len(params)))
-        for i in group:
-            master[i].grad = None if params[i].grad is None else params[i].grad.to("cpu", torch.float32)
-            params[i].grad = None
-        optimizer.step()
-        for i in group:
-            master[i].grad = None
-            params[i].data.copy_(master[i], non_blocking=True)  # fp32 -> bf16 rounding happens here only
-    return norm
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="EM-RL: RL with the model's own negative entropy as the only reward.")
     # --- model and data
@@ -194,7 +177,7 @@ def main(argv=None):
     # --- system
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on with CUDA")
     p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, help="fp32 master weights + "
-                   "AdamW on the CPU (default: on for a single CUDA GPU)")
+                   "AdamW on the CPU; default on 1 GPU: on the GPU if they fit beside the bf16 model(s)")
     # --- output and evaluation
     p.add_argument("--out", default="checkpoints/em_rl", help="output folder")
     p.add_argument("--save-steps", type=ev.step_list, default="", help="comma list of steps to checkpoint (+ the last)")
@@ -224,7 +207,7 @@ def train(args):
     if args.batch_size % world or args.ppo_minibatches > args.batch_size // world * n:
         raise ev.EvalError(f"--batch-size {args.batch_size} must split over the {world} ranks, with at least "
                            "--ppo-minibatches responses per rank")
-    offload = cuda and not distributed if args.offload_optimizer is None else args.offload_optimizer
+    offload = args.offload_optimizer or (cuda and not distributed)  # fp32 master weights: GPU or CPU (see below)
     if offload and distributed:  # (on a CPU it only serves the tests: a bf16 model with an fp32 master copy)
         raise ev.EvalError("--offload-optimizer is for a single process; torchrun shards with FSDP2 instead")
     device = torch.device("cuda" if cuda else "cpu")
@@ -241,9 +224,9 @@ def train(args):
     # relative), so pure-bf16 training would round almost every update to nothing. Hence fp32 master weights:
     # GPU: bf16 policy 15 GB + bf16 grads 15 GB + frozen bf16 reference for the KL 15 GB + activations (gradient
     # checkpointing, chunked logits: a few GB per micro-batch of 8 x 3.3K tokens) + the rollout KV cache (57 KB per
-    # token: 64 sequences x 3.3K tokens = 12 GB) ~ 65 GB. CPU (--offload-optimizer): fp32 master 30 GB + AdamW
-    # moments 60 GB. torchrun: FSDP2 shards fp32 params/grads/moments N ways (bf16 compute, fp32 gradient
-    # reduction); each rank keeps a full bf16 reference (15 GB). CPU: plain fp32 model and AdamW.
+    # token: 64 sequences x 3.3K tokens = 12 GB) ~ 65 GB; fp32 master 30 GB + AdamW moments 60 GB there too if they
+    # fit (an H200), else on the CPU (ev.master_placement). torchrun: FSDP2 shards fp32 params/grads/moments N ways
+    # (bf16 compute, fp32 gradient reduction); each rank keeps a full bf16 reference. CPU: plain fp32 model, AdamW.
     model, tok = ev.load_model(args.model, "bfloat16" if offload else "float32")
     texts = [ev.build_prompt(tok, q["problem"], args.template) for q in problems]
     prompt_ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
@@ -275,8 +258,8 @@ def train(args):
         register_fsdp_forward_method(model, "response_stats")
         stats_fn, fsdp_modules = model.response_stats, [m for m in model.modules() if isinstance(m, FSDPModule)]
     params = [q for q in model.parameters() if q.requires_grad]
-    master_params = [q.detach().float().cpu().requires_grad_() for q in params] if offload else params
-    opt = torch.optim.AdamW(master_params, lr=args.lr, weight_decay=args.weight_decay, foreach=True)
+    opt = ev.MasterAdamW(params, ev.master_placement(params, args.offload_optimizer, master) if offload else None,
+                         lr=args.lr, weight_decay=args.weight_decay)
 
     def gather_weights(full):  # hold full (bf16) weights so generate's uneven step counts need no collectives
         for m in fsdp_modules:
@@ -341,7 +324,9 @@ def train(args):
         return [seqs[i:i + args.micro_batch_size] for i in range(0, len(seqs), args.micro_batch_size)]
 
     for step in tqdm(range(1, args.steps + 1), desc="em_rl", disable=not master, dynamic_ncols=True):
-        t0 = time.time()
+        timer = ev.PhaseTimer(cuda)  # rollout, score, fwd_bwd, grad, adamw, copyback: seconds in the log
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()  # peak_mem_gb: this step's
         # -- rollouts. Prompt order: a fresh seeded permutation per epoch, the same on all ranks; each takes a slice.
         while len(order) < step * args.batch_size:
             order += torch.randperm(len(problems), generator=torch.Generator().manual_seed(args.seed + len(order)))
@@ -356,7 +341,7 @@ def train(args):
                                          seed=zlib.crc32(f"{args.seed}/{rank}/{step}/{c}".encode()))
             rollouts += zip(group, outs)
         gather_weights(False)
-        t_roll = time.time()
+        timer.mark("rollout")
         # -- score: ONE no-grad forward per micro-batch gives the old log-probs, the entropies and the reward
         S, lengths = len(rollouts), [len(o["ids"]) for _, o in rollouts]
         old_lp, ref_lp, entropy, rewards = [], [], [], []
@@ -370,7 +355,7 @@ def train(args):
                     ref_lp += response_stats(ref, *padded(mb), args.logit_chunk)[0].split([lengths[s] for s in mb])
         rewards = torch.cat(rewards)
         adv = group_advantages(rewards, n, args.baseline)  # a prompt's group never straddles ranks: no communication
-        t_score = time.time()
+        timer.mark("score")
         # -- update. micro-token-mean (verl as released): the whole per-token loss (policy term, entropy bonus, KL) is
         # each micro-batch's own token mean / the rank's micro-batches, averaged over ranks by FSDP. token-mean /
         # seq-mean-token-sum divide by the mini-batch's token / response count over all ranks (* world undoes FSDP).
@@ -396,15 +381,9 @@ def train(args):
                 # clipped = the clip is active (no gradient): ratio past 1+eps with A > 0, or below 1-eps with A < 0
                 clipped = ((ratio > 1 + args.clip_ratio) & (a_tok > 0)) | ((ratio < 1 - args.clip_ratio) & (a_tok < 0))
                 sums += torch.stack([loss.sum().detach(), kl.sum().detach(), clipped.sum(), lp.new_tensor(len(lp))])
-            if offload:  # the fp32 master step runs on the CPU; bf16 GPU weights only receive its rounded result
-                grad_norm = offloaded_step(params, master_params, opt, args.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                opt.step()
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
-            opt.zero_grad(set_to_none=True)
-            updates += 1
-        t_end = time.time()
+            timer.mark("fwd_bwd")
+            grad_norm, updates = opt.step(args.grad_clip, timer), updates + 1  # clip, AdamW, grads set to None
+        sec = timer.seconds()
         # -- logs: per-response records of all ranks; accuracy only when the prompts have answers
         ent_sums = torch.stack([e.sum() for e in entropy]).tolist()  # one host sync, not one per response
         recs = gather((r, a, lengths[s], o["truncated"], e, repeat_share(o["ids"]),
@@ -427,8 +406,9 @@ def train(args):
                    entropy=sum(ent_sum) / sum(L), length=sum(L) / len(L), length_vs_step1=sum(L) / len(L) / first_len,
                    truncated=sum(trunc) / len(L), spam=sum(x > 0.5 for x in rep) / len(L), repeat=sum(rep) / len(L),
                    kl=(sums[1] / sums[3]).item(), clip_frac=(sums[2] / sums[3]).item(), grad_norm=grad_norm.item(),
-                   rollout_tok_s=sum(L) / (t_roll - t0), step_s=t_end - t0, peak_mem_gb=mem / 2**30,
-                   train_tok_s=world * sum(len(prompt_ids[i]) + len(o["ids"]) for i, o in rollouts) / (t_end - t_score))
+                   rollout_tok_s=sum(L) / sec["rollout_s"], train_tok_s=world * sum(len(prompt_ids[i]) + len(o["ids"])
+                   for i, o in rollouts) / (sec["step_s"] - sec["rollout_s"] - sec["score_s"]), **sec,
+                   peak_mem_gb=mem / 2**30, host_rss_gb=ev.host_rss_gb())
         if None not in ok:  # does the label-free reward agree with the truth? pooled, and within each prompt's group
             centered = [c - sum(ok[j - j % n:j - j % n + n]) / n for j, c in enumerate(ok)]
             log.update(accuracy=sum(ok) / len(ok), corr_reward_correct=pearson(r, ok),

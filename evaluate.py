@@ -710,6 +710,200 @@ def cli_main(work, args, resumes):
         raise
 
 
+# ----------------------------------------------------------------------------- training machinery
+# Shared by em_ft.py and em_rl.py, nothing method-specific: where the fp32 master weights and AdamW state live
+# (optimizer_placement), AdamW on them (MasterAdamW), and the phase timer and host memory read in every log line.
+def optimizer_placement(n_params, free_bytes, margin_bytes=10 * 2**30):
+    """(trainable parameters, free GPU bytes with the bf16 model(s) already loaded) -> (offload, message).
+    Kept on the GPU: 12 B/param (fp32 master + AdamW m + v) for the whole run, 2 B/param for the bf16 grads of
+    each update, and a margin for what comes and goes (checkpointed activations, the rollout KV cache, the step's
+    fp32 scratch chunk of 256 MB). If that is more than is free, the master and the state go to the CPU."""
+    need, gib = n_params * 14 + margin_bytes, 2**30
+    offload = need > free_bytes
+    return offload, (f"optimizer: fp32 master + AdamW m, v {n_params * 12 / gib:.1f} GiB + bf16 grads "
+                     f"{n_params * 2 / gib:.1f} GiB + margin {margin_bytes / gib:.0f} GiB = {need / gib:.1f} GiB "
+                     f"{'>' if offload else '<='} {free_bytes / gib:.1f} GiB free on the GPU: " +
+                     (f"offloaded to the CPU ({n_params * 12 / gib:.1f} GiB of host RAM)" if offload else
+                      "kept on the GPU"))
+
+
+def master_placement(params, offload=None, verbose=True):
+    """Device of the fp32 master weights + AdamW state of a bf16 model: "cpu" if offload, the model's device if
+    offload is False, and with None (auto) the GPU when optimizer_placement says they fit (printed), else the CPU."""
+    device = params[0].device
+    if offload is not None or device.type != "cuda":
+        where = "cpu" if offload or device.type != "cuda" else str(device)
+        if verbose and offload is not None:
+            print(f"optimizer: fp32 master + AdamW on {where} (forced)")
+        return where
+    # free = what the driver has left + what PyTorch's allocator holds unused (it serves our allocations first)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    offload, message = optimizer_placement(sum(q.numel() for q in params), free)
+    if verbose:
+        print(message)
+    return "cpu" if offload else str(device)
+
+
+class MasterAdamW:
+    """AdamW for the training scripts, one of three placements (master):
+      None     plain torch AdamW (fused) on the parameters themselves (fp32 models: CPU runs, FSDP2 shards);
+      "cuda"   fp32 master weights + AdamW state on the GPU beside a bf16 model (mixed precision);
+      "cpu"    the same master + state in host RAM (a model whose optimizer does not fit on the GPU).
+    Both master placements do the math of fp32 AdamW on fp32 copies of the weights given the same grads: the global
+    norm is taken in fp32 over the grads, each grad is upcast and scaled by the clip coefficient, AdamW steps the
+    fp32 master and the model receives its rounded copy (the only rounding; tests/test_optimizer.py). The master
+    lives in chunks of `chunk` elements cut from all parameters laid end to end, and the step runs chunk by chunk
+    (one chunk's fp32 grads at a time). AdamW is elementwise and each piece of a tensor is its own AdamW parameter
+    with its own state and step count: the same numbers as whole tensors. Offloaded from a GPU, the CPU only runs
+    fused AdamW: on a side stream the GPU upcasts chunk k+1's grads and sends them to a pinned buffer (two, used in
+    turn) while the CPU steps chunk k, and each stepped chunk goes back in one DMA from the pinned master, rounded
+    to bf16 on the GPU."""
+
+    def __init__(self, params, master=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, chunk=2**26):
+        self.params, self.chunks, cur, used = list(params), [], [], 0
+        adamw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        if master is None:
+            self.flat, self.opt = None, torch.optim.AdamW(self.params, fused=True, **adamw)
+            return
+        for i, q in enumerate(self.params):
+            a = 0
+            while a < q.numel():  # a piece (param i, offset a, n elements) ends where the tensor or the chunk ends
+                n = min(q.numel() - a, chunk - used)
+                cur.append((i, a, n))
+                used, a = used + n, a + n
+                if used == chunk:
+                    self.chunks, cur, used = self.chunks + [cur], [], 0
+        self.chunks += [cur] if cur else []
+        self.staged = self.params[0].device.type == "cuda" and torch.device(master).type == "cpu"
+        # page-locked when offloaded (30 GB for a 7B): the weights go back to the GPU by DMA, with no CPU pass
+        self.flat = [torch.cat([self.params[i].detach().view(-1)[a:a + n].to(master, torch.float32) for i, a, n in c])
+                     for c in self.chunks]
+        self.flat = [f.pin_memory() for f in self.flat] if self.staged else self.flat
+        self.slices = [list(f.split([n for _, _, n in c])) for f, c in zip(self.flat, self.chunks)]
+        # fused: one multithreaded kernel per chunk, no temporaries (bench/bench_optimizer.py: for-loop, foreach, fused)
+        self.opt = torch.optim.AdamW([s for sl in self.slices for s in sl], fused=True, **adamw)
+        self.buf = torch.empty(len(self.flat[0]), dtype=torch.float32, device=self.params[0].device)  # fp32 scratch
+        if self.staged:
+            self.pinned = [torch.empty(len(self.buf), dtype=torch.float32, pin_memory=True) for _ in range(2)]
+            self.stream = torch.cuda.Stream()
+
+    def master_weights(self):
+        """The fp32 master copy of every parameter, assembled from the chunks (for tests and inspection)."""
+        out = [torch.empty(q.numel(), dtype=torch.float32, device=self.flat[0].device) for q in self.params]
+        for c, sl in zip(self.chunks, self.slices):
+            for (i, a, n), s in zip(c, sl):
+                out[i][a:a + n] = s
+        return [o.view(q.shape) for o, q in zip(out, self.params)]
+
+    @torch.no_grad()
+    def step(self, grad_clip, timer=None):
+        """Clip to grad_clip, one AdamW step, grads set to None; returns the global grad norm (before clipping).
+        timer (PhaseTimer) gets the phases grad (norm + fp32 grads where AdamW reads them), adamw, copyback."""
+        mark = timer.mark if timer else lambda name: None
+        if self.flat is None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+            mark("grad")
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            mark("adamw")
+            mark("copyback")  # none: the parameters themselves were stepped (the same log fields everywhere)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+        grads = [None if q.grad is None else q.grad.view(-1) for q in self.params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g for g in grads if g is not None], 2,
+                                                                         dtype=torch.float32)))
+        coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient, kept on the device
+        (self._staged_step if self.staged else self._local_step)(grads, coef, mark)
+        for q in self.params:
+            q.grad = None
+        return norm
+
+    def _gather(self, k, grads, coef):  # chunk k's grads -> self.buf (fp32, on the model's device), clipped
+        off = 0
+        for i, a, n in self.chunks[k]:
+            if grads[i] is not None:
+                self.buf[off:off + n].copy_(grads[i][a:a + n])
+            off += n
+        return self.buf[:off].mul_(coef)
+
+    def _attach(self, k, grads, buf):  # AdamW steps exactly the pieces of chunk k that have a gradient
+        for (i, a, n), s, g in zip(self.chunks[k], self.slices[k], buf.split([n for _, _, n in self.chunks[k]])):
+            s.grad = None if grads[i] is None else g
+
+    def _local_step(self, grads, coef, mark):  # master on the model's device
+        for k in range(len(self.chunks)):
+            self._attach(k, grads, self._gather(k, grads, coef))
+            mark("grad")
+            self.opt.step()
+            mark("adamw")
+            for (i, a, n), s in zip(self.chunks[k], self.slices[k]):
+                s.grad = None  # else the next chunk's opt.step() would step this one again
+                self.params[i].view(-1)[a:a + n].copy_(s)  # fp32 -> model dtype: the only rounding
+            mark("copyback")
+
+    def _staged_step(self, grads, coef, mark):  # master in pinned host memory, model on the GPU
+        stream, main = self.stream, torch.cuda.current_stream()
+        stream.wait_stream(main)  # the grads and coef come from the main stream
+
+        def fetch(k):  # side stream: the GPU upcasts and scales chunk k's grads, then DMA into pinned[k % 2]
+            with torch.cuda.stream(stream):
+                fp32 = self._gather(k, grads, coef)
+                self.pinned[k % 2][:len(fp32)].copy_(fp32, non_blocking=True)
+                arrived = torch.cuda.Event()
+                arrived.record(stream)
+            return arrived
+        arrived = fetch(0)
+        for k in range(len(self.chunks)):
+            arrived.synchronize()  # the host waits for chunk k's grads (transfer time not hidden by chunk k-1)
+            # pinned[(k+1) % 2] held chunk k-1's grads, already stepped; self.buf is reused in stream order
+            arrived = fetch(k + 1) if k + 1 < len(self.chunks) else None
+            self._attach(k, grads, self.pinned[k % 2][:len(self.flat[k])])
+            mark("grad")
+            self.opt.step()
+            mark("adamw")
+            with torch.cuda.stream(stream):  # one DMA of the stepped fp32 chunk, rounded to bf16 on the GPU
+                fp32 = self.buf[:len(self.flat[k])].copy_(self.flat[k], non_blocking=True)
+                for (i, a, n), s, w in zip(self.chunks[k], self.slices[k], fp32.split([n for *_, n in self.chunks[k]])):
+                    s.grad = None
+                    self.params[i].view(-1)[a:a + n].copy_(w)
+            mark("copyback")
+        stream.synchronize()  # every chunk is back; nothing reads the grads or the master any more
+        main.wait_stream(stream)
+        mark("copyback")
+
+
+class PhaseTimer:
+    """Seconds per phase of one update, with no host sync on the way: on CUDA each mark records an event on the
+    current stream (timestamps of the GPU's progress, the host's when the GPU is idle, as while the CPU steps an
+    offloaded AdamW); on the CPU it reads the clock. mark(name) ends phase `name`; marks of one name add up."""
+
+    def __init__(self, cuda):
+        self.cuda, self.marks = cuda, []
+        self.mark(None)
+
+    def mark(self, name):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def seconds(self):
+        """{"<phase>_s": seconds} in order of first mark, and step_s, their sum (one sync, on the last event)."""
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[f"{name}_s"] = out.get(f"{name}_s", 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        return {**out, "step_s": sum(out.values())}
+
+
+def host_rss_gb():
+    """Resident host memory of this process now (VmRSS; the peak, ru_maxrss, never comes down), in GiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+
+
 # ----------------------------------------------------------------------------- CLI
 def cpu_has_native_bf16():
     """avx512_bf16 or AMX: bf16 matmuls run natively (without them torch emulates bf16, several times slower)."""

@@ -1,16 +1,18 @@
 """
 Benchmark em_ft.py's training step at the One-shot EM recipe (64 rollouts of the wind-pressure prompt, 512 new
 tokens, T=0.5 / top-p 0.95 / repetition penalty 1.15, loss temperature 0.5, micro-batch 8) on a random-weight
-model: rollout tokens/s, train tokens/s, step time, peak memory. On the tiny shape it also times the released
-code's rollouts (use_cache=False, 2 prompts per generate call) against em_ft's KV-cached batched rollouts.
+model: seconds per phase of each update (rollout, fwd_bwd, grad = clip + fp32 grads where AdamW reads them,
+adamw, copyback = master weights back into the model), rollout and train tokens/s, peak GPU memory and host RSS.
+On the tiny shape it also times the released code's rollouts (use_cache=False, 2 prompts per generate call)
+against em_ft's KV-cached batched rollouts.
 
     python bench/bench_em_ft.py --shape tiny                 # CPU, seconds
-    python bench/bench_em_ft.py --shape 7b                   # 1 GPU: bf16 model, offloaded fp32 AdamW (as em_ft)
-    python bench/bench_em_ft.py --shape 1.5b --no-offload-optimizer
+    python bench/bench_em_ft.py --shape 7b --ref-rollouts 0  # 1 GPU: bf16 model, fp32 AdamW placed as em_ft.py does
+    python bench/bench_em_ft.py --shape 7b --ref-rollouts 0 --offload-optimizer --batch-size 16   # the CPU AdamW
 
 Random weights rarely emit EOS, so every rollout runs the full 512 tokens: the worst case for time and memory.
 """
-import argparse, os, resource, sys, time, types
+import argparse, json, os, resource, sys, time, types
 from contextlib import nullcontext
 
 import torch
@@ -18,6 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import em_ft  # noqa: E402
+import evaluate as ev  # noqa: E402
 from evaluate import build_prompt, generate_batch  # noqa: E402
 from tiny_model import SHAPES, build_tokenizer  # noqa: E402
 
@@ -37,10 +40,11 @@ def main():
     p.add_argument("--ref-rollouts", type=int, default=8, help="rollouts to time with the released code's "
                    "generation (use_cache=False, 2 per call); 0 = skip")
     p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
-                   help="fp32 master + AdamW on the CPU (default: on for CUDA, as em_ft.py on one GPU)")
+                   help="fp32 master + AdamW on the CPU (default on CUDA: on the GPU if they fit, as em_ft.py)")
+    p.add_argument("--json", action="store_true", help="also print each update as one line 'RESULT {json}'")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
-    offload = cuda if args.offload_optimizer is None else args.offload_optimizer
+    offload = args.offload_optimizer or cuda  # fp32 master weights (em_ft.py on one GPU; forced on a CPU)
     from transformers import Qwen2Config, Qwen2ForCausalLM
     tokenizer = build_tokenizer()
     shape = dict(SHAPES[args.shape])
@@ -57,8 +61,7 @@ def main():
     model.response_entropy = types.MethodType(em_ft.response_entropy, model)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     params = list(model.parameters())
-    master = [q.detach().to("cpu", torch.float32, copy=True).requires_grad_() for q in params] if offload else None
-    opt = torch.optim.AdamW(master or params, lr=2e-5, weight_decay=0.01, foreach=True)
+    opt = ev.MasterAdamW(params, ev.master_placement(params, args.offload_optimizer) if offload else None, lr=2e-5)
     run = types.SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=0.5, top_p=0.95,
                                 repetition_penalty=1.15, rollout_batch_size=args.rollout_batch_size,
                                 micro_batch_size=args.micro_batch_size, loss_temperature=0.5, entropy_chunk=1024)
@@ -69,12 +72,13 @@ def main():
                                                           >= len(tokenizer), float("-inf")))
     n_params = sum(q.numel() for q in params)
     print(f"shape {args.shape} ({n_params / 1e6:.2f}M params), device {torch.cuda.get_device_name() if cuda else 'cpu'}"
-          f", threads {torch.get_num_threads()}, offload {offload}, dtype {dtype}")
+          f", threads {torch.get_num_threads()}, fp32 master on {opt.flat[0].device if opt.flat else None}, "
+          f"dtype {dtype}")
     for step in range(1, args.steps + 1):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.time()
+        timer = ev.PhaseTimer(cuda)
         model.eval()
         outs = []
         for i in range(0, args.batch_size, args.rollout_batch_size):
@@ -84,22 +88,23 @@ def main():
         model.train()
         rows = [(prompt_ids, o["ids"]) for o in outs]
         n_tok = sum(len(o["ids"]) for o in outs)
-        t1 = time.time()
+        timer.mark("rollout")
         em_ft.accumulate_gradients(model, rows, tokenizer.pad_token_id, run, n_tok, 1.0, ctx)
-        if offload:
-            em_ft.offloaded_step(params, master, opt, 1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        t2 = time.time()
+        timer.mark("fwd_bwd")
+        opt.step(1.0, timer)
+        sec = timer.seconds()
         seq_tok = n_tok + len(rows) * len(prompt_ids)
-        ours = n_tok / (t1 - t0)
-        print(f"step {step}: rollouts {n_tok} tok in {t1 - t0:.2f}s = {ours:.0f} tok/s | train "
-              f"{seq_tok} tok in {t2 - t1:.2f}s = {seq_tok / (t2 - t1):.0f} tok/s | step {t2 - t0:.2f}s | "
-              f"peak {peak_gb(cuda):.2f} GB")
+        ours, train_s = n_tok / sec["rollout_s"], sec["step_s"] - sec["rollout_s"]
+        res = {"bench": "em_ft", "shape": args.shape, "step": step, "batch_size": args.batch_size,
+               "master": str(opt.flat[0].device) if opt.flat else None, **sec, "rollout_tokens": n_tok,
+               "rollout_tok_s": ours, "train_tok_s": seq_tok / train_s, "peak_gb": peak_gb(cuda),
+               "host_rss_gb": ev.host_rss_gb()}
+        print(f"step {step}: " + " | ".join(f"{k[:-2]} {v:.2f}s" for k, v in sec.items()) +
+              f" || rollouts {n_tok} tok = {ours:.0f} tok/s | train {seq_tok} tok in {train_s:.2f}s = "
+              f"{seq_tok / train_s:.0f} tok/s | peak {'GPU' if cuda else 'RSS'} {res['peak_gb']:.2f} GB | "
+              f"host RSS {res['host_rss_gb']:.2f} GB", flush=True)
+        if args.json:
+            print("RESULT " + json.dumps(res), flush=True)
     if args.ref_rollouts:
         # The released loop: generate(use_cache=False) on 2 prompts at a time: every new token re-runs the whole
         # sequence (quadratic), and the batch is tiny (serial).

@@ -4,16 +4,17 @@
     score    the no-grad forward that gives old log-probs, entropies and the reward (em_rl.response_stats)
     ref      the same forward on the frozen reference model (for the KL)
     train    forward + backward of the PPO-clip/entropy/KL loss with chunked logits, then the optimizer step
-             (CUDA: bf16 model, fp32 master weights + AdamW on the CPU, as em_rl.py's --offload-optimizer)
+             (CUDA: bf16 model, fp32 master weights + AdamW on the GPU if they fit, else on the CPU, as em_rl.py),
+             split into fwd_bwd, grad (clip + fp32 grads where AdamW reads them), adamw, copyback
 
-It prints tokens/s per phase, the train/rollout ratio, peak memory, and the activation memory one training
-micro-batch saves for backward with chunked+checkpointed logits versus full [tokens x vocab] fp32 logits.
+It prints tokens/s per phase, the train/rollout ratio, peak GPU memory and host RSS, and the activation memory
+one training micro-batch saves for backward with chunked+checkpointed logits versus full [tokens x vocab] logits.
 
     python bench/bench_em_rl.py --shape tiny                         # CPU, seconds
     python bench/bench_em_rl.py --model /work/models/smollm2-135m-instruct --batch 8   # a real small model, CPU
     python bench/bench_em_rl.py --shape 7b --batch 64 --new-tokens 1024 --prompt-len 256   # one 80 GB GPU
 """
-import argparse, os, resource, sys, time, types
+import argparse, json, os, resource, sys, time, types
 from contextlib import nullcontext
 
 import torch
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config, Qw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import em_rl  # noqa: E402
+import evaluate as ev  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from tiny_model import SHAPES  # noqa: E402
 
@@ -65,6 +67,11 @@ def main():
     p.add_argument("--logit-chunk", type=int, default=1024, help="positions per chunk of the vocab projection")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="default: on with CUDA")
     p.add_argument("--no-compare", action="store_true", help="skip the full-logits activation comparison")
+    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp32 master + AdamW on the CPU (default on CUDA: on the GPU if they fit, as em_rl.py)")
+    p.add_argument("--train-steps", type=int, default=1, help="train steps; the last is reported (the first "
+                   "allocates AdamW's state)")
+    p.add_argument("--json", action="store_true", help="also print the figures as one line 'RESULT {json}'")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -83,8 +90,8 @@ def main():
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and cuda):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [q for q in model.parameters()]
-    master = [q.detach().float().cpu().requires_grad_() for q in params] if cuda else params
-    opt = torch.optim.AdamW(master, lr=1e-6, weight_decay=0.01, foreach=True)
+    mixed = cuda or args.offload_optimizer  # fp32 master weights for the bf16 model (em_rl.py on one GPU)
+    opt = ev.MasterAdamW(params, ev.master_placement(params, args.offload_optimizer) if mixed else None, lr=1e-6)
     n_params = sum(q.numel() for q in params)
     print(f"shape {args.shape} ({n_params / 1e6:.1f}M params) on {torch.cuda.get_device_name() if cuda else 'cpu'}, "
           f"{dtype}, gradient checkpointing {model.is_gradient_checkpointing}, "
@@ -138,19 +145,14 @@ def main():
         return loss.sum() / len(lp)
 
     def train():
+        timer = ev.PhaseTimer(cuda)
         for b, (old, _, _, _) in zip(batches, stats):
             loss_of(b, old).backward()
-        if cuda:  # as --offload-optimizer: fp32 grads to the CPU master, AdamW there, weights back
-            for m, q in zip(master, params):
-                m.grad, q.grad = q.grad.to("cpu", torch.float32), None
-        torch.nn.utils.clip_grad_norm_(master, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            with torch.no_grad():
-                for m, q in zip(master, params):
-                    q.copy_(m)
-    _, t_train = timed(train)
+        timer.mark("fwd_bwd")
+        opt.step(1.0, timer)
+        return timer.seconds()
+    for _ in range(args.train_steps):
+        phases, t_train = timed(train)
     mem_train = peak_gb()
 
     seq_tokens, new_tokens = args.batch * (P + T), args.batch * T
@@ -158,11 +160,19 @@ def main():
     print(f"score    {seq_tokens / t_score:10.0f} tok/s       {t_score:7.2f} s   peak {mem_score:.2f} GB")
     print(f"ref      {seq_tokens / t_ref:10.0f} tok/s       {t_ref:7.2f} s")
     print(f"train    {seq_tokens / t_train:10.0f} tok/s       {t_train:7.2f} s   peak {mem_train:.2f} GB "
-          "(fwd+bwd+optimizer step)")
+          f"(fwd+bwd+optimizer step; host RSS {ev.host_rss_gb():.2f} GB; fp32 master on "
+          f"{opt.flat[0].device if opt.flat else None}): " +
+          ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in phases.items()))
     total = t_roll + t_score + t_ref + t_train
     print(f"step     {total:.2f} s: rollout {t_roll / total:.0%}, score+ref {(t_score + t_ref) / total:.0%}, "
           f"train {t_train / total:.0%}; train/rollout tok/s ratio "
           f"{(seq_tokens / t_train) / (new_tokens / t_roll):.1f}")
+    if args.json:
+        print("RESULT " + json.dumps({"bench": "em_rl", "shape": args.shape, "batch": args.batch, "prompt_len": P,
+                                      "new_tokens": T, "rollout_s": t_roll, "score_s": t_score, "ref_s": t_ref,
+                                      "train_s": t_train, **phases, "peak_gb": mem_train,
+                                      "host_rss_gb": ev.host_rss_gb(),
+                                      "master": str(opt.flat[0].device) if opt.flat else None}), flush=True)
     if not args.no_compare:
         b, old = batches[0], stats[0][0]
         (_, chunked), (_, full) = (saved_for_backward(lambda c=c: loss_of(b, old, c), params) for c in (True, False))

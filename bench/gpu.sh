@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The prepared GPU check (one H100 80 GB or H200 141 GB, under 8 minutes), random weights of Qwen2.5-Math-7B's
+# exact shapes (tests/tiny_model.py SHAPES["7b"]):
+#   em_ft_auto     em_ft's update at the One-shot EM recipe (64 rollouts x <= 512 tokens), fp32 master + AdamW
+#                  placed by memory as em_ft.py does (H200: on the GPU; H100: on the CPU), with its breakdown
+#   em_ft_offload  the same with the optimizer forced to the CPU (pinned async copies + fused CPU AdamW), batch 8
+#   em_rl          one em_rl step (policy + reference model, 16 sequences x (128 + 256) tokens), breakdown
+#   generate_*     evaluate.py's greedy generation, 128 problems x <= 256 tokens, batch 64: the static engine, and
+#                  the continuous one too if `python evaluate.py --help` lists --engine
+#   em_inf         em_inf.py's EM-INF and adaptive temperature vs plain sampling, batch 64 x 128 tokens
+# Each step runs under its own time limit (and a total budget); a step that fails or times out is recorded and the
+# next one runs. Results: one JSON line per step (rc, wall time, the bench's RESULT records, the output's tail) in
+# $OUT/gpu_results.jsonl, or bench_out/gpu_results.jsonl without $OUT; full logs beside it.
+#
+#   bash bench/gpu.sh                        # on the GPU machine
+#   GPU_SH_SHAPE=tiny bash bench/gpu.sh      # CPU smoke run: tiny model, small sizes, the same steps
+set -u
+cd "$(dirname "$0")/.."
+SHAPE=${GPU_SH_SHAPE:-7b}
+PY=${PYTHON:-python}
+DIR=${OUT:-bench_out}
+mkdir -p "$DIR"
+RES=$DIR/gpu_results.jsonl
+: > "$RES"
+START=$(date +%s)
+BUDGET=${GPU_SH_BUDGET:-$([ "$SHAPE" = tiny ] && echo 1200 || echo 470)}  # seconds for all steps together
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+
+step() {  # step NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of BUDGET), append one JSON line
+  local name=$1 limit=$2 left
+  shift 2
+  left=$((BUDGET - ($(date +%s) - START)))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then
+    echo "== $name: skipped (budget spent)"
+    echo "{\"step\": \"$name\", \"skipped\": \"total budget of ${BUDGET}s spent\"}" >> "$RES"
+    return
+  fi
+  echo "== $name (limit ${limit}s): $*"
+  local log=$DIR/gpu_$name.log t0
+  t0=$(date +%s.%N)
+  timeout -k 10 "$limit" "$@" > "$log" 2>&1
+  local rc=$?
+  tail -n 12 "$log"
+  "$PY" - "$name" "$rc" "$t0" "$log" "$*" >> "$RES" <<'EOF'
+import json, sys, time
+name, rc, t0, log, cmd = sys.argv[1:]
+lines = open(log, errors="replace").read().splitlines()
+print(json.dumps({"step": name, "rc": int(rc), "timed_out": int(rc) in (124, 137), "command": cmd,
+                  "wall_s": round(time.time() - float(t0), 1),
+                  "results": [json.loads(x[len("RESULT "):]) for x in lines if x.startswith("RESULT ")],
+                  "tail": [x[-400:] for x in lines if not x.startswith("RESULT ")][-15:]}))
+EOF
+}
+
+if [ "$SHAPE" = tiny ]; then  # sizes that run in seconds on a CPU
+  FT="--batch-size 8 --max-new-tokens 32"; FT_OFF="--batch-size 4 --max-new-tokens 16"
+  RL="--batch 8 --prompt-len 32 --new-tokens 16"; GEN="--problems 8 --batch-size 4 --max-new-tokens 16"
+  INF="--batch-size 4 --new-tokens 16"; L=(300 300 300 300 300)
+else
+  FT=""; FT_OFF="--batch-size 8 --max-new-tokens 128"
+  RL="--batch 16 --prompt-len 128 --new-tokens 256"; GEN="--problems 128 --batch-size 64 --max-new-tokens 256"
+  INF="--batch-size 64 --new-tokens 128"; L=(130 100 80 45 60)
+fi
+
+step env 30 "$PY" -c "import torch, transformers, json; c = torch.cuda.is_available(); print('RESULT ' + json.dumps({
+  'torch': torch.__version__, 'transformers': transformers.__version__, 'shape': '$SHAPE',
+  'device': torch.cuda.get_device_name() if c else 'cpu', 'cpus': torch.get_num_threads(),
+  'gpu_gib': torch.cuda.get_device_properties(0).total_memory / 2**30 if c else None}))"
+# shellcheck disable=SC2086  # the size variables are word lists on purpose
+step em_ft_auto "${L[0]}" "$PY" bench/bench_em_ft.py --shape "$SHAPE" --steps 2 --ref-rollouts 0 --json $FT
+# shellcheck disable=SC2086
+step em_ft_offload "${L[1]}" "$PY" bench/bench_em_ft.py --shape "$SHAPE" --steps 2 --ref-rollouts 0 --json \
+  --offload-optimizer $FT_OFF
+# shellcheck disable=SC2086
+step em_rl "${L[2]}" "$PY" bench/bench_em_rl.py --shape "$SHAPE" --train-steps 2 --no-compare --json $RL
+ENGINES=static
+"$PY" evaluate.py --help 2>/dev/null | grep -q -- "--engine" && ENGINES="static continuous"
+for engine in $ENGINES; do
+  # shellcheck disable=SC2086
+  step "generate_$engine" "${L[3]}" "$PY" bench/bench_generate.py --shape "$SHAPE" --engine "$engine" --json $GEN
+done
+# shellcheck disable=SC2086
+step em_inf "${L[4]}" "$PY" bench/bench_em_inf.py --shape "$SHAPE" --repeats 1 $INF
+
+echo "== done in $(($(date +%s) - START)) s: $RES"
+"$PY" - "$RES" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['step']:>18}: " + (r["skipped"] if "skipped" in r else
+          f"rc {r['rc']}{' (timed out)' if r['timed_out'] else ''}, {r['wall_s']} s, {len(r['results'])} results"))
+EOF

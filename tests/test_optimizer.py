@@ -1,0 +1,161 @@
+"""evaluate.py's training machinery: the fp32-master AdamW against torch's plain fp32 AdamW on the same grads, the
+GPU-or-CPU placement arithmetic, and the per-phase timing and memory fields of em_ft.py's and em_rl.py's logs."""
+import json
+
+import pytest
+import torch
+
+import em_ft
+import em_rl
+import evaluate as ev
+
+
+def tiny_like_params(tiny, dtype):
+    """Copies of the tiny model's weights (the session model stays untouched), plus a [7, 5] tensor that never gets a
+    gradient (AdamW must skip it, as torch's does)."""
+    return [q.detach().to(dtype, copy=True).requires_grad_() for q in tiny[0].parameters()] + \
+        [torch.randn(7, 5, dtype=dtype).requires_grad_()]
+
+
+class SyncStream:
+    """Stand-in for torch.cuda's Stream/Event on a machine without a GPU: every copy is already done when issued."""
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    wait_stream = synchronize = record = __init__
+
+
+@pytest.mark.parametrize("dtype,staged", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
+def test_master_adamw_is_fp32_adamw(tiny, dtype, staged, monkeypatch):
+    """3 steps of MasterAdamW (master on the CPU, chunks of 3000 elements: the embedding is cut in 11 pieces, small
+    tensors share chunks, pieces straddle chunk boundaries) == torch.optim.AdamW (fp32, for-loop) on fp32 copies of
+    the same weights with the same grads and clip_grad_norm_; the model holds the master rounded to its dtype.
+    staged: the offloaded-from-GPU path's bookkeeping (two pinned grad buffers used in turn, chunk k+1 fetched
+    before chunk k is stepped, one copy back per chunk), with CUDA streams and events replaced by synchronous
+    stand-ins; the asynchronous copies themselves only run on a GPU (bench/gpu.sh)."""
+    torch.manual_seed(0)
+    params = tiny_like_params(tiny, dtype)
+    ref = [q.detach().to(torch.float32, copy=True).requires_grad_() for q in params]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = ev.MasterAdamW(params, "cpu", chunk=3000, **kw)
+    if staged:
+        for name in ("Stream", "Event", "stream", "current_stream"):
+            monkeypatch.setattr(torch.cuda, name, SyncStream)
+        opt.staged, opt.stream, opt.pinned = True, SyncStream(), [torch.full((3000,), float("nan")) for _ in range(2)]
+    ref_opt = torch.optim.AdamW(ref, foreach=False, fused=False, **kw)
+    assert len(opt.chunks) > 10 and any(len(c) > 1 for c in opt.chunks)  # split tensors and shared chunks
+    assert [len(f) for f in opt.flat[:-1]] == [3000] * (len(opt.chunks) - 1)
+    for step, clip in enumerate([1e9, 1.0, 1e9]):  # the clip acts at step 2 only (norms here are 3..10)
+        for q, r in zip(params[:-1], ref[:-1]):
+            q.grad = (torch.randn_like(r) * 0.01 * (step + 1)).to(dtype)
+            r.grad = q.grad.to(torch.float32, copy=True)
+        norm = opt.step(clip)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, clip)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-6, atol=0)
+        assert (norm > clip) == (step == 1)
+        for q, m, r in zip(params, opt.master_weights(), ref):
+            assert q.grad is None
+            torch.testing.assert_close(m, r.detach(), rtol=1e-6, atol=1e-7)
+            assert torch.equal(q.detach(), m.to(dtype))  # the only rounding is fp32 -> model dtype
+    assert torch.equal(opt.master_weights()[-1], params[-1].detach().float())  # never had a grad: never moved
+
+
+def test_plain_placement_is_torch_adamw(tiny):
+    """master=None (CPU runs, FSDP2): torch AdamW on the parameters themselves, after clip_grad_norm_."""
+    torch.manual_seed(1)
+    params = tiny_like_params(tiny, torch.float32)[:-1]
+    ref = [q.detach().clone().requires_grad_() for q in params]
+    opt, ref_opt = ev.MasterAdamW(params, None, lr=1e-2), torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.01)
+    for q, r in zip(params, ref):
+        q.grad = torch.randn_like(q)
+        r.grad = q.grad.clone()
+    norm = opt.step(0.5)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, 0.5))
+    ref_opt.step()
+    for q, r in zip(params, ref):
+        assert q.grad is None
+        torch.testing.assert_close(q, r, rtol=1e-6, atol=1e-7)
+
+
+def test_optimizer_placement_arithmetic():
+    gib = 2**30
+    n7b, n05b = 7_615_616_512, 494_032_768  # Qwen2.5-Math-7B (untied lm_head) and Qwen2.5-0.5B (tied)
+    # H200 (~139.5 GiB usable) minus the bf16 7B model (14.2 GiB): 14 B/param (99.3 GiB) + 10 GiB margin fit
+    offload, msg = ev.optimizer_placement(n7b, int(125.3 * gib))
+    assert not offload and "kept on the GPU" in msg
+    assert "85.1 GiB + bf16 grads 14.2 GiB + margin 10 GiB = 109.3 GiB <= 125.3 GiB" in msg, msg
+    # H100 80 GB (79.1 GiB) minus the 7B model: offloaded, with the host RAM it takes
+    offload, msg = ev.optimizer_placement(n7b, int(64.9 * gib))
+    assert offload and "109.3 GiB > 64.9 GiB" in msg and "offloaded to the CPU (85.1 GiB of host RAM)" in msg, msg
+    # em_rl's 7B on an H200 with the bf16 reference model too (2 x 14.2 GiB): still fits, 1.8 GiB to spare
+    assert not ev.optimizer_placement(n7b, int(111.1 * gib))[0]
+    assert ev.optimizer_placement(n7b, int(109.2 * gib))[0]
+    assert not ev.optimizer_placement(n05b, 78 * gib)[0]  # 0.5B on an H100: 16.4 GiB
+    need = n05b * 14 + 10 * gib  # the boundary: exactly enough is enough
+    assert not ev.optimizer_placement(n05b, need)[0] and ev.optimizer_placement(n05b, need - 1)[0]
+
+
+def test_master_placement_forced_and_cpu():
+    params = [torch.zeros(3, dtype=torch.bfloat16)]
+    assert ev.master_placement(params, True) == "cpu"
+    assert ev.master_placement(params, None) == "cpu"  # no GPU: nothing to decide
+    assert ev.master_placement(params, False) == "cpu"  # "the model's device"
+
+
+def test_phase_timer_adds_up():
+    timer = ev.PhaseTimer(cuda=False)
+    for name in ["rollout", "grad", "adamw", "grad"]:
+        sum(range(20000))
+        timer.mark(name)
+    s = timer.seconds()
+    assert list(s) == ["rollout_s", "grad_s", "adamw_s", "step_s"] and min(s.values()) > 0
+    assert s["step_s"] == pytest.approx(s["rollout_s"] + s["grad_s"] + s["adamw_s"])
+    assert 0 < ev.host_rss_gb() < 1024
+
+
+BREAKDOWN = ["rollout_s", "fwd_bwd_s", "grad_s", "adamw_s", "copyback_s", "step_s", "peak_mem_gb", "host_rss_gb"]
+
+
+@pytest.mark.parametrize("offload", ["--offload-optimizer", "--no-offload-optimizer"])
+def test_logs_carry_the_breakdown(tiny_model_dir, tmp_path, offload, capsys):
+    """Each update's log line and log.jsonl: time per phase (the step's phases add up to step_s) and memory."""
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"problem": "What is 2+3?"}) + "\n")
+    em_ft.main(["--model", tiny_model_dir, "--max-steps", "1", "--batch-size", "2", "--max-new-tokens", "6",
+                offload, "--out", str(tmp_path / "ft")])
+    em_rl.main(["--model", tiny_model_dir, "--data", str(data), "--batch-size", "1", "--max-new-tokens", "6",
+                "--steps", "1", "--ppo-minibatches", "2", offload, "--out", str(tmp_path / "rl")])
+    for name, extra in (("ft", []), ("rl", ["score_s"])):
+        log = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
+        for key in BREAKDOWN + extra:
+            assert log[key] > 0, (name, key)
+        phases = sum(v for k, v in log.items() if k.endswith("_s") and not k.endswith(("tok_s", "step_s")))
+        assert log["step_s"] == pytest.approx(phases, rel=1e-6), name
+    out = capsys.readouterr().out  # the log lines on stdout carry the same fields
+    assert all(out.count(f" {key} ") == 2 for key in BREAKDOWN), out
+
+
+def test_gpu_script_smoke_on_cpu(tmp_path):
+    """bench/gpu.sh at the tiny shape (GPU_SH_SHAPE=tiny): every step runs and records its line in the results file,
+    with the benches' RESULT records (the 7B run on a GPU uses the same commands at other sizes)."""
+    import os
+    import subprocess
+    proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={**os.environ, "GPU_SH_SHAPE": "tiny", "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps][:4] == ["env", "em_ft_auto", "em_ft_offload", "em_rl"]
+    assert {"generate_static", "em_inf"} <= {s["step"] for s in steps}
+    assert all(s["rc"] == 0 for s in steps), [(s["step"], s["tail"]) for s in steps if s["rc"]]
+    ft = [r for s in steps if s["step"] == "em_ft_offload" for r in s["results"]]
+    assert len(ft) == 2 and all(r["master"] == "cpu" and r["adamw_s"] > 0 for r in ft)
+    assert [r["bench"] for s in steps if s["step"] == "em_rl" for r in s["results"]] == ["em_rl"]
