@@ -180,6 +180,8 @@ def main(argv=None):
                         "or the last number (evaluate.py's flag)")
     # --- system
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (per GPU)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "continuous", "static"], help="generation "
+                        "engine (see evaluate.py)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the EM-INF update (CUDA)")
     parser.add_argument("--out", default=None, help="output folder (default eval_out/em_inf-<model name>)")
@@ -247,7 +249,8 @@ def run(args):
                 _, samples = evaluate.evaluate_model(
                     model, tokenizer, shard, template=args.template, max_new_tokens=args.max_new_tokens,
                     temperature=1.0, top_p=args.top_p, n=args.n, batch_size=args.batch_size, seed=args.seed + rank,
-                    name=name, progress=rank == 0, logits_processor=[proc], answer_fallback=args.answer_fallback)
+                    name=name, progress=rank == 0, logits_processor=[proc], answer_fallback=args.answer_fallback,
+                    engine=args.engine)  # the EM-INF processor is custom: auto runs it on the static path
             gathered = [(samples, proc.sums.tolist(), time.time() - t0)]  # .tolist(): the one sync per benchmark
             if world > 1:
                 gathered = gathered * world

@@ -171,6 +171,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (released code: 1.0); "
                    "log-probs and rewards are at T=1, so another value makes the update off-policy")
     p.add_argument("--rollout-batch-size", type=int, default=64, help="sequences per generate call (memory knob)")
+    p.add_argument("--engine", default="auto", choices=["auto", "continuous", "static"], help="generation engine")
     # --- reward and advantage
     p.add_argument("--reward", default="token", choices=["token", "sequence", "self-certainty"], help="which "
                    "confidence is the reward: -sum H (token), log pi(y) (sequence), KL(U||pi) (self-certainty)")
@@ -300,7 +301,7 @@ def train(args):
         gather_weights(True)
         mine = eval_set[rank::world]  # each rank grades its share; metrics over the gathered samples
         with ctx:
-            samples = ev.evaluate_model(model, tok, mine, args.template, args.eval_max_new_tokens, seed=args.seed,
+            samples = ev.evaluate_model(model, tok, mine, args.template, args.eval_max_new_tokens, engine=args.engine,
                                         name=args.eval_benchmark, progress=master)[1] if mine else []
         gather_weights(False)
         return {f"eval_{k}": v for k, v in ev.compute_metrics(gather(samples), 1).items()}
@@ -358,7 +359,7 @@ def train(args):
             group = [i for i in idx[c:c + per_call] for _ in range(n)]
             with ctx:
                 outs = ev.generate_batch(model, tok, [texts[i] for i in group], args.max_new_tokens, args.temperature,
-                                         seed=zlib.crc32(f"{args.seed}/{rank}/{step}/{c}".encode()))
+                                         seed=zlib.crc32(f"{args.seed}/{rank}/{step}/{c}".encode()), engine=args.engine)
             rollouts += zip(group, outs)
         gather_weights(False)
         t_roll = time.time()

@@ -168,6 +168,8 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=1, help="how many top candidates go into --out")
     parser.add_argument("--keep-samples", type=int, default=2, help="responses kept per candidate in the outputs")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (k per candidate)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "continuous", "static"], help="generation "
+                        "engine (see evaluate.py)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on "
                         "CUDA, fp32 on CPU")
     parser.add_argument("--overwrite", action="store_true", help="discard the samples of an earlier run")
@@ -246,7 +248,8 @@ def run(args):
             bar.update(len(batch))
             continue
         outs = generate_batch(model, tokenizer, [prompts[jobs[n][0]] for n in batch], args.max_new_tokens,
-                              args.temperature, args.top_p, seed=zlib.crc32(f"{args.seed}/{rank}/{b}".encode()))
+                              args.temperature, args.top_p, seed=zlib.crc32(f"{args.seed}/{rank}/{b}".encode()),
+                              engine=args.engine)
         ents = token_entropy(model, [pids[jobs[n][0]] for n in batch], [o["ids"] for o in outs],
                              entropy_t) if entropy_t else [None] * len(batch)
         for n, o, h in zip(batch, outs, ents):

@@ -1,0 +1,175 @@
+"""Static vs continuous batching (evaluate.generate_batch, engine="static" / "continuous") on identical prompts.
+
+Runs the same prompts in the same batches (one generate call per --batch-size prompts, as evaluate_model and the
+method scripts call it) through both engines, asserts identical greedy outputs (ids, text, truncated), and prints
+per engine: wall time, new tokens, tokens/s, peak memory, plus the continuous/static ratio and the share of the
+static path's decode work spent on rows that had already stopped (or were padding).
+
+    # CPU, real small model, GSM8K length mix (prompts and stops of a real model)
+    python bench/bench_generate.py --model /work/models/smollm2-135m --benchmark gsm8k --n-prompts 32 \\
+        --batch-size 32 --max-new-tokens 256
+    python bench/bench_generate.py --shape tiny --n-prompts 24 --max-new-tokens 48        # CPU, seconds
+    # 1 GPU, random weights at 7B shapes, bf16: response lengths drawn from --length-mix (random weights never stop),
+    # continuous batching with and without CUDA graphs
+    python bench/bench_generate.py --shape 7b --n-prompts 256 --batch-size 64 --max-new-tokens 1024 \\
+        --length-mix 64:1024 --cuda-graph both
+
+Random weights (--shape) rarely emit a stop token, so each row gets a new-token budget drawn uniformly from
+--length-mix: the static path still runs each batch until its longest row ends (its rows are cut afterwards, as a
+stop token would), the continuous path ends each row at its budget -- the same work a model stopping at those
+lengths causes. Greedy outputs are compared on the kept tokens.
+"""
+import argparse, os, random, resource, sys, time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import evaluate as ev  # noqa: E402
+from tiny_model import SHAPES, build_tokenizer  # noqa: E402
+
+
+def peak_memory_gb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
+
+
+def rss_gb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def build(args, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[args.dtype]
+    if args.model:
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
+        return model.eval(), tok
+    tok = build_tokenizer()
+    config = Qwen2Config(**{**SHAPES[args.shape], "vocab_size": max(SHAPES[args.shape]["vocab_size"], len(tok))},
+                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):  # init straight on the GPU: a 7B fp32 init on the CPU takes minutes
+        model = Qwen2ForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    return model.eval(), tok
+
+
+def run_engine(engine, model, tok, prompts, limits, args, device):
+    """All prompts in --batch-size calls; returns (outputs, seconds, peak memory)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    outs, t0 = [], time.time()
+    for b in range(0, len(prompts), args.batch_size):
+        batch, lim = prompts[b:b + args.batch_size], limits[b:b + args.batch_size] if limits else None
+        if lim is None or engine.startswith("static"):  # static: runs to the batch's longest budget, cut after
+            n = max(lim) if lim else args.max_new_tokens
+            if engine.startswith("static"):
+                res = ev.generate_batch(model, tok, batch, n, engine="static")
+            else:
+                res = ev.generate_batch(model, tok, batch, n, engine="continuous")
+            if lim:
+                res = [{**r, "ids": r["ids"][:k], "truncated": r["truncated"] or len(r["ids"]) > k}
+                       for r, k in zip(res, lim)]
+        else:
+            from transformers import GenerationConfig
+            stops = ev.stop_token_ids(tok, model)
+            config = GenerationConfig(max_new_tokens=max(lim), do_sample=False, eos_token_id=stops,
+                                      pad_token_id=tok.pad_token_id)
+            graph = {"continuous+graphs": True, "continuous-graphs": False}.get(engine)
+            rows = ev.continuous_generate(model, [tok(p, add_special_tokens=False).input_ids for p in batch],
+                                          config, cuda_graph=graph, limits=lim)
+            res = [{**ev.cut_at_stop(r, stops, tok), "truncated": ev.cut_at_stop(r, stops, tok)["truncated"]
+                    or len(r) >= k} for r, k in zip(rows, lim)]
+        outs += res
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return outs, time.time() - t0, peak_memory_gb(device)
+
+
+def static_waste(prompts, outs, tok, batch_size):
+    """Share of the static path's decode row-steps spent on rows already stopped: per batch, B x (longest new
+    length) row-steps are computed, sum(new lengths) of them are kept."""
+    computed = kept = 0
+    for b in range(0, len(outs), batch_size):
+        lens = [len(o["ids"]) for o in outs[b:b + batch_size]]
+        computed, kept = computed + len(lens) * max(lens), kept + sum(lens)
+    return 1 - kept / max(computed, 1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="local HF model folder (else random weights of --shape)")
+    p.add_argument("--shape", default="tiny", choices=list(SHAPES), help="random-weight shape (tests/tiny_model.py)")
+    p.add_argument("--benchmark", default="gsm8k", help="prompts: problems of this benchmark (qwen-math prompt)")
+    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "benchmarks"),
+                   help="folder with the benchmark files")
+    p.add_argument("--template", default=None, help="prompt template (default qwen-math; plain without a chat "
+                   "template)")
+    p.add_argument("--n-prompts", type=int, default=32, help="number of prompts")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (both engines)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="new-token budget")
+    p.add_argument("--length-mix", default=None, help="LO:HI: per-row budgets uniform in [LO, HI] (default for "
+                   "--shape: 16:max-new-tokens; real models stop by themselves)")
+    p.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off", "both"], help="continuous "
+                   "batching's CUDA graphs (GPU): transformers' choice, forced on, off, or both runs")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--skip-static", action="store_true", help="continuous runs only (no comparison)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = build(args, device)
+    problems = ev.load_benchmark(args.benchmark, args.data_dir, limit=args.n_prompts)
+    template = args.template or ("qwen-math" if tok.chat_template else "plain")
+    prompts = [ev.build_prompt(tok, q["problem"], template) for q in problems]
+    mix = args.length_mix or (None if args.model else f"16:{args.max_new_tokens}")
+    limits = None
+    if mix:
+        lo, hi = map(int, mix.split(":"))
+        rng = random.Random(0)
+        limits = [rng.randint(lo, min(hi, args.max_new_tokens)) for _ in prompts]
+    engines = ["static"] * (not args.skip_static) + {
+        "auto": ["continuous"], "on": ["continuous+graphs"], "off": ["continuous-graphs"],
+        "both": ["continuous-graphs", "continuous+graphs"]}[args.cuda_graph]
+    lengths = [len(tok(x, add_special_tokens=False).input_ids) for x in prompts]
+    print(f"{device}, {args.model or args.shape}, {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, "
+          f"batch {args.batch_size}, max_new_tokens {args.max_new_tokens}, lengths: {mix or 'the model stops'}, "
+          f"threads {torch.get_num_threads()}")
+    ev.generate_batch(model, tok, prompts[:2], 4, engine="static")  # warm-up (allocator, kernels)
+    ev.generate_batch(model, tok, prompts[:2], 4, engine="continuous")
+    results, ref = {}, None
+    for engine in engines:
+        before = rss_gb()
+        outs, wall, peak = run_engine(engine, model, tok, prompts, limits, args, device)
+        new = sum(len(o["ids"]) for o in outs)
+        results[engine] = dict(wall=wall, tokens=new, tok_s=new / wall, peak=peak, rss_after=rss_gb() - before)
+        if ref is None:
+            ref = outs
+        else:
+            diff = [i for i, (a, b) in enumerate(zip(ref, outs)) if a["ids"] != b["ids"] or a["truncated"] !=
+                    b["truncated"]]
+            assert not diff, f"{engine}: greedy outputs differ from {engines[0]} on prompts {diff[:10]}"
+        r = results[engine]
+        print(f"{engine:18s} wall {wall:7.1f} s  {new} new tokens  {r['tok_s']:8.1f} tok/s  peak mem {peak:.2f} GB"
+              f"  RSS after - before {r['rss_after']:+.3f} GB", flush=True)
+    if "static" in results:
+        s = results["static"]
+        lens = [len(o["ids"]) for o in ref]
+        print(f"static: {100 * static_waste(prompts, ref, tok, args.batch_size):.1f}% of decode row-steps on "
+              f"stopped rows; new lengths {min(lens)}-{max(lens)}, mean {sum(lens) / len(lens):.0f}, "
+              f"{sum(o['truncated'] for o in ref)} truncated")
+        for e, r in results.items():
+            if e != "static":
+                print(f"{e}: {r['tok_s'] / s['tok_s']:.2f}x static tokens/s, outputs identical")
+
+
+if __name__ == "__main__":
+    main()
