@@ -206,7 +206,7 @@ def run(args):
     stem = os.path.splitext(args.out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sig = {k: getattr(args, k) for k in ("model", "data", "problem_key", "answer_key", "strip_suffix", "k",
-                                         "template", "temperature", "top_p", "max_new_tokens", "seed")}
+                                         "template", "temperature", "top_p", "max_new_tokens", "seed", "engine")}
     # entropy costs an extra forward, so only --score entropy computes it; records without it (or at another
     # temperature) are sampled again for that score (the same seeds give the same responses)
     entropy_t = args.entropy_temperature if args.score == "entropy" else None

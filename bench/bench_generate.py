@@ -19,7 +19,7 @@ Random weights (--shape) rarely emit a stop token, so each row gets a new-token 
 stop token would), the continuous path ends each row at its budget -- the same work a model stopping at those
 lengths causes. Greedy outputs are compared on the kept tokens.
 """
-import argparse, os, random, resource, sys, time
+import argparse, os, random, sys, threading, time
 
 import torch
 
@@ -28,12 +28,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import evaluate as ev  # noqa: E402
 from tiny_model import SHAPES, build_tokenizer  # noqa: E402
-
-
-def peak_memory_gb(device):
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
 
 
 def rss_gb():
@@ -60,24 +54,39 @@ def build(args, device):
     return model.eval(), tok
 
 
-def run_engine(engine, model, tok, prompts, limits, args, device):
-    """All prompts in --batch-size calls; returns (outputs, seconds, peak memory)."""
+class PeakRSS:
+    """Peak resident memory of the process while the block runs (a sampling thread, every 5 ms)."""
+
+    def __enter__(self):
+        self.peak, self.on = rss_gb(), True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while self.on:
+            self.peak = max(self.peak, rss_gb())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.on = False
+        self.thread.join()
+
+
+def run_batch(engine, model, tok, batch, lim, args, device):
+    """One generate call of one engine; returns (outputs, wall s, CPU s of the process, peak memory GB)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    outs, t0 = [], time.time()
-    for b in range(0, len(prompts), args.batch_size):
-        batch, lim = prompts[b:b + args.batch_size], limits[b:b + args.batch_size] if limits else None
-        if lim is None or engine.startswith("static"):  # static: runs to the batch's longest budget, cut after
-            n = max(lim) if lim else args.max_new_tokens
-            if engine.startswith("static"):
-                res = ev.generate_batch(model, tok, batch, n, engine="static")
-            else:
-                res = ev.generate_batch(model, tok, batch, n, engine="continuous")
+    cpu0, t0 = time.process_time(), time.time()
+    with PeakRSS() as mem:
+        if lim is None or engine == "static":  # static: runs to the batch's longest budget, cut after
+            res = ev.generate_batch(model, tok, batch, max(lim) if lim else args.max_new_tokens,
+                                    engine="static" if engine == "static" else "continuous")
             if lim:
                 res = [{**r, "ids": r["ids"][:k], "truncated": r["truncated"] or len(r["ids"]) > k}
                        for r, k in zip(res, lim)]
-        else:
+        else:  # continuous with per-row budgets (random weights), and the CUDA-graph choice
             from transformers import GenerationConfig
             stops = ev.stop_token_ids(tok, model)
             config = GenerationConfig(max_new_tokens=max(lim), do_sample=False, eos_token_id=stops,
@@ -85,12 +94,14 @@ def run_engine(engine, model, tok, prompts, limits, args, device):
             graph = {"continuous+graphs": True, "continuous-graphs": False}.get(engine)
             rows = ev.continuous_generate(model, [tok(p, add_special_tokens=False).input_ids for p in batch],
                                           config, cuda_graph=graph, limits=lim)
-            res = [{**ev.cut_at_stop(r, stops, tok), "truncated": ev.cut_at_stop(r, stops, tok)["truncated"]
-                    or len(r) >= k} for r, k in zip(rows, lim)]
-        outs += res
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return outs, time.time() - t0, peak_memory_gb(device)
+            res = []
+            for r, k in zip(rows, lim):
+                o = ev.cut_at_stop(r, stops, tok)
+                res.append({**o, "truncated": o["truncated"] or len(r) >= k})
+        if device == "cuda":
+            torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else mem.peak
+    return res, time.time() - t0, time.process_time() - cpu0, peak
 
 
 def static_waste(prompts, outs, tok, batch_size):
@@ -145,21 +156,31 @@ def main():
           f"threads {torch.get_num_threads()}")
     ev.generate_batch(model, tok, prompts[:2], 4, engine="static")  # warm-up (allocator, kernels)
     ev.generate_batch(model, tok, prompts[:2], 4, engine="continuous")
-    results, ref = {}, None
-    for engine in engines:
-        before = rss_gb()
-        outs, wall, peak = run_engine(engine, model, tok, prompts, limits, args, device)
-        new = sum(len(o["ids"]) for o in outs)
-        results[engine] = dict(wall=wall, tokens=new, tok_s=new / wall, peak=peak, rss_after=rss_gb() - before)
-        if ref is None:
-            ref = outs
-        else:
-            diff = [i for i, (a, b) in enumerate(zip(ref, outs)) if a["ids"] != b["ids"] or a["truncated"] !=
-                    b["truncated"]]
-            assert not diff, f"{engine}: greedy outputs differ from {engines[0]} on prompts {diff[:10]}"
-        r = results[engine]
-        print(f"{engine:18s} wall {wall:7.1f} s  {new} new tokens  {r['tok_s']:8.1f} tok/s  peak mem {peak:.2f} GB"
-              f"  RSS after - before {r['rss_after']:+.3f} GB", flush=True)
+    # Engines alternate batch by batch, so a change in the machine's load hits all of them alike.
+    outs = {e: [] for e in engines}
+    stats = {e: dict(wall=0.0, cpu=0.0, peak=0.0) for e in engines}
+    rss0 = rss_gb()
+    for b in range(0, len(prompts), args.batch_size):
+        for e in engines:
+            res, wall, cpu, peak = run_batch(e, model, tok, prompts[b:b + args.batch_size],
+                                             limits[b:b + args.batch_size] if limits else None, args, device)
+            outs[e] += res
+            st = stats[e]
+            st["wall"], st["cpu"], st["peak"] = st["wall"] + wall, st["cpu"] + cpu, max(st["peak"], peak)
+        print(f"  batch {b // args.batch_size + 1}: " + ", ".join(f"{e} {stats[e]['wall']:.0f} s" for e in engines),
+              flush=True)
+    ref = outs[engines[0]]
+    for e in engines[1:]:
+        diff = [i for i, (x, y) in enumerate(zip(ref, outs[e])) if x["ids"] != y["ids"] or x["truncated"] !=
+                y["truncated"]]
+        assert not diff, f"{e}: greedy outputs differ from {engines[0]} on prompts {diff[:10]}"
+    results = {}
+    for e in engines:
+        st, new = stats[e], sum(len(o["ids"]) for o in outs[e])
+        results[e] = dict(st, tokens=new, tok_s=new / st["wall"])
+        print(f"{e:18s} wall {st['wall']:7.1f} s  CPU {st['cpu']:7.1f} s  {new} new tokens  "
+              f"{results[e]['tok_s']:8.1f} tok/s  peak mem {st['peak']:.2f} GB", flush=True)
+    print(f"RSS after all runs - before: {rss_gb() - rss0:+.3f} GB")
     if "static" in results:
         s = results["static"]
         lens = [len(o["ids"]) for o in ref]
@@ -168,7 +189,8 @@ def main():
               f"{sum(o['truncated'] for o in ref)} truncated")
         for e, r in results.items():
             if e != "static":
-                print(f"{e}: {r['tok_s'] / s['tok_s']:.2f}x static tokens/s, outputs identical")
+                print(f"{e}: {r['tok_s'] / s['tok_s']:.2f}x static tokens/s ({s['cpu'] / r['cpu']:.2f}x in CPU "
+                      "time), greedy outputs identical")
 
 
 if __name__ == "__main__":
