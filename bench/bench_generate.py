@@ -80,24 +80,24 @@ def run_batch(engine, model, tok, batch, lim, args, device):
         torch.cuda.reset_peak_memory_stats()
     cpu0, t0 = time.process_time(), time.time()
     with PeakRSS() as mem:
-        if lim is None or engine == "static":  # static: runs to the batch's longest budget, cut after
-            res = ev.generate_batch(model, tok, batch, max(lim) if lim else args.max_new_tokens,
-                                    engine="static" if engine == "static" else "continuous")
+        if engine == "static":  # static: runs to the batch's longest budget, cut after
+            res = ev.generate_batch(model, tok, batch, max(lim) if lim else args.max_new_tokens, engine="static")
             if lim:
                 res = [{**r, "ids": r["ids"][:k], "truncated": r["truncated"] or len(r["ids"]) > k}
                        for r, k in zip(res, lim)]
-        else:  # continuous with per-row budgets (random weights), and the CUDA-graph choice
+        else:  # what generate_batch does on the continuous path, plus per-row budgets and the CUDA-graph choice
             from transformers import GenerationConfig
             stops = ev.stop_token_ids(tok, model)
-            config = GenerationConfig(max_new_tokens=max(lim), do_sample=False, eos_token_id=stops,
-                                      pad_token_id=tok.pad_token_id)
+            config = GenerationConfig(max_new_tokens=max(lim) if lim else args.max_new_tokens, do_sample=False,
+                                      eos_token_id=stops, pad_token_id=tok.pad_token_id)
+            assert ev.pick_engine(model, config, engine="continuous") == "continuous"
             graph = {"continuous+graphs": True, "continuous-graphs": False}.get(engine)
             rows = ev.continuous_generate(model, [tok(p, add_special_tokens=False).input_ids for p in batch],
                                           config, cuda_graph=graph, limits=lim)
             res = []
-            for r, k in zip(rows, lim):
+            for r, k in zip(rows, lim or [None] * len(rows)):
                 o = ev.cut_at_stop(r, stops, tok)
-                res.append({**o, "truncated": o["truncated"] or len(r) >= k})
+                res.append({**o, "truncated": o["truncated"] or (k is not None and len(r) >= k)})
         if device == "cuda":
             torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else mem.peak

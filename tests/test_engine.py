@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, assert_one_line_error, run_cli
 
 import evaluate as ev
 
@@ -173,3 +173,10 @@ def test_one_shot_em_rollouts_keep_their_penalty(eos_tiny, capsys):
     em = em_ft.sample_rollouts(model, tok, prompts, lengths, args, seed=1)
     assert capsys.readouterr().out == ""  # continuous: nothing to announce
     assert em == em_ft.sample_rollouts(model, tok, prompts, lengths, args, seed=1)
+
+
+def test_cli_forced_continuous_on_a_custom_processor_is_one_error_line(tiny_model_dir, data_dir, tmp_path):
+    proc = run_cli("evaluate.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "gsm8k",
+                   "--limit", "2", "--max-new-tokens", "4", "--logit-stats", "--engine", "continuous",
+                   "--out", str(tmp_path))
+    assert_one_line_error(proc, "--engine continuous cannot run this request exactly", "LogitStats")
