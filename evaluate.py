@@ -198,10 +198,9 @@ def continuous_blockers(model, config, logits_processor=None):
     warning, never builds some (min_new_tokens) and keeps the ones it has not classified. So only an allowlist of
     options passes (CONTINUOUS_OPTIONS, whose processors it must also mark supported); anything else -- custom
     processors (EM-INF's, LogitStats), a repetition penalty, an FSDP-wrapped model, autocast -- is a reason."""
-    try:
-        from transformers import ContinuousBatchingConfig  # noqa: F401  (transformers >= 5.x)
-    except ImportError:
-        return ["this transformers has no continuous batching"]
+    import transformers
+    if not hasattr(transformers, "ContinuousBatchingConfig"):
+        return [f"transformers {transformers.__version__} has no continuous batching"]
     reasons = []
     if not hasattr(model, "init_continuous_batching"):
         reasons.append(f"{type(model).__name__} has no continuous batching")
@@ -254,9 +253,10 @@ def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limit
     """New token ids for each prompt (token id lists) from one continuous-batching run of transformers: a row that
     stops frees its slot and costs no more compute, and no row is padded. Every request is queued before the
     generation thread starts, so the schedule -- and with it every sampled token -- is a function of the inputs and
-    the seed. Memory: the paged KV cache holds every row at its full length (prompt + max_new_tokens) at once, no
-    more than the static path's cache for the same rows, so the caller's batch size is the budget; the manager is
-    stopped and dropped before returning, which frees the cache (tests check no PagedAttentionCache survives).
+    the seed. Memory: the paged KV cache is sized for every row at full length (longest prompt + max_new_tokens,
+    rounded up to a page) -- what the static path's cache reaches when a row runs to the budget -- so the caller's
+    batch size stays the memory knob; the manager is stopped and dropped before returning, which frees the cache
+    before any backward (tests check no PagedAttentionCache or thread survives; RSS stays flat over calls).
     cuda_graph: None = transformers' choice (on with flash attention); limits: per-row new-token budgets (the
     benchmark's stand-in for stop tokens on random weights)."""
     from transformers import ContinuousBatchingConfig
