@@ -528,7 +528,8 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     """Evaluate an in-memory model on problems (from load_benchmark). Returns (metrics, samples).
     done: {(id, sample_index): sample} reused instead of regenerated (resume); on_batch(new_samples) is called
     after each generated batch (the CLI appends them to samples.jsonl). logit_stats: add metrics["logit_stats"]
-    (see LogitStats) over the batches generated in this call."""
+    (see LogitStats) over the batches generated in this call. engine: generate_batch's; either engine generates
+    batch by batch with the same per-batch seeds, so a resumed run reproduces an uninterrupted one."""
     if n > 1 and temperature <= 0:
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
     done = done or {}
