@@ -110,7 +110,8 @@ def sample_rollouts(model, tokenizer, prompts, lengths, args, seed):
     out = [None] * len(prompts)
     for c, idx in enumerate(length_sorted_batches(lengths, args.rollout_batch_size)):
         res = generate_batch(model, tokenizer, [prompts[i] for i in idx], args.max_new_tokens, args.temperature,
-                             args.top_p, seed=seed if c == 0 else None, repetition_penalty=args.repetition_penalty)
+                             args.top_p, seed=seed if c == 0 else None, repetition_penalty=args.repetition_penalty,
+                             engine=args.engine)
         for i, r in zip(idx, res):
             out[i] = r
     model.train()
@@ -201,6 +202,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=ev.unit_float, default=None, help="rollout nucleus sampling (0.95 / 1.0)")
     p.add_argument("--repetition-penalty", type=ev.pos_float, default=None, help="rollout repetition penalty (1.15/1)")
     p.add_argument("--rollout-batch-size", type=ev.pos_int, default=64, help="sequences per generate call (memory)")
+    p.add_argument("--engine", default="auto", choices=["auto", "continuous", "static"], help="generation engine")
     # --- loss
     p.add_argument("--loss-temperature", type=ev.pos_float, help="T in softmax(z/T) (one-shot 0.5, em-ft 1)")
     p.add_argument("--loss-norm", default=None, choices=["token-mean", "trajectory-sum", "micro-token-mean"],
@@ -321,7 +323,7 @@ def train(args):
         mine = eval_set[rank::world]  # each rank grades its share; metrics over the gathered samples
         samples = evaluate_model(model, tokenizer, mine, args.eval_template, args.eval_max_new_tokens,
                                  batch_size=args.rollout_batch_size, seed=args.seed, name=args.eval_benchmark,
-                                 progress=rank == 0)[1] if mine else []
+                                 progress=rank == 0, engine=args.engine)[1] if mine else []
         set_gathered(model, fsdp, False)
         model.train()
         if fsdp:

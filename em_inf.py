@@ -221,6 +221,8 @@ def main(argv=None):
                         "or the last number (evaluate.py's flag)")
     # --- system
     parser.add_argument("--batch-size", type=evaluate.pos_int, default=64, help="sequences per generate call (per GPU)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "continuous", "static"], help="generation "
+                        "engine (see evaluate.py)")
     parser.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="auto (default, or "
                         "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the EM-INF update (CUDA)")
@@ -286,7 +288,7 @@ def run(args):
                     model, tokenizer, shard, template=args.template, max_new_tokens=args.max_new_tokens,
                     temperature=1.0, top_p=top_p, n=args.n, batch_size=args.batch_size, seed=args.seed + rank,
                     name=name, progress=rank == 0, logits_processor=[proc], answer_fallback=args.answer_fallback,
-                    top_k=top_k)
+                    top_k=top_k, engine=args.engine)  # the EM-INF processor is custom: auto runs it on the static path
             gathered = [(samples, proc.sums.tolist(), time.time() - t0)]  # .tolist(): the one sync per benchmark
             if world > 1:
                 gathered = gathered * world

@@ -152,6 +152,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=ev.pos_float, default=1.0, help="rollout temperature (released code: 1.0); "
                    "log-probs and rewards are at T=1, so another value makes the update off-policy")
     p.add_argument("--rollout-batch-size", type=ev.pos_int, default=64, help="sequences per generate call (memory)")
+    p.add_argument("--engine", default="auto", choices=["auto", "continuous", "static"], help="generation engine")
     # --- reward and advantage
     p.add_argument("--reward", default="token", choices=["token", "sequence", "self-certainty"], help="which "
                    "confidence is the reward: -sum H (token), log pi(y) (sequence), KL(U||pi) (self-certainty)")
@@ -239,7 +240,7 @@ def train(args):
     print(f"{len(texts) - len(keep)} longer prompts dropped, {len(keep)} kept: {args.steps} steps") if master else None
     problems, texts, prompt_ids = ([x[i] for i in keep] for x in (problems, texts, prompt_ids))
     if max(save_steps, default=0) > args.steps:  # (one epoch, resolved just now)
-        raise ev.EvalError(f"--save-steps {max(save_steps)} is past the run's {args.steps} steps: it would never be saved")
+        raise ev.EvalError(f"--save-steps {max(save_steps)} is past the run's {args.steps} steps (never saved)")
     save_steps.add(args.steps)
     if max(map(len, prompt_ids)) + args.max_new_tokens > context and master:
         print(f"warning: a prompt + --max-new-tokens exceeds the model's context of {context} (untrained positions)")
@@ -279,7 +280,7 @@ def train(args):
         gather_weights(True)
         mine = eval_set[rank::world]  # each rank grades its share; metrics over the gathered samples
         with ctx:
-            samples = ev.evaluate_model(model, tok, mine, args.template, args.eval_max_new_tokens, seed=args.seed,
+            samples = ev.evaluate_model(model, tok, mine, args.template, args.eval_max_new_tokens, engine=args.engine,
                                         name=args.eval_benchmark, progress=master)[1] if mine else []
         gather_weights(False)
         return {f"eval_{k}": v for k, v in ev.compute_metrics(gather(samples), 1).items()}
@@ -338,7 +339,7 @@ def train(args):
             group = [i for i in idx[c:c + per_call] for _ in range(n)]
             with ctx:
                 outs = ev.generate_batch(model, tok, [texts[i] for i in group], args.max_new_tokens, args.temperature,
-                                         seed=zlib.crc32(f"{args.seed}/{rank}/{step}/{c}".encode()))
+                                         seed=zlib.crc32(f"{args.seed}/{rank}/{step}/{c}".encode()), engine=args.engine)
             rollouts += zip(group, outs)
         gather_weights(False)
         timer.mark("rollout")

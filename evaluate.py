@@ -216,15 +216,130 @@ def length_sorted_batches(lengths, batch_size):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+ENGINES = ("auto", "continuous", "static")
+_ENGINE_NOTES = set()  # fallback reasons already printed (each once per process)
+# GenerationConfig fields continuous batching applies as generate does (sampling warpers: temperature, top-k, top-p).
+CONTINUOUS_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+                      "pad_token_id", "use_cache"}
+
+
+def continuous_blockers(model, config, logits_processor=None):
+    """What in this request transformers' continuous batching would not run exactly as `generate` does; [] = it
+    serves the request. Decided here, not left to transformers: in 5.24 its generate_batch ignores a
+    logits_processor argument, drops the processors it marks unsupported (repetition penalty, ...) with only a log
+    warning, never builds some (min_new_tokens) and keeps the ones it has not classified. So only an allowlist of
+    options passes (CONTINUOUS_OPTIONS, whose processors it must also mark supported); anything else -- custom
+    processors (EM-INF's, LogitStats), a repetition penalty, an FSDP-wrapped model, autocast -- is a reason."""
+    import transformers
+    if not hasattr(transformers, "ContinuousBatchingConfig"):
+        return [f"transformers {transformers.__version__} has no continuous batching"]
+    reasons = []
+    if not hasattr(model, "init_continuous_batching"):
+        reasons.append(f"{type(model).__name__} has no continuous batching")
+    if logits_processor:
+        reasons.append("custom logits processors (" + ", ".join(type(p).__name__ for p in logits_processor) + ")")
+    # Thread-local state does not reach the manager's generation thread: autocast would silently be off there.
+    if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
+        reasons.append("autocast (it does not reach the continuous-batching thread)")
+    # FSDP2: forwards in another thread would run FSDP's hooks there; the scripts' gathered-weights discipline
+    # (no collective while generating) is only established for the static path.
+    from torch.distributed.fsdp import FSDPModule
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        reasons.append("an FSDP-wrapped model")
+    if model.config._attn_implementation not in ("sdpa", "eager", "paged|eager") and "flash" not in str(
+            model.config._attn_implementation):
+        reasons.append(f"attention {model.config._attn_implementation}")
+    # Generation options: an allowlist of what continuous batching honours. Anything else (a repetition penalty,
+    # min_new_tokens -- whose processor it never even builds --, beams, ...) is a reason, with its value.
+    neutral = {"repetition_penalty": 1.0}  # generate_batch always sets it; 1.0 is a no-op
+    reasons += [f"{k}={v}" for k, v in config.to_diff_dict().items() if k not in CONTINUOUS_OPTIONS
+                and k != "transformers_version" and not (k in neutral and v == neutral[k])]
+    if reasons or not hasattr(model, "_get_logits_processor"):
+        return reasons
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = model._get_logits_processor(config)  # the very list continuous batching builds from the config
+    reasons += [type(p).__name__ for p in built if getattr(p, "supports_continuous_batching", None) is not True]
+    return reasons
+
+
+def pick_engine(model, config, logits_processor=None, engine="auto"):
+    """"continuous" or "static" for this request. --engine continuous on a request it cannot serve is an error;
+    auto falls back to static and says why, once per reason."""
+    if engine not in ENGINES:
+        raise EvalError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "static":
+        return "static"
+    reasons = continuous_blockers(model, config, logits_processor)
+    if reasons and engine == "continuous":
+        raise EvalError("--engine continuous cannot run this request exactly: " + "; ".join(reasons))
+    note = "; ".join(reasons)
+    if note and note not in _ENGINE_NOTES:
+        _ENGINE_NOTES.add(note)
+        print(f"engine: static generate (continuous batching would not apply: {note})", flush=True)
+    return "static" if reasons else "continuous"
+
+
+def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limits=None):
+    """New token ids for each prompt (token id lists) from one continuous-batching run of transformers: a row that
+    stops frees its slot and costs no more compute, and no row is padded. Every request is queued before the
+    generation thread starts, so the schedule -- and with it every sampled token -- is a function of the inputs and
+    the seed. Memory: the paged KV cache is sized for every row at full length (longest prompt + max_new_tokens,
+    rounded up to a page) -- what the static path's cache reaches when a row runs to the budget -- so the caller's
+    batch size stays the memory knob; the manager is stopped and dropped before returning, which frees the cache
+    before any backward (tests check no PagedAttentionCache or thread survives; RSS stays flat over calls).
+    cuda_graph: None = transformers' choice (on with flash attention); limits: per-row new-token budgets (the
+    benchmark's stand-in for stop tokens on random weights)."""
+    from transformers import ContinuousBatchingConfig
+    longest = max(map(len, inputs)) + config.max_new_tokens
+    page = 256 if longest > 1024 else 64
+    flash = "flash" in str(model.config._attn_implementation)
+    if seed is None:  # continue the caller's random stream, as the static path does
+        seed = int(torch.randint(2 ** 31 - 1, ()))
+    # Without flash attention its SDPA/eager path allocates a [max_batch_tokens, cache + max_batch_tokens] mask up
+    # front: 1024 tokens per step keeps that mask small beside the cache (prefill is chunked, results unchanged).
+    cb = ContinuousBatchingConfig(page_size=page, num_blocks=len(inputs) * -(-longest // page), seed=seed,
+                                  max_requests_per_batch=len(inputs), max_batch_tokens=None if flash else 1024,
+                                  use_cuda_graph=cuda_graph)
+    was_training = model.training
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb)
+    done = {}
+    try:
+        if limits is None:
+            ids = manager.add_requests(inputs, max_new_tokens=config.max_new_tokens)
+        else:
+            ids = [manager.add_request(x, f"row{i}", n) for i, (x, n) in enumerate(zip(inputs, limits))]
+        manager.start()
+        while len(done) < len(ids):
+            r = manager.get_result(timeout=1)
+            if r is None and not manager.is_running():
+                break
+            if r is not None and r.is_finished():
+                done[r.request_id] = r
+    finally:
+        manager.stop(block=True)
+        manager.destroy()
+        del manager
+        model.train(was_training)
+    bad = [i for i in ids if i not in done or done[i].error is not None]
+    if bad:
+        err = done[bad[0]].error if bad[0] in done else "no result"
+        raise RuntimeError(f"continuous batching failed on {len(bad)} of {len(ids)} prompts ({err}); "
+                           "rerun with --engine static")
+    return [list(done[i].generated_tokens) for i in ids]
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
-                   repetition_penalty=1.0, logits_processor=None, top_k=0):
-    """One left-padded, KV-cached `generate` call. Returns per prompt {"ids", "text", "truncated"}: ids are the
-    completion tokens up to and including the first stop token; truncated = no stop token within the budget."""
+                   repetition_penalty=1.0, logits_processor=None, top_k=0, engine="auto"):
+    """Returns per prompt {"ids", "text", "truncated"}: ids are the completion tokens up to and including the
+    first stop token; truncated = no stop token within the budget. engine: "static" = one left-padded, KV-cached
+    `generate` call (runs until the batch's longest row ends); "continuous" = continuous_generate (the same greedy
+    tokens, tested; sampled ones come from another random stream); "auto" = continuous wherever it runs the
+    request exactly (continuous_blockers), else static."""
     from transformers import GenerationConfig
     stops = stop_token_ids(tokenizer, model)
-    tokenizer.padding_side = "left"  # decoder-only batching: the last prompt token must sit at the right edge
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     # A full config, not the model's: its generation_config.json may carry top_k/repetition_penalty defaults
     # (Qwen instruct models do) that would silently change the protocol. top_k must be 0, not None, to be off:
     # transformers fills a None from the model's generation_config (or its global default, 50).
@@ -234,20 +349,26 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
                               repetition_penalty=repetition_penalty, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
                               use_cache=True)
+    if pick_engine(model, config, logits_processor, engine) == "continuous":
+        rows = continuous_generate(model, [tokenizer(p, add_special_tokens=False).input_ids for p in prompts],
+                                   config, seed)
+        return [cut_at_stop(row, stops, tokenizer) for row in rows]
+    tokenizer.padding_side = "left"  # decoder-only batching: the last prompt token must sit at the right edge
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     if seed is not None:
         torch.manual_seed(seed)
     # synced_gpus=False: under torchrun the scripts hold full (gathered) weights on every rank while generating, so
     # ranks decode independently. transformers would turn synced_gpus on for FSDP-managed models and all_reduce at
     # every step: a deadlock as soon as ranks make different numbers of generate calls (e.g. uneven eval shares).
     out = model.generate(**enc, generation_config=config, logits_processor=logits_processor, synced_gpus=False)
-    new = out[:, enc["input_ids"].shape[1]:].tolist()
-    results = []
-    for row in new:
-        end = next((j for j, t in enumerate(row) if t in stops), None)
-        ids = row if end is None else row[:end + 1]
-        results.append({"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True),
-                        "truncated": end is None})
-    return results
+    return [cut_at_stop(row, stops, tokenizer) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+
+
+def cut_at_stop(row, stops, tokenizer):
+    """generate_batch's record of one row of new tokens (static rows are padded after their stop token)."""
+    end = next((j for j, t in enumerate(row) if t in stops), None)
+    ids = row if end is None else row[:end + 1]
+    return {"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True), "truncated": end is None}
 
 
 class LogitStats:
@@ -534,11 +655,12 @@ def compute_metrics(samples, n):
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072, temperature=0.0,
                    top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None, on_batch=None, progress=True,
-                   logits_processor=None, top_k=0, logit_stats=False, answer_fallback=False):
+                   logits_processor=None, top_k=0, logit_stats=False, answer_fallback=False, engine="auto"):
     """Evaluate an in-memory model on problems (from load_benchmark). Returns (metrics, samples).
     done: {(id, sample_index): sample} reused instead of regenerated (resume); on_batch(new_samples) is called
     after each generated batch (the CLI appends them to samples.jsonl). logit_stats: add metrics["logit_stats"]
-    (see LogitStats) over the batches generated in this call."""
+    (see LogitStats) over the batches generated in this call. engine: generate_batch's; either engine generates
+    batch by batch with the same per-batch seeds, so a resumed run reproduces an uninterrupted one."""
     if n > 1 and temperature <= 0:
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
     done = done or {}
@@ -568,7 +690,7 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
         # A seed per (seed, benchmark, batch): sampling is the same whether or not earlier batches were skipped.
         outs = generate_batch(model, tokenizer, [prompts[k[0]] for k in keys], max_new_tokens, temperature, top_p,
                               seed=zlib.crc32(f"{seed}/{name}/{b}".encode()), logits_processor=processors or None,
-                              top_k=top_k)
+                              top_k=top_k, engine=engine)
         fresh = []
         for i, k, o in zip(batch, keys, outs):
             p = jobs[i][0]
@@ -1049,6 +1171,9 @@ def main(argv=None):
                         "generated tokens (One-shot EM's logit-shift analysis) into results.json")
     # system
     parser.add_argument("--batch-size", type=pos_int, default=64, help="sequences per generate call")
+    parser.add_argument("--engine", default="auto", choices=list(ENGINES), help="continuous batching (transformers) "
+                        "or static (one generate call per batch); auto: continuous wherever it runs the request "
+                        "exactly, else static (printed)")
     parser.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="auto (default, or "
                         "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--out", default=None, help="output folder (default eval_out/<model name>); a rerun with "
@@ -1077,7 +1202,7 @@ def run(args):
     check_out_dir(out)
     protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "template": args.template,
                 "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "n": args.n,
-                "logit_stats": args.logit_stats,
+                "logit_stats": args.logit_stats, "engine": args.engine,
                 "answer_fallback": args.answer_fallback, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                 "batch_size": args.batch_size, "benchmarks": {k: len(v) for k, v in data.items()},
                 "sources": sources, "data_dir": args.data_dir,
@@ -1115,7 +1240,7 @@ def run(args):
         results[name], samples = evaluate_model(
             model, tokenizer, problems, args.template, args.max_new_tokens, args.temperature, args.top_p, args.n,
             args.batch_size, args.seed, name=name, done=bench_done, on_batch=append, top_k=args.top_k,
-            logit_stats=args.logit_stats, answer_fallback=args.answer_fallback)
+            logit_stats=args.logit_stats, answer_fallback=args.answer_fallback, engine=args.engine)
         all_samples += samples
         if results[name]["grading_errors"]:
             print(f"{name}: {results[name]['grading_errors']} answers hit the grader's time limit or crashed it "

@@ -173,6 +173,8 @@ def main(argv=None):
     parser.add_argument("--top", type=pos_int, default=1, help="how many top candidates go into --out")
     parser.add_argument("--keep-samples", type=nonneg_int, default=2, help="responses kept per candidate in outputs")
     parser.add_argument("--batch-size", type=pos_int, default=64, help="sequences per generate call (k per candidate)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "continuous", "static"], help="generation "
+                        "engine (see evaluate.py)")
     parser.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="auto (default, or "
                         "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--overwrite", action="store_true", help="discard the samples of an earlier run")
@@ -199,7 +201,7 @@ def run(args):
                         "needs one; use a label-free score: --score disagreement or --score entropy")
     stem = os.path.splitext(args.out)[0]
     sig = {k: getattr(args, k) for k in ("model", "data", "problem_key", "answer_key", "strip_suffix", "k",
-                                         "template", "temperature", "top_p", "max_new_tokens", "seed")}
+                                         "template", "temperature", "top_p", "max_new_tokens", "seed", "engine")}
     # entropy costs an extra forward, so only --score entropy computes it; records without it (or at another
     # temperature) are sampled again for that score (the same seeds give the same responses)
     entropy_t = args.entropy_temperature if args.score == "entropy" else None
@@ -241,7 +243,8 @@ def run(args):
             bar.update(len(batch))
             continue
         outs = generate_batch(model, tokenizer, [prompts[jobs[n][0]] for n in batch], args.max_new_tokens,
-                              args.temperature, args.top_p, seed=zlib.crc32(f"{args.seed}/{rank}/{b}".encode()))
+                              args.temperature, args.top_p, seed=zlib.crc32(f"{args.seed}/{rank}/{b}".encode()),
+                              engine=args.engine)
         ents = token_entropy(model, [pids[jobs[n][0]] for n in batch], [o["ids"] for o in outs],
                              entropy_t) if entropy_t else [None] * len(batch)
         for n, o, h in zip(batch, outs, ents):

@@ -152,7 +152,8 @@ def test_scores_and_ranking_on_fixed_graded_samples(tiny_model_dir, pool, tmp_pa
     base = ["--model", tiny_model_dir, "--data", pool, "--k", "4", "--max-new-tokens", "12", "--temperature", "3",
             "--keep-samples", "4", "--top", "5", "--out", out]
     sig = {"model": tiny_model_dir, "data": pool, "problem_key": None, "answer_key": None, "strip_suffix": True,
-           "k": 4, "template": "chat", "temperature": 3.0, "top_p": 1.0, "max_new_tokens": 12, "seed": 0}
+           "k": 4, "template": "chat", "temperature": 3.0, "top_p": 1.0, "max_new_tokens": 12, "seed": 0,
+           "engine": "auto"}
     graded = {  # id: (correct, answers, entropy sums, lengths)
         "0": ([1, 0, 0, 0], ["12.8", "12.7", "12.7", None], [1, 2, 3, 4], [1, 1, 1, 1]),
         "124": ([1, 1, 0, 0], ["1", "1", "2", "3"], [10, 0, 0, 0], [10, 2, 2, 2]),
