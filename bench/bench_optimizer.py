@@ -76,14 +76,14 @@ def main():
                 master = [q.detach().to("cpu", torch.float32, copy=True).requires_grad_() for q in model]
                 opt = torch.optim.AdamW(master, foreach=True, **kw)
 
-                def step():
+                def step(opt=opt):
                     for q, g in zip(model, grads):
                         q.grad = g
                     legacy_offloaded_step(model, master, opt, 1.0)
             elif variant == "after":
                 opt, timers = ev.MasterAdamW(model, "cpu", **kw), []
 
-                def step():
+                def step(opt=opt):
                     for q, g in zip(model, grads):
                         q.grad = g
                     timers.append(ev.PhaseTimer(cuda=False))
