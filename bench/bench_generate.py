@@ -27,7 +27,7 @@ Random weights (--shape) rarely emit a stop token, so each row gets a new-token 
 stop token would), the continuous path ends each row at its budget -- the same work a model stopping at those
 lengths causes. Greedy outputs are compared on the kept tokens.
 """
-import argparse, os, random, sys, threading, time
+import argparse, json, os, random, sys, threading, time
 
 import torch
 
@@ -141,12 +141,18 @@ def main():
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip-static", action="store_true", help="continuous runs only (no comparison)")
+    p.add_argument("--json", action="store_true", help="also print the figures as one line 'RESULT {json}'")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = build(args, device)
-    problems = ev.load_benchmark(args.benchmark, args.data_dir, limit=args.n_prompts)
+    if args.model or os.path.isfile(os.path.join(args.data_dir, ev.BENCHMARKS[args.benchmark][0])):
+        problems = ev.load_benchmark(args.benchmark, args.data_dir, limit=args.n_prompts)
+    else:  # random weights and no benchmark files (the device machine): synthetic problems of varied length
+        print(f"no {args.benchmark} file under {args.data_dir}: synthetic problems")
+        problems = [{"problem": f"Compute {i} + {3 * i + 1}, then " + "multiply it by 2, " * (i % 7) + "and report it."}
+                    for i in range(args.n_prompts)]
     template = args.template or ("qwen-math" if tok.chat_template else "plain")
     prompts = [ev.build_prompt(tok, q["problem"], template) for q in problems]
     mix = args.length_mix or (None if args.model else f"16:{args.max_new_tokens}")
@@ -199,6 +205,12 @@ def main():
             if e != "static":
                 print(f"{e}: {r['tok_s'] / s['tok_s']:.2f}x static tokens/s ({s['cpu'] / r['cpu']:.2f}x in CPU "
                       "time), greedy outputs identical")
+    if args.json:
+        print("RESULT " + json.dumps({"device": device, "model": args.model or args.shape, "prompts": len(prompts),
+                                      "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                                      "engines": results, "static_waste": static_waste(prompts, ref, tok,
+                                                                                       args.batch_size)
+                                      if "static" in results else None}))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 #                  placed by memory as em_ft.py does (H200: on the GPU; H100: on the CPU), with its breakdown
 #   em_ft_offload  the same with the optimizer forced to the CPU (pinned async copies + fused CPU AdamW), batch 8
 #   em_rl          one em_rl step (policy + reference model, 16 sequences x (128 + 256) tokens), breakdown
-#   generate_*     evaluate.py's greedy generation, 128 problems x <= 256 tokens, batch 64: the static engine, and
-#                  the continuous one too if `python evaluate.py --help` lists --engine
+#   generate       evaluate.generate_batch, greedy, 128 prompts x <= 256 tokens (lengths 16..256), batch 64: static
+#                  vs continuous batching without and with CUDA graphs, identical outputs asserted
 #   em_inf         em_inf.py's EM-INF and adaptive temperature vs plain sampling, batch 64 x 128 tokens
 # Each step runs under its own time limit (and a total budget); a step that fails or times out is recorded and the
 # next one runs. Results: one JSON line per step (rc, wall time, the bench's RESULT records, the output's tail) in
@@ -55,12 +55,13 @@ EOF
 
 if [ "$SHAPE" = tiny ]; then  # sizes that run in seconds on a CPU
   FT="--batch-size 8 --max-new-tokens 32"; FT_OFF="--batch-size 4 --max-new-tokens 16"
-  RL="--batch 8 --prompt-len 32 --new-tokens 16"; GEN="--problems 8 --batch-size 4 --max-new-tokens 16"
+  RL="--batch 8 --prompt-len 32 --new-tokens 16"; GEN="--n-prompts 8 --batch-size 4 --max-new-tokens 16"
   INF="--batch-size 4 --new-tokens 16"; L=(300 300 300 300 300)
 else
   FT=""; FT_OFF="--batch-size 8 --max-new-tokens 128"
-  RL="--batch 16 --prompt-len 128 --new-tokens 256"; GEN="--problems 128 --batch-size 64 --max-new-tokens 256"
-  INF="--batch-size 64 --new-tokens 128"; L=(130 100 80 45 60)
+  RL="--batch 16 --prompt-len 128 --new-tokens 256"
+  GEN="--n-prompts 128 --batch-size 64 --max-new-tokens 256 --cuda-graph both"
+  INF="--batch-size 64 --new-tokens 128"; L=(110 100 80 75 60)
 fi
 
 step env 30 "$PY" -c "import torch, transformers, json; c = torch.cuda.is_available(); print('RESULT ' + json.dumps({
@@ -74,12 +75,8 @@ step em_ft_offload "${L[1]}" "$PY" bench/bench_em_ft.py --shape "$SHAPE" --steps
   --offload-optimizer $FT_OFF
 # shellcheck disable=SC2086
 step em_rl "${L[2]}" "$PY" bench/bench_em_rl.py --shape "$SHAPE" --train-steps 2 --no-compare --json $RL
-ENGINES=static
-"$PY" evaluate.py --help 2>/dev/null | grep -q -- "--engine" && ENGINES="static continuous"
-for engine in $ENGINES; do
-  # shellcheck disable=SC2086
-  step "generate_$engine" "${L[3]}" "$PY" bench/bench_generate.py --shape "$SHAPE" --engine "$engine" --json $GEN
-done
+# shellcheck disable=SC2086
+step generate "${L[3]}" "$PY" bench/bench_generate.py --shape "$SHAPE" --json $GEN
 # shellcheck disable=SC2086
 step em_inf "${L[4]}" "$PY" bench/bench_em_inf.py --shape "$SHAPE" --repeats 1 $INF
 

@@ -155,7 +155,9 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps][:4] == ["env", "em_ft_auto", "em_ft_offload", "em_rl"]
-    assert {"generate_static", "em_inf"} <= {s["step"] for s in steps}
+    assert {"generate", "em_inf"} <= {s["step"] for s in steps}
+    gen = next(r for s in steps if s["step"] == "generate" for r in s["results"])  # both engines, same outputs
+    assert set(gen["engines"]) == {"static", "continuous"} and gen["engines"]["continuous"]["tokens"] > 0
     assert all(s["rc"] == 0 for s in steps), [(s["step"], s["tail"]) for s in steps if s["rc"]]
     ft = [r for s in steps if s["step"] == "em_ft_offload" for r in s["results"]]
     assert len(ft) == 2 and all(r["master"] == "cpu" and r["adamw_s"] > 0 for r in ft)
