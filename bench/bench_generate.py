@@ -155,7 +155,7 @@ def main():
                     for i in range(args.n_prompts)]
     template = args.template or ("qwen-math" if tok.chat_template else "plain")
     prompts = [ev.build_prompt(tok, q["problem"], template) for q in problems]
-    mix = args.length_mix or (None if args.model else f"16:{args.max_new_tokens}")
+    mix = args.length_mix or (None if args.model else f"{min(16, args.max_new_tokens)}:{args.max_new_tokens}")
     limits = None
     if mix:
         lo, hi = map(int, mix.split(":"))
