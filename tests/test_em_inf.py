@@ -164,6 +164,22 @@ def tiny_prompts(tokenizer, n=3, length=24):
     return torch.tensor(ids)
 
 
+@torch.no_grad()
+def sample_by_hand(model, ids, new, stops, pad, scores_of):
+    """A sampling loop with no cache and no transformers machinery: full forward, scores_of(seq, fp32 logits) -> the
+    scores to sample from, finished rows get the pad token. Returns (sequences, the scores of each step)."""
+    seq, alive, scores = ids.clone(), torch.ones(len(ids), dtype=torch.bool), []
+    for _ in range(new):
+        s = scores_of(seq, model(seq).logits[:, -1].float())
+        scores.append(s)
+        tok = torch.where(alive, torch.multinomial(s.softmax(-1), 1)[:, 0], pad)
+        seq = torch.cat([seq, tok[:, None]], 1)
+        alive &= ~torch.isin(tok, torch.tensor(stops))
+        if not alive.any():
+            break
+    return seq, scores
+
+
 @pytest.mark.parametrize("proc_temperature,gen_temperature", [(1.2, 1.0), (1.0, 1.2)])
 def test_processor_in_generate_equals_hand_written_loop(tiny, proc_temperature, gen_temperature):
     # Sampling at T = 1.2 on the tiny model (adjusted distributions of ~1-5 nats) makes every token depend on the
@@ -182,17 +198,8 @@ def test_processor_in_generate_equals_hand_written_loop(tiny, proc_temperature, 
                          logits_processor=[proc], return_dict_in_generate=True, output_scores=True)
     # by hand: full forward (no cache), update, divide by 1.2, sample; finished rows get the pad token
     torch.manual_seed(123)
-    seq, alive, scores = ids.clone(), torch.ones(len(ids), dtype=torch.bool), []
-    with torch.no_grad():
-        for _ in range(new):
-            s = minimize_logit_entropy(model(seq).logits[:, -1].float()) / 1.2
-            scores.append(s)
-            tok = torch.multinomial(s.softmax(-1), 1)[:, 0]
-            tok = torch.where(alive, tok, tokenizer.pad_token_id)
-            seq = torch.cat([seq, tok[:, None]], 1)
-            alive &= ~torch.isin(tok, torch.tensor(stops))
-            if not alive.any():
-                break
+    seq, scores = sample_by_hand(model, ids, new, stops, tokenizer.pad_token_id,
+                                 lambda seq, z: minimize_logit_entropy(z) / 1.2)
     assert torch.equal(out.sequences, seq)
     for a, b in zip(out.scores, scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -230,16 +237,8 @@ def test_penalty_top_k_top_p_in_the_released_order(tiny):
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
                          logits_processor=[proc])
     torch.manual_seed(5)
-    seq, alive = ids.clone(), torch.ones(len(ids), dtype=torch.bool)
-    with torch.no_grad():
-        for _ in range(new):
-            s = released_order_scores(seq, model(seq).logits[:, -1].float(), pen, T, k, p)
-            tok = torch.multinomial(s.softmax(-1), 1)[:, 0]
-            tok = torch.where(alive, tok, tokenizer.pad_token_id)
-            seq = torch.cat([seq, tok[:, None]], 1)
-            alive &= ~torch.isin(tok, torch.tensor(stops))
-            if not alive.any():
-                break
+    seq, _ = sample_by_hand(model, ids, new, stops, tokenizer.pad_token_id,
+                            lambda seq, z: released_order_scores(seq, z, pen, T, k, p))
     assert torch.equal(out, seq)
     # the penalty is not a no-op here: transformers' own (before the update) samples something else
     torch.manual_seed(5)
