@@ -266,7 +266,9 @@ def continuous_blockers(model, config, logits_processor=None):
 
 def pick_engine(model, config, logits_processor=None, engine="auto"):
     """"continuous" or "static" for this request. --engine continuous on a request it cannot serve is an error;
-    auto falls back to static and says why, once per reason."""
+    auto falls back to static and says why, once per reason. auto on a CPU model is static: measured there
+    (bench/bench_generate.py, SmolLM2-135M, GSM8K, 256 tokens, an idle 2-core machine) continuous batching took
+    2x the static path's time -- its SDPA path attends every query to the whole batch's cache through a mask."""
     if engine not in ENGINES:
         raise EvalError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "static":
@@ -274,11 +276,13 @@ def pick_engine(model, config, logits_processor=None, engine="auto"):
     reasons = continuous_blockers(model, config, logits_processor)
     if reasons and engine == "continuous":
         raise EvalError("--engine continuous cannot run this request exactly: " + "; ".join(reasons))
-    note = "; ".join(reasons)
+    note = ("continuous batching would not apply: " + "; ".join(reasons) if reasons else
+            "auto on the CPU, where continuous batching measured slower; --engine continuous to use it"
+            if engine == "auto" and model.device.type == "cpu" else "")
     if note and note not in _ENGINE_NOTES:
         _ENGINE_NOTES.add(note)
-        print(f"engine: static generate (continuous batching would not apply: {note})", flush=True)
-    return "static" if reasons else "continuous"
+        print(f"engine: static generate ({note})", flush=True)
+    return "static" if note else "continuous"
 
 
 def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limits=None):
@@ -337,7 +341,7 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
     first stop token; truncated = no stop token within the budget. engine: "static" = one left-padded, KV-cached
     `generate` call (runs until the batch's longest row ends); "continuous" = continuous_generate (the same greedy
     tokens, tested; sampled ones come from another random stream); "auto" = continuous wherever it runs the
-    request exactly (continuous_blockers), else static."""
+    request exactly (continuous_blockers) on a GPU, else static (pick_engine)."""
     from transformers import GenerationConfig
     stops = stop_token_ids(tokenizer, model)
     # A full config, not the model's: its generation_config.json may carry top_k/repetition_penalty defaults
@@ -1172,8 +1176,8 @@ def main(argv=None):
     # system
     parser.add_argument("--batch-size", type=pos_int, default=64, help="sequences per generate call")
     parser.add_argument("--engine", default="auto", choices=list(ENGINES), help="continuous batching (transformers) "
-                        "or static (one generate call per batch); auto: continuous wherever it runs the request "
-                        "exactly, else static (printed)")
+                        "or static (one generate call per batch); auto: continuous on a GPU wherever it runs the "
+                        "request exactly, else static (printed)")
     parser.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="auto (default, or "
                         "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     parser.add_argument("--out", default=None, help="output folder (default eval_out/<model name>); a rerun with "

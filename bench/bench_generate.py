@@ -14,13 +14,18 @@ static path's decode work spent on rows that had already stopped (or were paddin
     python bench/bench_generate.py --shape 7b --n-prompts 256 --batch-size 64 --max-new-tokens 1024 \\
         --length-mix 64:1024 --cuda-graph both
 
-Measured (CPU, 2 cores shared with other jobs, fp32, SmolLM2-135M-Instruct, GSM8K test prompts 57-141 tokens,
-greedy, transformers 5.24; greedy outputs identical in every run):
-    32 prompts, batch 16, 256 new tokens: static 7.0 tok/s, continuous 35.7 tok/s (5.1x wall, 3.8x CPU time),
-        19.8% of static's decode row-steps on stopped rows, peak RSS 1.28 / 1.37 GB
-    16 prompts, batch 16, 512 new tokens: static 16.4 tok/s, continuous 65.2 tok/s (4.0x wall, 2.6x CPU time),
-        46.6% on stopped rows, peak RSS 1.50 / 1.53 GB
+Measured (CPU, 2 cores, fp32, SmolLM2-135M-Instruct, GSM8K test prompts 57-141 tokens, greedy, transformers 5.24;
+greedy outputs identical in every run):
+    idle machine, 32 prompts, batch 32, 256 new tokens: static 139.3 tok/s, continuous 85.1 tok/s (0.61x wall,
+        0.71x in CPU time); 19.8% of static's decode row-steps on stopped rows; peak RSS 1.57 / 1.70 GB
+    same, 16 prompts (scripted run, transformers' manager at 16/8/4 concurrent rows): static 29.5 s, continuous
+        58.1 / 93.0 / 129.1 s
+    machine loaded by ~6 other jobs (load 6 on 2 cores), 32 prompts, batch 16, 256 tokens: static 7.0 tok/s,
+        continuous 35.7 tok/s (5.1x wall, 3.8x CPU time); 16 prompts, 512 tokens (46.6% on stopped rows): 16.4 vs
+        65.2 tok/s (4.0x wall, 2.6x CPU time) -- the static path's CPU time grew 5x under load, continuous batching's
+        did not
     tiny random model (2 layers, 64 wide), 24 prompts, 48 tokens: continuous 0.3x static (per-step overhead)
+So on the CPU, auto stays static. GPU: not measured yet (the --shape 7b commands above).
 
 Random weights (--shape) rarely emit a stop token, so each row gets a new-token budget drawn uniformly from
 --length-mix: the static path still runs each batch until its longest row ends (its rows are cut afterwards, as a

@@ -2,7 +2,8 @@
 
 Greedy outputs must be identical sample for sample; the fallback to static is decided by our code from what the
 request needs (a repetition penalty, custom logits processors, FSDP, autocast) and printed once; sampled runs are
-reproducible from their seed; the paged KV cache is gone after each call.
+reproducible from their seed; the paged KV cache is gone after each call. (auto is static on the CPU, so the tests
+ask for the continuous engine by name.)
 """
 import gc
 import threading
@@ -56,9 +57,9 @@ def test_greedy_continuous_equals_static_sample_for_sample(eos_tiny):
 def test_auto_falls_back_to_static_for_what_continuous_batching_drops(eos_tiny, capsys):
     model, tok = eos_tiny
     ev._ENGINE_NOTES.clear()
-    assert ev.pick_engine(model, config_for(tok, model)) == "continuous"
-    assert ev.pick_engine(model, config_for(tok, model, do_sample=True, temperature=0.6, top_k=50,
-                                            top_p=0.9)) == "continuous"  # supported by transformers' CB
+    assert ev.pick_engine(model, config_for(tok, model), engine="continuous") == "continuous"
+    assert ev.continuous_blockers(model, config_for(tok, model, do_sample=True, temperature=0.6, top_k=50,
+                                                    top_p=0.9)) == []  # warpers transformers' CB applies
     assert capsys.readouterr().out == ""
     penalty = config_for(tok, model, repetition_penalty=1.15)
     assert ev.pick_engine(model, penalty) == "static"
@@ -68,10 +69,14 @@ def test_auto_falls_back_to_static_for_what_continuous_batching_drops(eos_tiny, 
     stats = ev.LogitStats([0])
     assert ev.pick_engine(model, config_for(tok, model), [stats]) == "static"
     assert "custom logits processors (LogitStats)" in capsys.readouterr().out
-    assert ev.pick_engine(model, config_for(tok, model, min_new_tokens=3)) == "static"  # any unsupported one
+    assert ev.continuous_blockers(model, config_for(tok, model, min_new_tokens=3)) == ["min_new_tokens=3"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ev.pick_engine(model, config_for(tok, model)) == "static"
+        assert "autocast" in ev.continuous_blockers(model, config_for(tok, model))[0]
     assert ev.pick_engine(model, config_for(tok, model), engine="static") == "static"
+    # auto on a CPU model: static (measured faster there), said once
+    assert ev.pick_engine(model, config_for(tok, model)) == "static"
+    assert ev.pick_engine(model, config_for(tok, model)) == "static"
+    assert capsys.readouterr().out.count("auto on the CPU") == 1
     with pytest.raises(ev.EvalError, match="--engine continuous cannot.*repetition_penalty"):
         ev.pick_engine(model, penalty, engine="continuous")
     with pytest.raises(ev.EvalError, match="--engine must be"):
@@ -157,7 +162,7 @@ def test_fsdp_model_goes_static(tiny_model_dir, tmp_path):
 
 def test_one_shot_em_rollouts_keep_their_penalty(eos_tiny, capsys):
     """em_ft: the em-ft recipe (no penalty) samples with continuous batching, the one-shot recipe's 1.15 repetition
-    penalty sends its rollouts to the static path."""
+    penalty keeps its rollouts on the static path (and cannot be forced onto continuous batching)."""
     import em_ft
     model, tok = eos_tiny
     prompts = chat_prompts(tok, 4)
@@ -169,10 +174,13 @@ def test_one_shot_em_rollouts_keep_their_penalty(eos_tiny, capsys):
     assert "repetition_penalty=1.15" in capsys.readouterr().out
     static = types.SimpleNamespace(**{**vars(args), "engine": "static"})
     assert one_shot == em_ft.sample_rollouts(model, tok, prompts, lengths, static, seed=1)
-    args.repetition_penalty = 1.0
+    with pytest.raises(ev.EvalError, match="repetition_penalty=1.15"):
+        em_ft.sample_rollouts(model, tok, prompts, lengths, types.SimpleNamespace(**{**vars(args), "engine":
+                                                                                     "continuous"}), seed=1)
+    args.repetition_penalty, args.engine = 1.0, "continuous"
     em = em_ft.sample_rollouts(model, tok, prompts, lengths, args, seed=1)
-    assert capsys.readouterr().out == ""  # continuous: nothing to announce
     assert em == em_ft.sample_rollouts(model, tok, prompts, lengths, args, seed=1)
+    assert model.training  # sample_rollouts hands the model back in train mode
 
 
 def test_cli_forced_continuous_on_a_custom_processor_is_one_error_line(tiny_model_dir, data_dir, tmp_path):
