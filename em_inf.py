@@ -269,7 +269,8 @@ def run(args):
     top_k, top_p, penalty = sampling_settings(model, args)
     modes = [args.mode] + (["plain"] if args.compare_plain and args.mode != "plain" else [])
     # --- warm-up: one short batch per mode before anything is timed. The first generate of a process pays one-off
-    # costs (allocator growth, kernel selection); without it the first mode's tokens/s came out ~20% low.
+    # costs (allocator growth, kernel selection), which one report (a 0.5B model) saw as EM-INF/plain 0.70x in one
+    # process against 0.89x in two.
     first = next(iter(data.values()))[rank::world][:args.batch_size]
     for mode in modes if first else []:
         evaluate.generate_batch(model, tokenizer, [evaluate.build_prompt(tokenizer, p["problem"], args.template)

@@ -1039,8 +1039,8 @@ def cpu_has_native_bf16():
 def resolve_dtype(dtype=None):
     """(torch dtype, why) for auto | bfloat16 | float32; None = $EM_DTYPE, else auto (the tests pin EM_DTYPE=float32
     so that their outcome never depends on the CPU that runs them). auto is for INFERENCE: bf16 on CUDA; on a CPU
-    bf16 only where it is native (a 0.5B model's greedy decoding ran 2.4x faster in bf16 than in fp32 on an AMX CPU),
-    else fp32. The training scripts pass their dtype explicitly (fp32 on CPU: lr-sized updates fall below bf16's
+    bf16 only where it is native (SmolLM2-135M greedy decoding, batch 32, on a 2-core AMX CPU: 338 vs 173 tok/s in
+    fp32), else fp32. The training scripts pass their dtype explicitly (fp32 on CPU: lr-sized updates fall below bf16's
     resolution)."""
     dtype = dtype or os.environ.get("EM_DTYPE") or "auto"
     if dtype not in ("auto", "bfloat16", "float32"):
