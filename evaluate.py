@@ -329,7 +329,7 @@ def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limit
     bad = [i for i in ids if i not in done or done[i].error is not None]
     if bad:
         err = done[bad[0]].error if bad[0] in done else "no result"
-        raise RuntimeError(f"continuous batching failed on {len(bad)} of {len(ids)} prompts ({err}); "
+        raise EvalError(f"continuous batching failed on {len(bad)} of {len(ids)} prompts ({err}); "
                            "rerun with --engine static")
     return [list(done[i].generated_tokens) for i in ids]
 
