@@ -330,7 +330,7 @@ def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limit
     if bad:
         err = done[bad[0]].error if bad[0] in done else "no result"
         raise EvalError(f"continuous batching failed on {len(bad)} of {len(ids)} prompts ({err}); "
-                           "rerun with --engine static")
+                        "rerun with --engine static")
     return [list(done[i].generated_tokens) for i in ids]
 
 
