@@ -27,7 +27,8 @@ Released One-shot EM code vs. here (every other one-shot default is the released
   token mean of each micro-batch (2 roll-   token mean over the whole update     --loss-norm micro-token-mean
     outs), averaged over micro-batches        (all micro-batches and ranks)        --micro-batch-size 2 (tested)
   "step" = 1 micro-batch of 2 per GPU       step = 1 optimizer update            --max-steps 2 = its step_10
-  bf16 ZeRO-2, fp32 master + Adam on CPU    the same on 1 GPU; FSDP2 (torchrun)  --offload-optimizer (1 GPU)
+  bf16 ZeRO-2, fp32 master + Adam on CPU    1 GPU: on it if they fit, else CPU   --[no-]offload-optimizer
+                                            torchrun: FSDP2, fp32 sharded        -
 Left out: LoRA, sequence packing, vLLM rollouts, resuming the optimizer state (checkpoints hold weights only).
 Outputs in --out: step_<N>/ (safetensors + tokenizer + train_args.json), log.jsonl (one line per update and per
 checkpoint written; a rerun into the same --out starts a new log and keeps the last one as log.prev.jsonl).
