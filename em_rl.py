@@ -337,7 +337,9 @@ def train(args):
         rollouts, per_call = [], max(1, args.rollout_batch_size // n)
         for c in range(0, len(idx), per_call):  # all n responses of a prompt in one call: the prompt repeated n times
             group = [i for i in idx[c:c + per_call] for _ in range(n)]
-            with ctx:
+            # a bf16 model (one GPU) generates without autocast, as evaluate.py does: autocast would keep it off the
+            # continuous engine (its thread never sees autocast); fp32 FSDP shards keep it (static there anyway)
+            with ctx if model.dtype != torch.bfloat16 else nullcontext():
                 outs = ev.generate_batch(model, tok, [texts[i] for i in group], args.max_new_tokens, args.temperature,
                                          seed=zlib.crc32(f"{args.seed}/{rank}/{step}/{c}".encode()), engine=args.engine)
             rollouts += zip(group, outs)
