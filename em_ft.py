@@ -257,8 +257,8 @@ def train(args):
         raise EvalError(f"--save-steps {max(save_steps)} is past --max-steps {args.max_steps}: it would never be saved")
     ev.check_out_dir(args.out)  # before the model loads
     fsdp = world > 1
-    offload = args.offload_optimizer or (cuda and not fsdp)  # fp32 master weights (GPU or CPU: master_placement)
-    if offload and fsdp:
+    fp32_master = args.offload_optimizer or (cuda and not fsdp)  # bf16 model + fp32 master (on GPU or CPU)
+    if fp32_master and fsdp:
         raise EvalError("--offload-optimizer is for one process; under torchrun FSDP2 shards the fp32 state")
     if fsdp:
         if cuda:
@@ -282,7 +282,7 @@ def train(args):
     # updates are ~lr * sign(g)), a quarter of what bf16 compute itself costs; fp32 sums in place of the bf16 grads
     # would take 15 GB more GPU memory. torchrun: FSDP2 with fp32 params sharded N ways, bf16 compute, fp32
     # gradient reduction. CPU: plain fp32 model and AdamW.
-    model, tokenizer = load_model(args.model, "bfloat16" if cuda and offload else "float32")
+    model, tokenizer = load_model(args.model, "bfloat16" if cuda and fp32_master else "float32")
     prompts = [build_prompt(tokenizer, q, args.template) for q in problems]
     lengths = [len(tokenizer(q, add_special_tokens=False).input_ids) for q in prompts]
     context = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
@@ -309,8 +309,8 @@ def train(args):
 
     # ---------------------------------------------------------------- optimizer
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = MasterAdamW(params, master_placement(params, args.offload_optimizer, rank == 0) if offload else None,
-                            lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay)
+    where = master_placement(params, args.offload_optimizer, rank == 0) if fp32_master else None  # GPU or CPU
+    optimizer = MasterAdamW(params, where, lr=args.lr, betas=args.betas, eps=args.eps, weight_decay=args.weight_decay)
 
     # ---------------------------------------------------------------- loop
     rng = random.Random(args.seed)  # same on every rank: all ranks agree on the global batch of prompt rows

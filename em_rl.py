@@ -208,8 +208,8 @@ def train(args):
     if args.batch_size % world or args.ppo_minibatches > args.batch_size // world * n:
         raise ev.EvalError(f"--batch-size {args.batch_size} must split over the {world} ranks, with at least "
                            "--ppo-minibatches responses per rank")
-    offload = args.offload_optimizer or (cuda and not distributed)  # fp32 master weights: GPU or CPU (see below)
-    if offload and distributed:  # (on a CPU it only serves the tests: a bf16 model with an fp32 master copy)
+    fp32_master = args.offload_optimizer or (cuda and not distributed)  # bf16 model + fp32 master (GPU or CPU)
+    if fp32_master and distributed:  # (on a CPU it only serves the tests: a bf16 model with an fp32 master copy)
         raise ev.EvalError("--offload-optimizer is for a single process; torchrun shards with FSDP2 instead")
     device = torch.device("cuda" if cuda else "cpu")
     ctx = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
@@ -228,7 +228,7 @@ def train(args):
     # token: 64 sequences x 3.3K tokens = 12 GB) ~ 65 GB; fp32 master 30 GB + AdamW moments 60 GB there too if they
     # fit (an H200), else on the CPU (ev.master_placement). torchrun: FSDP2 shards fp32 params/grads/moments N ways
     # (bf16 compute, fp32 gradient reduction); each rank keeps a full bf16 reference. CPU: plain fp32 model, AdamW.
-    model, tok = ev.load_model(args.model, "bfloat16" if offload else "float32")
+    model, tok = ev.load_model(args.model, "bfloat16" if fp32_master else "float32")
     texts = [ev.build_prompt(tok, q["problem"], args.template) for q in problems]
     prompt_ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
     context = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
@@ -259,7 +259,7 @@ def train(args):
         register_fsdp_forward_method(model, "response_stats")
         stats_fn, fsdp_modules = model.response_stats, [m for m in model.modules() if isinstance(m, FSDPModule)]
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = ev.MasterAdamW(params, ev.master_placement(params, args.offload_optimizer, master) if offload else None,
+    opt = ev.MasterAdamW(params, ev.master_placement(params, args.offload_optimizer, master) if fp32_master else None,
                          lr=args.lr, weight_decay=args.weight_decay)
 
     def gather_weights(full):  # hold full (bf16) weights so generate's uneven step counts need no collectives
