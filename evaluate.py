@@ -816,7 +816,7 @@ def cli_main(work, args, resumes):
     (evaluate.py, select_prompt.py keep finished batches) or starts it over (training, em_inf)."""
     again = "rerun the same command to resume" if resumes else "rerun to start over (this script does not resume)"
     try:
-        return work(args)
+        out = work(args)
     except EvalError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
@@ -834,6 +834,15 @@ def cli_main(work, args, resumes):
             sys.exit("error: sampling met non-finite probabilities: the logits (over the temperature) are not "
                      "finite -- diverged training, broken weights, or a temperature too close to 0")
         raise
+    if work.__module__ == "__main__" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # A torchrun worker whose work is done and saved, its process group destroyed after a barrier. FSDP2's mesh
+        # keeps the gloo group alive past destroy_process_group, so its threads are left to the interpreter's
+        # teardown; twice in CI a rank aborted at the very end (SIGABRT, "terminate called without an active
+        # exception") after every file was written -- rare, not reproduced here. Nothing is left to tear down.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return out
 
 
 # ----------------------------------------------------------------------------- training machinery
