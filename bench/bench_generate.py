@@ -1,7 +1,8 @@
 """Static vs continuous batching (evaluate.generate_batch, engine="static" / "continuous") on identical prompts.
 
 Runs the same prompts in the same batches (one generate call per --batch-size prompts, as evaluate_model and the
-method scripts call it) through both engines, asserts identical greedy outputs (ids, text, truncated), and prints
+method scripts call it) through both engines, asserts identical greedy outputs (ids, text, truncated) in fp32 (in
+bf16 it counts the rows that differ: the two batch layouts round differently), and prints
 per engine: wall time, new tokens, tokens/s, peak memory, plus the continuous/static ratio and the share of the
 static path's decode work spent on rows that had already stopped (or were padding).
 
@@ -50,8 +51,7 @@ def rss_gb():
 
 def build(args, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[args.dtype]
+    dtype = ev.resolve_dtype(args.dtype)[0]  # auto as evaluate.py picks it: bf16 on CUDA and native-bf16 CPUs
     if args.model:
         tok = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
@@ -143,7 +143,8 @@ def main():
                    "--shape: 16:max-new-tokens; real models stop by themselves)")
     p.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off", "both"], help="continuous "
                    "batching's CUDA graphs (GPU): transformers' choice, forced on, off, or both runs")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on CUDA")
+    p.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="default $EM_DTYPE, else "
+                   "auto: as evaluate.py (bf16 on CUDA and on CPUs with native bf16, else fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip-static", action="store_true", help="continuous runs only (no comparison)")
     p.add_argument("--json", action="store_true", help="also print the figures as one line 'RESULT {json}'")
@@ -188,11 +189,21 @@ def main():
             st["wall"], st["cpu"], st["peak"] = st["wall"] + wall, st["cpu"] + cpu, max(st["peak"], peak)
         print(f"  batch {b // args.batch_size + 1}: " + ", ".join(f"{e} {stats[e]['wall']:.0f} s" for e in engines),
               flush=True)
-    ref = outs[engines[0]]
+    # fp32: the engines' greedy outputs must be identical. bf16: the packed and the padded batch round differently
+    # (other kernels, other reduction orders), so a near-tie between two tokens can flip and the row diverges from
+    # there; counted and reported, not asserted.
+    ref, same = outs[engines[0]], {}
     for e in engines[1:]:
         diff = [i for i, (x, y) in enumerate(zip(ref, outs[e])) if x["ids"] != y["ids"] or x["truncated"] !=
                 y["truncated"]]
-        assert not diff, f"{e}: greedy outputs differ from {engines[0]} on prompts {diff[:10]}"
+        assert not diff or model.dtype != torch.float32, f"{e}: greedy outputs differ from {engines[0]} on prompts " \
+                                                          f"{diff[:10]}"
+        same[e] = len(ref) - len(diff)
+        if diff:
+            first = [next((j for j, (a, b) in enumerate(zip(ref[i]["ids"], outs[e][i]["ids"])) if a != b),
+                          min(len(ref[i]["ids"]), len(outs[e][i]["ids"]))) for i in diff]
+            print(f"{e}: {len(diff)} of {len(ref)} greedy outputs differ from {engines[0]} ({model.dtype}: rounding); "
+                  f"first differing token at {min(first)}-{max(first)}, median {sorted(first)[len(first) // 2]}")
     results = {}
     for e in engines:
         st, new = stats[e], sum(len(o["ids"]) for o in outs[e])
@@ -209,10 +220,11 @@ def main():
         for e, r in results.items():
             if e != "static":
                 print(f"{e}: {r['tok_s'] / s['tok_s']:.2f}x static tokens/s ({s['cpu'] / r['cpu']:.2f}x in CPU "
-                      "time), greedy outputs identical")
+                      f"time), {same[e]} of {len(ref)} greedy outputs identical")
     if args.json:
         print("RESULT " + json.dumps({"device": device, "model": args.model or args.shape, "prompts": len(prompts),
                                       "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                                      "dtype": str(model.dtype), "identical_outputs": same,
                                       "engines": results, "static_waste": static_waste(prompts, ref, tok,
                                                                                        args.batch_size)
                                       if "static" in results else None}))
