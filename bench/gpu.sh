@@ -6,7 +6,7 @@
 #   em_ft_offload  the same with the optimizer forced to the CPU (pinned async copies + fused CPU AdamW), batch 8
 #   em_rl          one em_rl step (policy + reference model, 16 sequences x (128 + 256) tokens), breakdown
 #   generate       evaluate.generate_batch, greedy, 128 prompts x <= 256 tokens (lengths 16..256), batch 64: static
-#                  vs continuous batching without and with CUDA graphs, identical outputs asserted
+#                  vs continuous batching without and with CUDA graphs (bf16: rows that differ are counted)
 #   em_inf         em_inf.py's EM-INF and adaptive temperature vs plain sampling, batch 64 x 128 tokens
 # Each step runs under its own time limit (and a total budget); a step that fails or times out is recorded and the
 # next one runs. Results: one JSON line per step (rc, wall time, the bench's RESULT records, the output's tail) in
