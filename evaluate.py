@@ -340,7 +340,8 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
     """Returns per prompt {"ids", "text", "truncated"}: ids are the completion tokens up to and including the
     first stop token; truncated = no stop token within the budget. engine: "static" = one left-padded, KV-cached
     `generate` call (runs until the batch's longest row ends); "continuous" = continuous_generate (the same greedy
-    tokens, tested; sampled ones come from another random stream); "auto" = continuous wherever it runs the
+    tokens in fp32, tested; in bf16 its packed batch rounds differently, so greedy rows drift apart; sampled ones
+    come from another random stream); "auto" = continuous wherever it runs the
     request exactly (continuous_blockers) on a GPU, else static (pick_engine)."""
     from transformers import GenerationConfig
     stops = stop_token_ids(tokenizer, model)
