@@ -814,7 +814,8 @@ def check_finite(step, **values):
 def cli_main(work, args, resumes):
     """Run a CLI's work(args); every way it stops is one line: bad input (EvalError) -> `error: ...`, exit 1; Ctrl-C
     -> exit 130; a full disk -> one line, exit 1. resumes: whether rerunning the same command continues the run
-    (evaluate.py, select_prompt.py keep finished batches) or starts it over (training, em_inf)."""
+    (evaluate.py, select_prompt.py keep finished batches) or starts it over (training, em_inf). A script run under
+    torchrun exits right after its work returns (os._exit(0): no interpreter teardown, see below)."""
     again = "rerun the same command to resume" if resumes else "rerun to start over (this script does not resume)"
     try:
         out = work(args)
