@@ -64,7 +64,8 @@ def main():
     opt = ev.MasterAdamW(params, ev.master_placement(params, args.offload_optimizer) if offload else None, lr=2e-5)
     run = types.SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=0.5, top_p=0.95,
                                 repetition_penalty=1.15, rollout_batch_size=args.rollout_batch_size,
-                                micro_batch_size=args.micro_batch_size, loss_temperature=0.5, entropy_chunk=1024)
+                                micro_batch_size=args.micro_batch_size, loss_temperature=0.5, entropy_chunk=1024,
+                                loss_norm="token-mean")
     prompt = build_prompt(tokenizer, em_ft.PI1, "chat")
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     # Random big-vocab weights sample ids the tiny tokenizer cannot decode: keep sampling inside its vocabulary.
@@ -89,7 +90,7 @@ def main():
         rows = [(prompt_ids, o["ids"]) for o in outs]
         n_tok = sum(len(o["ids"]) for o in outs)
         timer.mark("rollout")
-        em_ft.accumulate_gradients(model, rows, tokenizer.pad_token_id, run, n_tok, 1.0, ctx)
+        em_ft.accumulate_gradients(model, rows, tokenizer.pad_token_id, run, n_tok, len(rows), 1, ctx)
         timer.mark("fwd_bwd")
         opt.step(1.0, timer)
         sec = timer.seconds()

@@ -10,6 +10,7 @@ import torch
 from conftest import PROMPTS, assert_one_line_error, run_cli, run_torchrun
 
 import em_ft
+import evaluate as ev
 from evaluate import build_prompt, generate_batch, load_model
 
 def bind(model):
@@ -100,10 +101,10 @@ def test_gradient_accumulation_4x2_equals_batch_of_8(eos_model_dir):
     grads = {}
     for norm in ("token-mean", "trajectory-sum"):
         for micro in (2, 8):
-            args = types.SimpleNamespace(micro_batch_size=micro, loss_temperature=0.5, entropy_chunk=7)
+            args = types.SimpleNamespace(micro_batch_size=micro, loss_temperature=0.5, entropy_chunk=7,
+                                         loss_norm=norm)
             model.zero_grad()
-            total, _ = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args,
-                                                  em_ft.loss_normalizer(n_tok, len(rows), norm))
+            total, _ = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, n_tok, len(rows))
             grads[norm, micro] = [q.grad.clone() for q in model.parameters()]
         for g1, g2 in zip(grads[norm, 2], grads[norm, 8]):
             torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-8)
@@ -122,12 +123,12 @@ def test_released_per_micro_batch_normalization(eos_model_dir):
     rows = rows_for(tok, model, n=6, max_new=16, seed=6)
     assert len({len(r) for _, r in rows}) > 2, "responses must differ in length"
     # the length-sorted grouping (other norms) is not the sampling order here, so a regrouping would show
-    assert sorted(map(sorted, em_ft.length_sorted_batches([len(p) + len(r) for p, r in rows], 2))) != \
+    assert sorted(map(sorted, ev.length_sorted_batches([len(p) + len(r) for p, r in rows], 2))) != \
         [[0, 1], [2, 3], [4, 5]]
-    args = types.SimpleNamespace(micro_batch_size=2, loss_temperature=0.5, entropy_chunk=7)
+    args = types.SimpleNamespace(micro_batch_size=2, loss_temperature=0.5, entropy_chunk=7,
+                                 loss_norm="micro-token-mean")
     model.zero_grad()
-    ent, loss = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args,
-                                           em_ft.loss_normalizer(1, 1, "micro-token-mean"))
+    ent, loss = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, 1, 1)  # counts unused
     got = [q.grad.clone() for q in model.parameters()]
     model.zero_grad()
     want, total = 0, 0
@@ -143,8 +144,8 @@ def test_released_per_micro_batch_normalization(eos_model_dir):
     # and it really differs from the global token mean when pairs have different lengths
     n_tok = sum(len(r) for _, r in rows)
     model.zero_grad()
-    _, global_loss = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args,
-                                                em_ft.loss_normalizer(n_tok, 6, "token-mean"))
+    args.loss_norm = "token-mean"
+    _, global_loss = em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, n_tok, 6)
     assert global_loss == pytest.approx(total / n_tok, rel=1e-5) and abs(global_loss - loss) > 1e-4 * loss
     assert any(not torch.allclose(g1, q.grad, rtol=1e-3) for g1, q in zip(got, model.parameters())
                if q.grad is not None)
@@ -243,8 +244,8 @@ def test_two_process_fsdp_update_equals_one_process_on_same_rollouts(eos_model_d
     model, tok = load_model(eos_model_dir)
     bind(model)
     rows = [(tok(r["prompt"], add_special_tokens=False).input_ids, r["ids"]) for r in recs]
-    args = types.SimpleNamespace(micro_batch_size=8, loss_temperature=1.0, entropy_chunk=1024)
-    em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, sum(per_rank))
+    args = types.SimpleNamespace(micro_batch_size=8, loss_temperature=1.0, entropy_chunk=1024, loss_norm="token-mean")
+    em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, sum(per_rank), len(rows))
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
     opt.step()
