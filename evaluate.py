@@ -1,31 +1,24 @@
 """
-Math evaluation for em-scripts: benchmarks, prompts, batched generation, answer extraction and grading.
-It is both a CLI and the one module the method scripts (em_ft.py, em_rl.py, em_inf.py, select_prompt.py) import.
+Math evaluation for em-scripts, and the one module the method scripts (em_ft.py, em_rl.py, em_inf.py,
+select_prompt.py) import. Protocol (both papers' headline one, written into results.json): the Qwen2.5-Math CoT
+prompt (chat template, system "Please reason step by step, and put your final answer within \\boxed{}.", the bare
+problem as user message), zero-shot, greedy, up to 3072 new tokens; answer = the last \\boxed{}, graded by
+math-verify. Sampling (--temperature --top-p --n) adds maj@n and unbiased pass@k.
 
-Protocol (both papers' headline protocol, printed into results.json): the Qwen2.5-Math chain-of-thought prompt --
-the tokenizer's chat template with the system message "Please reason step by step, and put your final answer
-within \\boxed{}." and the bare problem as the user message; zero-shot; greedy; up to 3072 new tokens; stop at
-eos/<|im_end|>/<|endoftext|>; answer = content of the last \\boxed{} of the response; graded by math-verify against
-the gold answer. Sampling (--temperature --top-p --n) adds maj@n and unbiased pass@k.
-
-    # 1 GPU (bf16), all of One-shot EM's math benchmarks from the Hugging Face Hub
     python evaluate.py --model Qwen/Qwen2.5-Math-7B --benchmarks math500,amc23,minerva,olympiadbench,aime24
-    # offline, from local copies of the benchmark files (e.g. ../shared/benchmarks)
-    python evaluate.py --model Qwen/Qwen2.5-Math-7B --data-dir ../shared/benchmarks --benchmarks math500
-    # any JSON/JSONL/parquet file with a problem and an answer column
+    python evaluate.py --model ckpt/step_2 --data-dir DIR --benchmarks math500     # DIR: local copies of the files
     python evaluate.py --model ckpt/step_2 --data my.jsonl --problem-key question --answer-key final
-    # sampled: 8 samples per problem at T=0.6 -> pass@1 (mean of 8), maj@8, pass@{1,2,4,8}
-    python evaluate.py --model ckpt/step_2 --benchmarks amc23 --temperature 0.6 --top-p 0.95 --n 8
-    # CPU smoke run on a tiny random model (gibberish answers, exercises every code path)
-    python tests/tiny_model.py /tmp/tiny
-    python evaluate.py --model /tmp/tiny --data ../shared/benchmarks/math500.jsonl --limit 20 --max-new-tokens 64
+    python evaluate.py --model ckpt/step_2 --benchmarks amc23 --temperature 0.6 --top-p 0.95 --n 8   # maj@8, pass@k
+    python tests/tiny_model.py /tmp/tiny && python evaluate.py --model /tmp/tiny --data-dir tests/data \\
+        --benchmarks math500 --max-new-tokens 64                                       # CPU smoke run
+Multi-GPU: one process per GPU on disjoint --benchmarks. Outputs in --out: results.json, samples.jsonl, run.json.
+A rerun with the same arguments resumes: each batch is seeded from (seed, benchmark, batch index).
 
-Multi-GPU: run one process per GPU on disjoint --benchmarks (evaluation needs no communication).
-Outputs (in --out): results.json (metrics + full protocol + package versions), samples.jsonl (one line per
-response). A run interrupted and restarted with the same arguments reuses finished batches: each batch is seeded
-from (seed, benchmark, batch index), so the resumed run produces exactly what an uninterrupted run would.
+Sections: benchmarks (load_benchmark) | prompts | generation (generate_batch, engines, LogitStats) | answers and
+grading | metrics | evaluation (evaluate_model) | what every script needs (argparse types, cli_main, load_model,
+files) | training helpers for em_ft.py and em_rl.py (master_placement, MasterAdamW, PhaseTimer) | the CLI.
 """
-import argparse, errno, json, math, os, re, sys, threading, time, zlib
+import argparse, errno, json, math, os, re, shutil, sys, threading, time, zlib
 from collections import Counter
 from importlib.metadata import version
 
@@ -109,11 +102,9 @@ def _kind(value):  # for error messages: "null", "empty", "a list", "an int"
 
 def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=None, split=None, limit=None,
                    require_answer=True):
-    """Load a benchmark by name (local file under data_dir, else the Hugging Face Hub), a local
-    .json/.jsonl/.parquet file, or a hub dataset id. Returns [{"id", "problem", "answer"}]. Every row is checked: a
-    row that is not an object, or whose problem is not text (or a chat list with a user message), is an EvalError
-    naming the file and the row (0-based). A row without a gold answer gets answer None (graded wrong, counted
-    as no_gold by compute_metrics); so does every row when require_answer=False and there is no answer column."""
+    """[{"id", "problem", "answer"}] of a benchmark name (a file under data_dir, else the Hub), a .json/.jsonl/
+    .parquet file or a hub dataset id. A bad row is an EvalError naming the file and the row (0-based); a missing
+    gold is answer None (graded wrong, counted as no_gold), as is every row without an answer column."""
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
     if name_or_path in BENCHMARKS:
@@ -224,12 +215,9 @@ CONTINUOUS_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_k", "to
 
 
 def continuous_blockers(model, config, logits_processor=None):
-    """What in this request transformers' continuous batching would not run exactly as `generate` does; [] = it
-    serves the request. Decided here, not left to transformers: in 5.24 its generate_batch ignores a
-    logits_processor argument, drops the processors it marks unsupported (repetition penalty, ...) with only a log
-    warning, never builds some (min_new_tokens) and keeps the ones it has not classified. So only an allowlist of
-    options passes (CONTINUOUS_OPTIONS, whose processors it must also mark supported); anything else -- custom
-    processors (EM-INF's, LogitStats), a repetition penalty, an FSDP-wrapped model, autocast -- is a reason."""
+    """What in this request continuous batching would not run exactly as `generate` does; [] = nothing. Decided
+    here: transformers (5.24) ignores a logits_processor argument, drops a repetition penalty with only a log
+    warning and never builds min_new_tokens. So only an allowlist of options passes."""
     import transformers
     if not hasattr(transformers, "ContinuousBatchingConfig"):
         return [f"transformers {transformers.__version__} has no continuous batching"]
@@ -241,16 +229,14 @@ def continuous_blockers(model, config, logits_processor=None):
     # Thread-local state does not reach the manager's generation thread: autocast would silently be off there.
     if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
         reasons.append("autocast (it does not reach the continuous-batching thread)")
-    # FSDP2: forwards in another thread would run FSDP's hooks there; the scripts' gathered-weights discipline
-    # (no collective while generating) is only established for the static path.
+    # FSDP2: forwards in another thread would run FSDP's hooks there (the gathered-weights discipline is static's)
     from torch.distributed.fsdp import FSDPModule
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         reasons.append("an FSDP-wrapped model")
     if model.config._attn_implementation not in ("sdpa", "eager", "paged|eager") and "flash" not in str(
             model.config._attn_implementation):
         reasons.append(f"attention {model.config._attn_implementation}")
-    # Generation options: an allowlist of what continuous batching honours. Anything else (a repetition penalty,
-    # min_new_tokens -- whose processor it never even builds --, beams, ...) is a reason, with its value.
+    # anything outside the allowlist (a repetition penalty, min_new_tokens, beams, ...) is a reason, with its value
     neutral = {"repetition_penalty": 1.0}  # generate_batch always sets it; 1.0 is a no-op
     reasons += [f"{k}={v}" for k, v in config.to_diff_dict().items() if k not in CONTINUOUS_OPTIONS
                 and k != "transformers_version" and not (k in neutral and v == neutral[k])]
@@ -265,10 +251,9 @@ def continuous_blockers(model, config, logits_processor=None):
 
 
 def pick_engine(model, config, logits_processor=None, engine="auto"):
-    """"continuous" or "static" for this request. --engine continuous on a request it cannot serve is an error;
-    auto falls back to static and says why, once per reason. auto on a CPU model is static: measured there
-    (bench/bench_generate.py, SmolLM2-135M, GSM8K, 256 tokens, an idle 2-core machine) continuous batching took
-    2x the static path's time -- its SDPA path attends every query to the whole batch's cache through a mask."""
+    """"continuous" or "static". --engine continuous on a request it cannot serve is an error; auto falls back to
+    static and says why, once per reason. auto on a CPU is static: continuous batching measured 1.6-2.5x slower
+    there (bench/README.md)."""
     if engine not in ENGINES:
         raise EvalError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "static":
@@ -286,15 +271,9 @@ def pick_engine(model, config, logits_processor=None, engine="auto"):
 
 
 def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limits=None):
-    """New token ids for each prompt (token id lists) from one continuous-batching run of transformers: a row that
-    stops frees its slot and costs no more compute, and no row is padded. Every request is queued before the
-    generation thread starts, so the schedule -- and with it every sampled token -- is a function of the inputs and
-    the seed. Memory: the paged KV cache is sized for every row at full length (longest prompt + max_new_tokens,
-    rounded up to a page) -- what the static path's cache reaches when a row runs to the budget -- so the caller's
-    batch size stays the memory knob; the manager is stopped and dropped before returning, which frees the cache
-    before any backward (tests check no PagedAttentionCache or thread survives; RSS stays flat over calls).
-    cuda_graph: None = transformers' choice (on with flash attention); limits: per-row new-token budgets (the
-    benchmark's stand-in for stop tokens on random weights)."""
+    """New token ids per prompt from one continuous-batching run (a finished row frees its slot). All requests are
+    queued before the thread starts: the schedule and the samples are a function of inputs and seed. The paged
+    cache holds every row at full length and is freed before returning. limits: per-row budgets (benchmarks)."""
     from transformers import ContinuousBatchingConfig
     longest = max(map(len, inputs)) + config.max_new_tokens
     page = 256 if longest > 1024 else 64
@@ -337,17 +316,14 @@ def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limit
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
                    repetition_penalty=1.0, logits_processor=None, top_k=0, engine="auto"):
-    """Returns per prompt {"ids", "text", "truncated"}: ids are the completion tokens up to and including the
-    first stop token; truncated = no stop token within the budget. engine: "static" = one left-padded, KV-cached
-    `generate` call (runs until the batch's longest row ends); "continuous" = continuous_generate (the same greedy
-    tokens in fp32, tested; in bf16 its packed batch rounds differently, so greedy rows drift apart; sampled ones
-    come from another random stream); "auto" = continuous wherever it runs the
-    request exactly (continuous_blockers) on a GPU, else static (pick_engine)."""
+    """Per prompt {"ids", "text", "truncated"}: the completion up to and including the first stop token;
+    truncated = no stop token within the budget. engine: "static" = one left-padded KV-cached `generate` call;
+    "continuous" = continuous_generate (greedy tokens equal to static's in fp32; bf16 rounds differently);
+    "auto" = continuous on a GPU wherever it runs the request exactly, else static (pick_engine)."""
     from transformers import GenerationConfig
     stops = stop_token_ids(tokenizer, model)
-    # A full config, not the model's: its generation_config.json may carry top_k/repetition_penalty defaults
-    # (Qwen instruct models do) that would silently change the protocol. top_k must be 0, not None, to be off:
-    # transformers fills a None from the model's generation_config (or its global default, 50).
+    # A full config, not the model's: Qwen instruct models ship top_k/repetition_penalty defaults that would change
+    # the protocol. top_k 0 is off; None would be filled from the model's config (or transformers' default 50).
     sample = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
                               else None, top_p=top_p if sample else None, top_k=top_k if sample else None,
@@ -362,9 +338,8 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     if seed is not None:
         torch.manual_seed(seed)
-    # synced_gpus=False: under torchrun the scripts hold full (gathered) weights on every rank while generating, so
-    # ranks decode independently. transformers would turn synced_gpus on for FSDP-managed models and all_reduce at
-    # every step: a deadlock as soon as ranks make different numbers of generate calls (e.g. uneven eval shares).
+    # synced_gpus=False: under torchrun the scripts hold gathered weights while generating, so ranks decode on their
+    # own; transformers' default for FSDP models (an all_reduce per step) deadlocks on uneven numbers of calls.
     out = model.generate(**enc, generation_config=config, logits_processor=logits_processor, synced_gpus=False)
     return [cut_at_stop(row, stops, tokenizer) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
 
@@ -377,15 +352,10 @@ def cut_at_stop(row, stops, tokenizer):
 
 
 class LogitStats:
-    """Logit-shift analysis (One-shot EM's key figure: EM moves logit skewness right, RL moves it left).
-    A transformers logits processor that observes, at every generated position of unfinished rows:
-    - skew_vocab: the biased Fisher-Pearson skewness of the raw logit vector over the full vocabulary, averaged
-      over tokens; entropy: the mean entropy of softmax(raw logits);
-    - skew_topk_pooled: the released analysis' statistic -- logits divided by the sampling temperature, top-k
-      filtered (others dropped), pooled over all steps and prompts, then one skewness of the pooled values
-      (their protocol: first 20 DeepScaleR prompts, 500 tokens, T=0.6, top-k 50 -> `--temperature 0.6 --top-k 50`).
-    Everything is accumulated on the device as float64 sums (pooled moments as power sums): nothing is stored per
-    token and nothing syncs with the host until result(). -inf logits (masked by another processor) are left out."""
+    """Logit-shift analysis (One-shot EM: EM moves logit skewness right, RL left) over generated positions:
+    skew_vocab = Fisher-Pearson skewness of the raw logits, mean over tokens (+ histogram); entropy; skew_topk_pooled
+    = the release's statistic: logits / T, top-k, pooled over steps and prompts (`--temperature 0.6 --top-k 50`).
+    float64 sums stay on the device (no host sync until result()); -inf logits are left out."""
 
     HIST = (-5.0, 15.0, 400)  # per-token skew_vocab histogram (for the figure): range and bins; outliers -> end bins
 
@@ -433,43 +403,11 @@ class LogitStats:
                     self.hist.tolist() if self.hist is not None else [0] * self.HIST[2])]}}
 
 
-def plot_logit_stats(results, path):
-    """Histogram of per-token logit skewness, one curve per benchmark, to path (PNG) -- only if matplotlib happens
-    to be installed (it is not a dependency). Returns whether it wrote the file."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    used = []  # occupied bins over all curves: the x-axis shows those, not the whole fixed range
-    for name, r in results.items():
-        h = r["logit_stats"]["skew_vocab_hist"]
-        lo, hi = h["range"]
-        w = (hi - lo) / len(h["counts"])
-        total = max(sum(h["counts"]), 1)
-        ax.step([lo + (i + 0.5) * w for i in range(len(h["counts"]))], [c / total for c in h["counts"]],
-                where="mid", label=f"{name} (mean {r['logit_stats']['skew_vocab']:.2f})")
-        used += [lo + i * w for i, c in enumerate(h["counts"]) if c]
-    if used:
-        ax.set_xlim(min(used) - 5 * w, max(used) + 6 * w)
-    ax.set(xlabel="skewness of the logit vector (per generated token)", ylabel="share of tokens")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png")
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return True
-
-
 # ----------------------------------------------------------------------------- answers and grading
 def extract_answer(response, fallback=False):
-    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces, or of a brace-less `\\boxed 5` (up to
-    the next $, \\], \\) or line end); None if there is none, or if the last box never closes.
-    fallback=True adds the Qwen2.5-Math harness's fallbacks (One-shot EM's eval), in its order: Minerva's "The final
-    answer is $X$. I hope it is correct." (checked before any box), then the box, "the answer is X", else the last
-    number of the response."""
+    """Content of the last \\boxed{...}/\\fbox{...} (balanced braces) or brace-less `\\boxed 5`; None if none or unclosed.
+    fallback: the Qwen2.5-Math harness's order: Minerva's "The final answer is $X$. I hope it is correct." (before
+    any box), the box, "the answer is X", the last number."""
     if fallback:
         said = re.search(r"final answer is \$(.+?)\$\. I hope", response, flags=re.DOTALL)
         if said:
@@ -580,10 +518,8 @@ _idle_workers, _workers_lock = [], threading.Lock()
 
 
 def _grade_in_worker(pred, gold, timeout):
-    """_math_verify in a child process (on its main thread, so math-verify's alarm works there), for callers off the
-    main thread. One child per concurrent caller, kept for reuse; the caller waits at most 3 time limits + 10 s for
-    a verdict and kills the child past that (sympy stuck in C code does not see the alarm): counted as an error.
-    POSIX only (select on a pipe), as is math-verify's alarm itself."""
+    """_math_verify in a reused child process (its main thread runs math-verify's alarm) for callers off the main
+    thread; past 3 time limits + 10 s the child is killed (sympy stuck in C ignores the alarm): an error. POSIX."""
     import atexit, inspect, select, subprocess
 
     def read_line(w, limit):  # the child answers one line per request: nothing is left buffered after readline
@@ -661,11 +597,9 @@ def compute_metrics(samples, n):
 def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072, temperature=0.0,
                    top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None, on_batch=None, progress=True,
                    logits_processor=None, top_k=0, logit_stats=False, answer_fallback=False, engine="auto"):
-    """Evaluate an in-memory model on problems (from load_benchmark). Returns (metrics, samples).
-    done: {(id, sample_index): sample} reused instead of regenerated (resume); on_batch(new_samples) is called
-    after each generated batch (the CLI appends them to samples.jsonl). logit_stats: add metrics["logit_stats"]
-    (see LogitStats) over the batches generated in this call. engine: generate_batch's; either engine generates
-    batch by batch with the same per-batch seeds, so a resumed run reproduces an uninterrupted one."""
+    """(metrics, samples) of an in-memory model on problems (load_benchmark's). done: {(id, sample): sample} reused
+    (resume); on_batch(new_samples) after each batch; logit_stats adds metrics["logit_stats"] (LogitStats). Each
+    batch has its own seed, so a resumed run reproduces an uninterrupted one."""
     if n > 1 and temperature <= 0:
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
     done = done or {}
@@ -722,18 +656,15 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     return metrics, samples
 
 
-# ----------------------------------------------------------------------------- CLI helpers
+# ----------------------------------------------------------------------------- what every script needs
 # Every CLI checks its input before any work: numbers at parse time (argparse `type=`), --out before the model
-# loads. Every main() runs its work under cli_main, so each way a run can stop ends in one line, never a traceback.
+# loads, and runs under cli_main, so each way a run can stop ends in one line, never a traceback.
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
-    """An argparse `type=`: a finite int/float within lo..hi (an open end excludes the bound). A bad value stops the
-    command at parse time (argparse's usage line + one error line, exit 2): nan and inf never reach torch, and no
-    value is quietly reinterpreted (a negative temperature is not greedy, a negative interval not "every step")."""
-    if hi is None:
-        want = "" if lo is None else f" {'>' if lo_open else '>='} {lo}"
-    else:
-        want = f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, {hi}{')' if hi_open else ']'}"
-    want = ("an integer" if kind is int else "a finite number") + want
+    """An argparse `type=`: a finite int/float within lo..hi (an open end excludes the bound), checked at parse
+    time: nan/inf never reach torch, and no value is quietly reinterpreted (a negative temperature is not greedy)."""
+    want = ("an integer" if kind is int else "a finite number") + (
+        "" if lo is None and hi is None else f" {'>' if lo_open else '>='} {lo}" if hi is None else
+        f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, {hi}{')' if hi_open else ']'}")
 
     def parse(text):
         try:
@@ -751,8 +682,7 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
 
 pos_int, nonneg_int, seed_int = number(int, 1), number(int, 0), number(int, 0, 2 ** 32 - 1)
 pos_float, nonneg_float, finite_float = number(float, 0, lo_open=True), number(float, 0), number(float)
-unit_float = number(float, 0, 1, lo_open=True)  # (0, 1]: --top-p, ratios
-unit_open = number(float, 0, 1, hi_open=True)  # [0, 1): Adam betas
+unit_float, unit_open = number(float, 0, 1, lo_open=True), number(float, 0, 1, hi_open=True)  # (0, 1], [0, 1)
 
 
 def step_list(text):
@@ -767,55 +697,47 @@ def step_list(text):
 
 
 def check_out_dir(path, file=False):
-    """Before the model loads (hours of work must not end in an unwritable --out): path -- or with file=True, the
-    folder of the file path -- must be a folder this process can write into. Creates it."""
+    """Before the model loads: path (file=True: the folder of the file path) must be a folder this process can
+    write into (hours of work must not end in an unwritable --out). Creates it."""
     if file and os.path.isdir(path):
         raise EvalError(f"--out {path} is a folder; it must name the output file")
-    folder = os.path.dirname(os.path.abspath(path)) if file else os.path.abspath(path)
-    parent = folder
+    folder = parent = os.path.dirname(os.path.abspath(path)) if file else os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise EvalError(f"--out {path} is an existing file, not a folder" if parent == os.path.abspath(path) else
                         f"--out {path} lies under {parent}, a file, not a folder")
-    try:
+    try:  # writing is the only proof of writable (root, a read-only file system)
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test.{os.getpid()}")  # the only proof of writable (root, read-only fs)
-        with open(probe, "w") as f:
+        with open(os.path.join(folder, f".write_test.{os.getpid()}"), "w") as f:
             f.write("ok")
-        os.remove(probe)
+        os.remove(f.name)
     except OSError as e:
         raise EvalError(f"--out {path}: cannot write into {folder} ({e.strerror})") from None
 
 
 def open_log(out, *others):
-    """A fresh <out>/log.jsonl per run (opened for writing): appending to an earlier run's log would repeat step 1,
-    2, ... and list steps never saved. The earlier file is kept as log.prev.jsonl (one generation); `others` (e.g.
-    rollouts.jsonl, appended during the run) are rotated the same way."""
+    """A fresh <out>/log.jsonl per run (an old one would repeat steps 1, 2, ...); the earlier file becomes
+    log.prev.jsonl, as do `others` (e.g. rollouts.jsonl)."""
     for name in ("log.jsonl",) + others:
         if os.path.exists(os.path.join(out, name)):
             os.replace(os.path.join(out, name), os.path.join(out, name.replace(".jsonl", ".prev.jsonl")))
-    old = sorted((d for d in os.listdir(out) if re.fullmatch(r"step_\d+", d)), key=lambda d: int(d[5:]))
-    if old:  # checkpoints this run does not rewrite stay behind: say so once
+    if old := sorted((d for d in os.listdir(out) if re.fullmatch(r"step_\d+", d)), key=lambda d: int(d[5:])):
         print(f"note: {out} holds checkpoints of an earlier run ({', '.join(old)}); this run replaces those it "
               "saves; the earlier log is now log.prev.jsonl")
     return open(os.path.join(out, "log.jsonl"), "w")
 
 
 def check_finite(step, **values):
-    """Training stops at the first non-finite loss or gradient norm, before it saves anything: the update taken with
-    it has already made the weights non-finite, and every later step and checkpoint would carry that."""
-    bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
-    if bad:
+    """Stop at the first non-finite loss or grad norm, before saving: the update has already wrecked the weights."""
+    if bad := ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v)):
         raise EvalError(f"step {step}: {bad} (not finite): training diverged; stopped without saving this step "
                         "(try a lower --lr)")
 
 
 def cli_main(work, args, resumes):
-    """Run a CLI's work(args); every way it stops is one line: bad input (EvalError) -> `error: ...`, exit 1; Ctrl-C
-    -> exit 130; a full disk -> one line, exit 1. resumes: whether rerunning the same command continues the run
-    (evaluate.py, select_prompt.py keep finished batches) or starts it over (training, em_inf). A script run under
-    torchrun exits right after its work returns (os._exit(0): no interpreter teardown, see below)."""
+    """work(args), every way it stops one line: EvalError -> `error: ...` exit 1, Ctrl-C -> exit 130, full disk ->
+    exit 1. resumes: whether a rerun continues (evaluate, select_prompt) or starts over (the rest)."""
     again = "rerun the same command to resume" if resumes else "rerun to start over (this script does not resume)"
     try:
         out = work(args)
@@ -827,74 +749,157 @@ def cli_main(work, args, resumes):
         print(f"\ninterrupted; {again}", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        text = str(e)
         # ENOSPC/EDQUOT from Python's own writes, or wrapped in safetensors' error when a checkpoint is written
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
             where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
             sys.exit(f"error: no space left on the device{where}; free some space and {again}")
-        if "probability tensor contains" in text:  # torch.multinomial on the model's nan/inf probabilities
+        if "probability tensor contains" in str(e):  # torch.multinomial on nan/inf probabilities
             sys.exit("error: sampling met non-finite probabilities: the logits (over the temperature) are not "
                      "finite -- diverged training, broken weights, or a temperature too close to 0")
         raise
     if work.__module__ == "__main__" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # A torchrun worker whose work is done and saved, its process group destroyed after a barrier. FSDP2's mesh
-        # keeps the gloo group alive past destroy_process_group, so its threads are left to the interpreter's
-        # teardown; twice in CI a rank aborted at the very end (SIGABRT, "terminate called without an active
-        # exception") after every file was written -- rare, not reproduced here. Nothing is left to tear down.
+        # A torchrun worker whose work is saved and whose group is destroyed: FSDP2 keeps the gloo group alive past
+        # destroy_process_group, and its threads at interpreter teardown aborted a rank in CI (SIGABRT) after
+        # every file was written. Nothing is left to tear down.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
     return out
 
 
-# ----------------------------------------------------------------------------- training machinery
-# Shared by em_ft.py and em_rl.py, nothing method-specific: where the fp32 master weights and AdamW state live
-# (optimizer_placement), AdamW on them (MasterAdamW), and the phase timer and host memory read in every log line.
-def optimizer_placement(n_params, free_bytes, margin_bytes=10 * 2**30):
-    """(trainable parameters, free GPU bytes with the bf16 model(s) already loaded) -> (offload, message).
-    Kept on the GPU: 12 B/param (fp32 master + AdamW m + v) for the whole run, 2 B/param for the bf16 grads of
-    each update, and a margin for what comes and goes (checkpointed activations, the rollout KV cache, the step's
-    fp32 scratch chunk of 256 MB). If that is more than is free, the master and the state go to the CPU."""
-    need, gib = n_params * 14 + margin_bytes, 2**30
-    offload = need > free_bytes
-    return offload, (f"optimizer: fp32 master + AdamW m, v {n_params * 12 / gib:.1f} GiB + bf16 grads "
-                     f"{n_params * 2 / gib:.1f} GiB + margin {margin_bytes / gib:.0f} GiB = {need / gib:.1f} GiB "
-                     f"{'>' if offload else '<='} {free_bytes / gib:.1f} GiB free on the GPU: " +
-                     (f"offloaded to the CPU ({n_params * 12 / gib:.1f} GiB of host RAM)" if offload else
-                      "kept on the GPU"))
+def init_distributed(backend=None, **kwargs):
+    """(rank, world) from torchrun's environment; with more than one rank, this rank's GPU and the process group."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), **kwargs)
+    return rank, world
 
 
-def master_placement(params, offload=None, verbose=True):
+def end_distributed():
+    """All ranks meet, then tear the group down together: a rank tearing gloo down alone can abort at exit."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def cpu_has_native_bf16():
+    """avx512_bf16 or AMX: bf16 matmuls run natively (without them torch emulates bf16, several times slower)."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_dtype(dtype=None):
+    """(torch dtype, why) for auto | bfloat16 | float32; None = $EM_DTYPE, else auto. auto, for inference: bf16 on
+    CUDA and on CPUs with native bf16 (2x fp32's tokens/s on an AMX CPU), else fp32. Training passes its own."""
+    dtype = dtype or os.environ.get("EM_DTYPE") or "auto"
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise EvalError(f"dtype must be auto, bfloat16 or float32, not {dtype!r}")
+    if dtype != "auto":
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype], dtype
+    if torch.cuda.is_available():
+        return torch.bfloat16, "auto: bf16 on CUDA"
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "auto: bf16, this CPU has native bf16 (avx512_bf16/AMX)"
+    return torch.float32, "auto: fp32, this CPU has no native bf16 (emulated bf16 is several times slower)"
+
+
+def load_model(path, dtype=None):
+    """Causal LM + tokenizer in resolve_dtype(dtype)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not os.path.isdir(
+            os.path.expanduser(path)):
+        raise EvalError(f"model path does not exist: {path}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, why = resolve_dtype(dtype)
+    if why.startswith("auto"):  # say what auto chose: it depends on the machine
+        print(f"--dtype {why}")
+    local = os.path.expanduser(path)
+    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
+        found = sorted(d for d in os.listdir(local) if os.path.isfile(os.path.join(local, d, "config.json")))
+        raise EvalError(f"{path} is a folder without config.json, not a model" +
+                        (f"; checkpoints inside: {', '.join(found)}" if found else ""))
+    vocab_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    if os.path.isdir(local) and not any(os.path.isfile(os.path.join(local, f)) for f in vocab_files):
+        # transformers would build an empty tokenizer from config.json alone and fail much later, misleadingly
+        raise EvalError(f"{path} has weights but no tokenizer files ({', '.join(vocab_files)}): copy the tokenizer "
+                        "files of the model it was trained from into it")
+    from safetensors import SafetensorError, safe_open
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        if isinstance(e, SafetensorError) and os.path.isdir(local):  # name the file: a download or copy cut short
+            for f in sorted(f for f in os.listdir(local) if f.endswith(".safetensors")):
+                try:
+                    safe_open(os.path.join(local, f), "pt").keys()
+                except SafetensorError:
+                    why = f"{f} is truncated or corrupt ({why})"
+                    break
+        raise EvalError(f"cannot load model {path!r}: {why}") from None
+    if tokenizer.pad_token_id is None:  # batching needs a pad id; eos is safe because masks exclude padding
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def package_versions():
+    from importlib.metadata import PackageNotFoundError
+    out = {}
+    for p in ("torch", "transformers", "datasets", "math-verify", "tqdm"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:  # e.g. a GPU box with only torch + transformers: record, don't crash
+            out[p] = None
+    return out
+
+
+def write_json_atomic(path, obj, lines=False):
+    """obj as JSON (lines=True: a list as JSON lines), to a temp file then renamed: a crash never leaves a
+    half-written file behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in obj) if lines else json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ training helpers (em_ft.py, em_rl.py)
+# Nothing method-specific: where the fp32 master weights and AdamW state live, AdamW on them, and the per-phase
+# seconds and host memory of every log line.
+def master_placement(params, offload=None, verbose=True, free=None, margin=10 * 2**30):
     """Device of the fp32 master weights + AdamW state of a bf16 model: "cpu" if offload, the model's device if
-    offload is False, and with None (auto) the GPU when optimizer_placement says they fit (printed), else the CPU."""
-    device = params[0].device
-    if offload is not None or device.type != "cuda":
+    offload is False; None (auto): the GPU if 14 B/param (fp32 master + m + v: 12, the bf16 grads: 2) + a margin
+    (checkpointed activations, the rollout KV cache) fit in its free memory, else the CPU. free: bytes (tests)."""
+    device, n, gib = params[0].device, sum(q.numel() for q in params), 2**30
+    if offload is not None or (device.type != "cuda" and free is None):
         where = "cpu" if offload or device.type != "cuda" else str(device)
         if verbose and offload is not None:
             print(f"optimizer: fp32 master + AdamW on {where} (forced)")
         return where
-    # free = what the driver has left + what PyTorch's allocator holds unused (it serves our allocations first)
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    offload, message = optimizer_placement(sum(q.numel() for q in params), free)
+    if free is None:  # what the driver has left + what PyTorch's allocator holds unused (it serves us first)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
+            device)
+    need = 14 * n + margin
     if verbose:
-        print(message)
-    return "cpu" if offload else str(device)
+        print(f"optimizer: fp32 master + AdamW m, v {12 * n / gib:.1f} GiB + bf16 grads {2 * n / gib:.1f} GiB + "
+              f"margin {margin / gib:.0f} GiB = {need / gib:.1f} GiB {'>' if need > free else '<='} {free / gib:.1f} "
+              "GiB free on the GPU: " + (f"offloaded to the CPU ({12 * n / gib:.1f} GiB of host RAM)"
+                                         if need > free else "kept on the GPU"))
+    return "cpu" if need > free else str(device)
 
 
 class MasterAdamW:
-    """AdamW for the training scripts, one of three placements (master):
-      None     plain torch AdamW (fused) on the parameters themselves (fp32 models: CPU runs, FSDP2 shards);
-      "cuda"   fp32 master weights + AdamW state on the GPU beside a bf16 model (mixed precision);
-      "cpu"    the same master + state in host RAM (a model whose optimizer does not fit on the GPU).
-    Both master placements do the math of fp32 AdamW on fp32 copies of the weights given the same grads: the global
-    norm is taken in fp32 over the grads, each grad is upcast and scaled by the clip coefficient, AdamW steps the
-    fp32 master and the model receives its rounded copy (the only rounding; tests/test_optimizer.py). The master
-    lives in chunks of `chunk` elements cut from all parameters laid end to end, and the step runs chunk by chunk
-    (one chunk's fp32 grads at a time). AdamW is elementwise and each piece of a tensor is its own AdamW parameter
-    with its own state and step count: the same numbers as whole tensors. Offloaded from a GPU, the CPU only runs
-    fused AdamW: on a side stream the GPU upcasts chunk k+1's grads and sends them to a pinned buffer (two, used in
-    turn) while the CPU steps chunk k, and each stepped chunk goes back in one DMA from the pinned master, rounded
-    to bf16 on the GPU."""
+    """AdamW with grad clipping; master: None = torch's fused AdamW on the parameters themselves (fp32 models: CPU
+    runs, FSDP2 shards); "cuda" / "cpu" = fp32 master weights + state on the GPU / in host RAM beside a bf16 model.
+    The master placements do fp32 AdamW on fp32 copies given the same grads (norm in fp32, grads upcast and scaled
+    by the clip coefficient); the model receives the rounded master (the only rounding). The master lives in chunks
+    of `chunk` elements cut from all parameters laid end to end (AdamW is elementwise: the same numbers as whole
+    tensors), stepped one chunk at a time. Offloaded, the GPU upcasts chunk k+1's grads into one of two pinned
+    buffers on a side stream while the CPU steps chunk k, and each stepped chunk goes back in one DMA."""
 
     def __init__(self, params, master=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, chunk=2**26):
         self.params, self.chunks, cur, used = list(params), [], [], 0
@@ -923,14 +928,6 @@ class MasterAdamW:
         if self.staged:
             self.pinned = [torch.empty(len(self.buf), dtype=torch.float32, pin_memory=True) for _ in range(2)]
             self.stream = torch.cuda.Stream()
-
-    def master_weights(self):
-        """The fp32 master copy of every parameter, assembled from the chunks (for tests and inspection)."""
-        out = [torch.empty(q.numel(), dtype=torch.float32, device=self.flat[0].device) for q in self.params]
-        for c, sl in zip(self.chunks, self.slices):
-            for (i, a, n), s in zip(c, sl):
-                out[i][a:a + n] = s
-        return [o.view(q.shape) for o, q in zip(out, self.params)]
 
     @torch.no_grad()
     def step(self, grad_clip, timer=None):
@@ -1009,30 +1006,95 @@ class MasterAdamW:
 
 
 class PhaseTimer:
-    """Seconds per phase of one update, with no host sync on the way: on CUDA each mark records an event on the
-    current stream (timestamps of the GPU's progress, the host's when the GPU is idle, as while the CPU steps an
-    offloaded AdamW); on the CPU it reads the clock. mark(name) ends phase `name`; marks of one name add up."""
+    """Seconds per phase of an update: mark(name) ends phase `name`; marks of one name add up. On CUDA a mark first
+    waits for the current stream (the loop syncs at these points anyway), so a phase holds its own kernels."""
 
     def __init__(self, cuda):
-        self.cuda, self.marks = cuda, []
-        self.mark(None)
+        self.cuda, self.last, self.s = cuda, time.perf_counter(), {}
 
     def mark(self, name):
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((name, event))
-        else:
-            self.marks.append((name, time.perf_counter()))
+            torch.cuda.current_stream().synchronize()
+        now = time.perf_counter()
+        self.s[f"{name}_s"], self.last = self.s.get(f"{name}_s", 0.0) + now - self.last, now
 
     def seconds(self):
-        """{"<phase>_s": seconds} in order of first mark, and step_s, their sum (one sync, on the last event)."""
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-        out = {}
-        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
-            out[f"{name}_s"] = out.get(f"{name}_s", 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
-        return {**out, "step_s": sum(out.values())}
+        """{"<phase>_s": seconds} in order of first mark, and step_s, their sum."""
+        return {**self.s, "step_s": sum(self.s.values())}
+
+
+def set_gathered(model, on):
+    """FSDP2: gather the full weights and keep them (on), or reshard (off); collective, a no-op
+    without FSDP. In between, ranks decode on their own (uneven generate steps, no collective)."""
+    for m in model.modules():
+        if hasattr(m, "set_reshard_after_forward"):  # the fully_shard-ed modules
+            if m is not model:  # FSDP2 never reshards the root after forward: leave it so
+                m.set_reshard_after_forward(not on, recurse=False)
+            m.unshard() if on else m.reshard()
+
+
+def gather_lists(objs, world):
+    """A list of Python objects per rank -> their concatenation in rank order, on every rank."""
+    parts = [objs]
+    if world > 1:
+        import torch.distributed as dist
+        parts = [None] * world
+        dist.all_gather_object(parts, objs)
+    return [x for part in parts for x in part]
+
+
+def evaluate_on_ranks(model, tokenizer, problems, rank, world, **kwargs):
+    """evaluate_model with each rank on its share of problems (FSDP weights held gathered);
+    (metrics, samples) of the samples gathered from all ranks."""
+    model.eval()
+    set_gathered(model, True)
+    mine = problems[rank::world]
+    samples = evaluate_model(model, tokenizer, mine, progress=rank == 0, **kwargs)[1] if mine else []
+    set_gathered(model, False)
+    model.train()
+    samples = gather_lists(samples, world)
+    return compute_metrics(samples, 1), samples
+
+
+def save_checkpoint(model, tokenizer, path, meta, rank, world):
+    """A Hugging Face folder at path (safetensors + tokenizer + train_args.json: meta), written to
+    path.tmp, then renamed. bf16 on CUDA (what the released models and vLLM load). Collective under
+    torchrun: rank 0 gets the full state dict."""
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+    else:
+        state = model.state_dict()
+    if rank == 0:
+        state = {k: v.to(torch.bfloat16) if torch.cuda.is_available() else v for k, v in state.items()}
+        if getattr(model.config, "tie_word_embeddings", False):  # one copy of the tied weight
+            state.pop("lm_head.weight", None)
+        shutil.rmtree(path + ".tmp", ignore_errors=True)  # a stale .tmp of a crashed run
+        model.save_pretrained(path + ".tmp", state_dict=state)
+        tokenizer.save_pretrained(path + ".tmp")
+        write_json_atomic(os.path.join(path + ".tmp", "train_args.json"),
+                          {**meta, "world_size": world, "versions": package_versions()})
+        shutil.rmtree(path, ignore_errors=True)  # os.replace cannot replace a non-empty folder
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def log_step(log, record):
+    """One update: a console line and a log.jsonl line (NaN as null: standard JSON)."""
+    record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
+    tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    print(json.dumps(record), file=log, flush=True)
+
+
+def peak_mem_gb(cuda):
+    """Peak memory of this update: the GPU's allocator (since reset_peak_memory_stats), else host max RSS."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB
 
 
 def host_rss_gb():
@@ -1041,69 +1103,7 @@ def host_rss_gb():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
 
 
-# ----------------------------------------------------------------------------- CLI
-def cpu_has_native_bf16():
-    """avx512_bf16 or AMX: bf16 matmuls run natively (without them torch emulates bf16, several times slower)."""
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def resolve_dtype(dtype=None):
-    """(torch dtype, why) for auto | bfloat16 | float32; None = $EM_DTYPE, else auto (the tests pin EM_DTYPE=float32
-    so that their outcome never depends on the CPU that runs them). auto is for INFERENCE: bf16 on CUDA; on a CPU
-    bf16 only where it is native (SmolLM2-135M greedy decoding, batch 32, on a 2-core AMX CPU: 338 vs 173 tok/s in
-    fp32), else fp32. The training scripts pass their dtype explicitly (fp32 on CPU: lr-sized updates fall below bf16's
-    resolution)."""
-    dtype = dtype or os.environ.get("EM_DTYPE") or "auto"
-    if dtype not in ("auto", "bfloat16", "float32"):
-        raise EvalError(f"dtype must be auto, bfloat16 or float32, not {dtype!r}")
-    if dtype != "auto":
-        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype], dtype
-    if torch.cuda.is_available():
-        return torch.bfloat16, "auto: bf16 on CUDA"
-    if cpu_has_native_bf16():
-        return torch.bfloat16, "auto: bf16, this CPU has native bf16 (avx512_bf16/AMX)"
-    return torch.float32, "auto: fp32, this CPU has no native bf16 (emulated bf16 is several times slower)"
-
-
-def load_model(path, dtype=None):
-    """Causal LM + tokenizer in resolve_dtype(dtype)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not os.path.isdir(
-            os.path.expanduser(path)):
-        raise EvalError(f"model path does not exist: {path}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype, why = resolve_dtype(dtype)
-    if why.startswith("auto"):  # say what auto chose: it depends on the machine
-        print(f"--dtype {why}")
-    local = os.path.expanduser(path)
-    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
-        found = sorted(d for d in os.listdir(local) if os.path.isfile(os.path.join(local, d, "config.json")))
-        raise EvalError(f"{path} is a folder without config.json, not a model" +
-                        (f"; checkpoints inside: {', '.join(found)}" if found else ""))
-    vocab_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-    if os.path.isdir(local) and not any(os.path.isfile(os.path.join(local, f)) for f in vocab_files):
-        # transformers would build an empty tokenizer from config.json alone and fail much later, misleadingly
-        raise EvalError(f"{path} has weights but no tokenizer files ({', '.join(vocab_files)}): copy the tokenizer "
-                        "files of the model it was trained from into it")
-    from safetensors import SafetensorError, safe_open
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        if isinstance(e, SafetensorError) and os.path.isdir(local):  # name the file: a download or copy cut short
-            for f in sorted(f for f in os.listdir(local) if f.endswith(".safetensors")):
-                try:
-                    safe_open(os.path.join(local, f), "pt").keys()
-                except SafetensorError:
-                    why = f"{f} is truncated or corrupt ({why})"
-                    break
-        raise EvalError(f"cannot load model {path!r}: {why}") from None
-    if tokenizer.pad_token_id is None:  # batching needs a pad id; eos is safe because masks exclude padding
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
+# ----------------------------------------------------------------------------- the evaluate.py CLI
 def model_fingerprint(path):
     """Sizes and mtimes of a local model's weight/config files (a hub id stands for itself): a checkpoint rewritten
     at the same path must not resume from samples of the old weights."""
@@ -1113,27 +1113,6 @@ def model_fingerprint(path):
     files = sorted(f for f in os.listdir(local) if f.endswith((".safetensors", ".bin", ".json")))
     stats = [(f, os.path.getsize(os.path.join(local, f)), os.path.getmtime(os.path.join(local, f))) for f in files]
     return f"{zlib.crc32(repr(stats).encode()):08x}"
-
-
-def package_versions():
-    from importlib.metadata import PackageNotFoundError
-    out = {}
-    for p in ("torch", "transformers", "datasets", "math-verify", "tqdm"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:  # e.g. a GPU box with only torch + transformers: record, don't crash
-            out[p] = None
-    return out
-
-
-def write_json_atomic(path, obj):
-    """Write to a temp file then rename: a crash never leaves a half-written file behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_samples(path):
@@ -1160,41 +1139,39 @@ def markdown_table(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a model on math benchmarks (Qwen2.5-Math protocol).")
+    p = argparse.ArgumentParser(description="Evaluate a model on math benchmarks (Qwen2.5-Math protocol).")
     # model and data
-    parser.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
-    parser.add_argument("--benchmarks", default="math500", help=f"comma list of {', '.join(BENCHMARKS)}")
-    parser.add_argument("--data", default=None, help="comma list of local .json/.jsonl/.parquet files (overrides "
-                        "--benchmarks; each is named by its file stem)")
-    parser.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="folder with local copies of "
-                        "the benchmark files (e.g. ../shared/benchmarks); default $EM_DATA_DIR, else the Hub")
-    parser.add_argument("--problem-key", default=None, help=f"problem column (default: first of {PROBLEM_KEYS})")
-    parser.add_argument("--answer-key", default=None, help=f"answer column (default: first of {ANSWER_KEYS})")
-    parser.add_argument("--limit", type=pos_int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
+    p.add_argument("--benchmarks", default="math500", help=f"comma list of {', '.join(BENCHMARKS)}")
+    p.add_argument("--data", help="comma list of .json/.jsonl/.parquet files (instead of --benchmarks; each "
+                   "named by its file stem)")
+    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local copies of the "
+                   "benchmark files (default $EM_DATA_DIR, else the Hub)")
+    p.add_argument("--problem-key", help=f"problem column (default: first of {PROBLEM_KEYS})")
+    p.add_argument("--answer-key", help=f"answer column (default: first of {ANSWER_KEYS})")
+    p.add_argument("--limit", type=pos_int, help="first N problems of each benchmark")
     # protocol
-    parser.add_argument("--template", default="qwen-math", choices=list(TEMPLATES), help="prompt protocol")
-    parser.add_argument("--max-new-tokens", type=pos_int, default=3072, help="generation budget per response")
-    parser.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (the papers' protocol)")
-    parser.add_argument("--top-p", type=unit_float, default=1.0, help="nucleus sampling (with --temperature > 0)")
-    parser.add_argument("--n", type=pos_int, default=1, help="samples per problem (pass@1 is their mean)")
-    parser.add_argument("--top-k", type=nonneg_int, default=0, help="top-k sampling, 0 = off (the skewness analysis of "
-                        "One-shot EM sampled with transformers' default top-k 50)")
-    parser.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
-    parser.add_argument("--answer-fallback", action="store_true", help="when there is no \\boxed{}, grade \"the "
-                        "answer is X\" or else the last number (the Qwen2.5-Math harness's fallbacks)")
-    parser.add_argument("--logit-stats", action="store_true", help="record logit skewness and entropy over "
-                        "generated tokens (One-shot EM's logit-shift analysis) into results.json")
+    p.add_argument("--template", default="qwen-math", choices=list(TEMPLATES), help="prompt protocol")
+    p.add_argument("--max-new-tokens", type=pos_int, default=3072, help="generation budget per response")
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (the papers' protocol)")
+    p.add_argument("--top-p", type=unit_float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--n", type=pos_int, default=1, help="samples per problem (pass@1 is their mean)")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off (One-shot EM's skewness analysis "
+                   "sampled with transformers' default 50)")
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
+    p.add_argument("--answer-fallback", action="store_true", help="no \\boxed{}: grade \"the answer is X\", else "
+                   "the last number (the Qwen2.5-Math harness's fallbacks)")
+    p.add_argument("--logit-stats", action="store_true", help="logit skewness and entropy over generated "
+                   "tokens (One-shot EM's logit-shift analysis) into results.json")
     # system
-    parser.add_argument("--batch-size", type=pos_int, default=64, help="sequences per generate call")
-    parser.add_argument("--engine", default="auto", choices=list(ENGINES), help="continuous batching (transformers) "
-                        "or static (one generate call per batch); auto: continuous on a GPU wherever it runs the "
-                        "request exactly, else static (printed)")
-    parser.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"], help="auto (default, or "
-                        "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
-    parser.add_argument("--out", default=None, help="output folder (default eval_out/<model name>); a rerun with "
-                        "the same arguments resumes")
-    parser.add_argument("--overwrite", action="store_true", help="discard samples of an earlier run in --out")
-    cli_main(run, parser.parse_args(argv), resumes=True)
+    p.add_argument("--batch-size", type=pos_int, default=64, help="sequences per generate call")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help="auto: continuous batching on a GPU "
+                   "wherever it runs the request exactly, else static (printed)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or $EM_DTYPE): "
+                   "bf16 on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--out", help="output folder (default eval_out/<model name>); a rerun resumes")
+    p.add_argument("--overwrite", action="store_true", help="discard samples of an earlier run in --out")
+    cli_main(run, p.parse_args(argv), resumes=True)
 
 
 def run(args):
@@ -1202,26 +1179,23 @@ def run(args):
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
     if args.temperature == 0 and (args.top_p < 1 or args.top_k and not args.logit_stats):  # not silently ignored
         raise EvalError("--top-p/--top-k need --temperature > 0 (greedy decoding ignores them)")
-    sources = args.data.split(",") if args.data else args.benchmarks.split(",")
-    data = {}
+    sources, data = (args.data or args.benchmarks).split(","), {}
     for src in sources:
         name = os.path.splitext(os.path.basename(src))[0] if args.data else src
         if name in data:  # names key the samples, the seeds and the results: two files must not share one
             raise EvalError(f"two benchmarks are named {name!r} ({src}): give the files different names")
         data[name] = load_benchmark(src, args.data_dir, args.problem_key, args.answer_key, limit=args.limit)
-        missing = [p["id"] for p in data[name] if p["answer"] is None]
-        if missing:
+        if missing := [p["id"] for p in data[name] if p["answer"] is None]:
             print(f"{name}: {len(missing)} problems have no gold answer and are graded wrong (ids "
                   f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     check_out_dir(out)
-    protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "template": args.template,
-                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "n": args.n,
-                "logit_stats": args.logit_stats, "engine": args.engine,
-                "answer_fallback": args.answer_fallback, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                "batch_size": args.batch_size, "benchmarks": {k: len(v) for k, v in data.items()},
-                "sources": sources, "data_dir": args.data_dir,
-                "dtype": str(resolve_dtype(args.dtype)[0]).replace("torch.", "")}
+    protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "sources": sources,
+                "benchmarks": {k: len(v) for k, v in data.items()}, "data_dir": args.data_dir,
+                "dtype": str(resolve_dtype(args.dtype)[0]).replace("torch.", ""),
+                **{k: getattr(args, k) for k in ("template", "temperature", "top_p", "top_k", "n", "logit_stats",
+                                                 "engine", "answer_fallback", "max_new_tokens", "seed",
+                                                 "batch_size")}}
     run_file, samples_file = os.path.join(out, "run.json"), os.path.join(out, "samples.jsonl")
     done = {} if args.overwrite else read_samples(samples_file)
     if done and args.logit_stats:  # the statistics are accumulated while generating: reused samples have none
@@ -1230,18 +1204,14 @@ def run(args):
     if done and os.path.exists(run_file):
         with open(run_file) as f:
             old = json.load(f)
-        diff = [k for k in protocol if old.get(k) != protocol[k]]
-        if diff:
+        if diff := [k for k in protocol if old.get(k) != protocol[k]]:
             raise EvalError(f"{out} holds samples of a different run (differs in {', '.join(diff)}); use another "
                             "--out or --overwrite")
     write_json_atomic(run_file, protocol)
     if done:
         print(f"resuming: {len(done)} finished samples in {samples_file}")
     model, tokenizer = load_model(args.model, args.dtype)
-    # Rewrite the kept samples (drops a line cut by a crash) before appending new batches.
-    with open(samples_file + ".tmp", "w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in done.values())
-    os.replace(samples_file + ".tmp", samples_file)
+    write_json_atomic(samples_file, done.values(), lines=True)  # drops a line cut by a crash, then append to it
     sink = open(samples_file, "a")
 
     def append(batch):
@@ -1251,30 +1221,25 @@ def run(args):
 
     results, all_samples, t0 = {}, [], time.time()
     for name, problems in data.items():
-        bench_done = {(k[1], k[2]): s for k, s in done.items() if k[0] == name}
         results[name], samples = evaluate_model(
             model, tokenizer, problems, args.template, args.max_new_tokens, args.temperature, args.top_p, args.n,
-            args.batch_size, args.seed, name=name, done=bench_done, on_batch=append, top_k=args.top_k,
-            logit_stats=args.logit_stats, answer_fallback=args.answer_fallback, engine=args.engine)
+            args.batch_size, args.seed, name=name, done={(k[1], k[2]): s for k, s in done.items() if k[0] == name},
+            on_batch=append, top_k=args.top_k, logit_stats=args.logit_stats, answer_fallback=args.answer_fallback,
+            engine=args.engine)
         all_samples += samples
         if results[name]["grading_errors"]:
             print(f"{name}: {results[name]['grading_errors']} answers hit the grader's time limit or crashed it "
                   "(counted wrong)")
-    sink.close()
-    if args.logit_stats:
-        for name, r in results.items():
-            ls = r["logit_stats"]
+        if args.logit_stats:
+            ls = results[name]["logit_stats"]
             print(f"{name}: logit skewness (full vocab, mean over tokens) {ls['skew_vocab']:.3f}, pooled top-"
                   f"{ls['skew_topk_k']} at T={ls['skew_topk_temperature']} {ls['skew_topk_pooled']:.3f}, "
                   f"entropy {ls['entropy']:.3f} over {ls['tokens']} tokens")
-        if plot_logit_stats(results, os.path.join(out, "logit_stats.png")):
-            print(f"wrote {out}/logit_stats.png")
+    sink.close()
     if len(results) > 1:
         keys = [k for k in results[next(iter(results))] if k.startswith(("pass@", "maj@", "format", "mean_length"))]
         results["average"] = {k: sum(r[k] for r in results.values()) / len(results) for k in keys}
-    with open(samples_file + ".tmp", "w") as f:  # final file: exactly one line per (benchmark, id, sample)
-        f.writelines(json.dumps(s) + "\n" for s in all_samples)
-    os.replace(samples_file + ".tmp", samples_file)
+    write_json_atomic(samples_file, all_samples, lines=True)  # exactly one line per (benchmark, id, sample)
     write_json_atomic(os.path.join(out, "results.json"), {
         "metrics": results, "protocol": {**protocol, "system_prompt": TEMPLATES[args.template][0],
                                          "user_template": TEMPLATES[args.template][1]},
@@ -1282,7 +1247,6 @@ def run(args):
         else "cpu", "wall_s": time.time() - t0, "args": vars(args)})
     print(markdown_table(results))
     print(f"wrote {out}/results.json and {out}/samples.jsonl")
-
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,14 @@ comes with a 95% Wilson interval over problems (pass@1 of one greedy sample per 
     # GPU + Hub (about an hour of a single H100 for one-shot: 2 updates of 64 rollouts, then ~1.5k greedy evals x2)
     python bench/reproduce.py one-shot
     python bench/reproduce.py em-inf
-    # offline, CPU, a real small model (see README "Results"): a few steps, small slices
-    python bench/reproduce.py one-shot --model /path/to/smollm2-135m-instruct --data-dir ../shared/benchmarks \
+    # offline, CPU, a real small model (bench/README.md): a few steps, small slices; DIR: local benchmark files
+    python bench/reproduce.py one-shot --model /path/to/smollm2-135m-instruct --data-dir DIR \
         --benchmarks gsm8k,math500 --limit 100 --max-new-tokens 256 --train-args="--max-steps 3 --batch-size 16"
 """
 import argparse, json, math, os, shlex, shutil, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Paper numbers (../shared/papers.md). One-shot EM: second-hand table, Qwen2.5-Math-7B, their harness.
+# Paper numbers. One-shot EM (Gao et al.): Qwen2.5-Math-7B in their harness (as reported; base -> after EM).
 PAPER_ONE_SHOT = {"math500": (53.0, 78.8), "minerva": (11.0, 35.3), "olympiadbench": (17.2, 39.7),
                   "amc23": (44.1, 70.3)}
 # Agarwal et al. Table 3, math average over five benchmarks (MATH500, AI-MO AMC, AI-MO AIME, Minerva, Olympiad).
@@ -37,6 +37,36 @@ def wilson(k, n, z=1.96):
     p, d = k / n, 1 + z * z / n
     c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return 100 * (c - h), 100 * (c + h)
+
+
+def plot_logit_stats(results, path):
+    """Histogram of per-token logit skewness, one curve per benchmark, to path (PNG) -- only if matplotlib happens
+    to be installed (it is not a dependency). Returns whether it wrote the file."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    used = []  # occupied bins over all curves: the x-axis shows those, not the whole fixed range
+    for name, r in results.items():
+        h = r["logit_stats"]["skew_vocab_hist"]
+        lo, hi = h["range"]
+        w = (hi - lo) / len(h["counts"])
+        total = max(sum(h["counts"]), 1)
+        ax.step([lo + (i + 0.5) * w for i in range(len(h["counts"]))], [c / total for c in h["counts"]],
+                where="mid", label=f"{name} (mean {r['logit_stats']['skew_vocab']:.2f})")
+        used += [lo + i * w for i, c in enumerate(h["counts"]) if c]
+    if used:
+        ax.set_xlim(min(used) - 5 * w, max(used) + 6 * w)
+    ax.set(xlabel="skewness of the logit vector (per generated token)", ylabel="share of tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
 
 
 def sh(cmd, log):
@@ -135,9 +165,7 @@ def main():
                     ls, curves[f"{tag} {b}"] = res[b]["logit_stats"], res[b]
                     print(f"{tag} {b}: entropy {ls['entropy']:.3f}, skew (vocab) {ls['skew_vocab']:.3f}, "
                           f"skew (pooled top-k) {ls['skew_topk_pooled']:.3f}")
-            sys.path.insert(0, ROOT)
-            from evaluate import plot_logit_stats  # base and EM on one figure (if matplotlib is installed)
-            if plot_logit_stats(curves, f"{args.out}/logit_shift.png"):
+            if plot_logit_stats(curves, f"{args.out}/logit_shift.png"):  # base and EM on one figure
                 print(f"wrote {args.out}/logit_shift.png")
     else:
         model = args.model or "Qwen/Qwen2.5-7B-Instruct"

@@ -31,6 +31,11 @@ class SyncStream:
     wait_stream = synchronize = record = __init__
 
 
+def master_weights(opt, params):
+    """The fp32 master copy of every parameter: the chunks hold all parameters laid end to end."""
+    return [m.view(q.shape) for q, m in zip(params, torch.cat(opt.flat).split([q.numel() for q in params]))]
+
+
 @pytest.mark.parametrize("dtype,staged", [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)])
 def test_master_adamw_is_fp32_adamw(tiny, dtype, staged, monkeypatch):
     """3 steps of MasterAdamW (master on the CPU, chunks of 3000 elements: the embedding is cut in 11 pieces, small
@@ -61,11 +66,11 @@ def test_master_adamw_is_fp32_adamw(tiny, dtype, staged, monkeypatch):
         ref_opt.zero_grad(set_to_none=True)
         torch.testing.assert_close(norm, ref_norm, rtol=1e-6, atol=0)
         assert (norm > clip) == (step == 1)
-        for q, m, r in zip(params, opt.master_weights(), ref):
+        for q, m, r in zip(params, master_weights(opt, params), ref):
             assert q.grad is None
             torch.testing.assert_close(m, r.detach(), rtol=1e-6, atol=1e-7)
             assert torch.equal(q.detach(), m.to(dtype))  # the only rounding is fp32 -> model dtype
-    assert torch.equal(opt.master_weights()[-1], params[-1].detach().float())  # never had a grad: never moved
+    assert torch.equal(master_weights(opt, params)[-1], params[-1].detach().float())  # no grad: never moved
 
 
 def test_plain_placement_is_torch_adamw(tiny):
@@ -85,22 +90,26 @@ def test_plain_placement_is_torch_adamw(tiny):
         torch.testing.assert_close(q, r, rtol=1e-6, atol=1e-7)
 
 
-def test_optimizer_placement_arithmetic():
+def test_optimizer_placement_arithmetic(capsys):
     gib = 2**30
     n7b, n05b = 7_615_616_512, 494_032_768  # Qwen2.5-Math-7B (untied lm_head) and Qwen2.5-0.5B (tied)
+
+    def place(n, free):  # a parameter of n elements that costs no memory; "meta" = its device, "kept"
+        where = ev.master_placement([torch.empty(n, device="meta")], free=int(free))
+        return where == "cpu", capsys.readouterr().out
     # H200 (~139.5 GiB usable) minus the bf16 7B model (14.2 GiB): 14 B/param (99.3 GiB) + 10 GiB margin fit
-    offload, msg = ev.optimizer_placement(n7b, int(125.3 * gib))
+    offload, msg = place(n7b, 125.3 * gib)
     assert not offload and "kept on the GPU" in msg
     assert "85.1 GiB + bf16 grads 14.2 GiB + margin 10 GiB = 109.3 GiB <= 125.3 GiB" in msg, msg
     # H100 80 GB (79.1 GiB) minus the 7B model: offloaded, with the host RAM it takes
-    offload, msg = ev.optimizer_placement(n7b, int(64.9 * gib))
+    offload, msg = place(n7b, 64.9 * gib)
     assert offload and "109.3 GiB > 64.9 GiB" in msg and "offloaded to the CPU (85.1 GiB of host RAM)" in msg, msg
     # em_rl's 7B on an H200 with the bf16 reference model too (2 x 14.2 GiB): still fits, 1.8 GiB to spare
-    assert not ev.optimizer_placement(n7b, int(111.1 * gib))[0]
-    assert ev.optimizer_placement(n7b, int(109.2 * gib))[0]
-    assert not ev.optimizer_placement(n05b, 78 * gib)[0]  # 0.5B on an H100: 16.4 GiB
+    assert not place(n7b, 111.1 * gib)[0]
+    assert place(n7b, 109.2 * gib)[0]
+    assert not place(n05b, 78 * gib)[0]  # 0.5B on an H100: 16.4 GiB
     need = n05b * 14 + 10 * gib  # the boundary: exactly enough is enough
-    assert not ev.optimizer_placement(n05b, need)[0] and ev.optimizer_placement(n05b, need - 1)[0]
+    assert not place(n05b, need)[0] and place(n05b, need - 1)[0]
 
 
 def test_master_placement_forced_and_cpu():
@@ -149,8 +158,10 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     with the benches' RESULT records (the 7B run on a GPU uses the same commands at other sizes)."""
     import os
     import subprocess
+    import sys
     proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          env={**os.environ, "GPU_SH_SHAPE": "tiny", "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"},
+                          env={**os.environ, "GPU_SH_SHAPE": "tiny", "OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
+                               "PYTHON": sys.executable},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
