@@ -132,8 +132,9 @@ def main():
     p.add_argument("--model", default=None, help="local HF model folder (else random weights of --shape)")
     p.add_argument("--shape", default="tiny", choices=list(SHAPES), help="random-weight shape (tests/tiny_model.py)")
     p.add_argument("--benchmark", default="gsm8k", help="prompts: problems of this benchmark (qwen-math prompt)")
-    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "benchmarks"),
-                   help="folder with the benchmark files")
+    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR", os.path.join(ROOT, "tests", "data")),
+                   help="a folder with local copies of the benchmark files (default $EM_DATA_DIR, else the "
+                   "excerpts in tests/data)")
     p.add_argument("--template", default=None, help="prompt template (default qwen-math; plain without a chat "
                    "template)")
     p.add_argument("--n-prompts", type=int, default=32, help="number of prompts")

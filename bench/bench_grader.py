@@ -2,7 +2,7 @@
 braced copy (`{gold}`: misses the string fast path, so math-verify runs and should say correct) and against a
 perturbed copy (first digit + 1, else `+1` appended: should be wrong).
 
-    python bench/bench_grader.py --data-dir ../shared/benchmarks [--thread]
+    python bench/bench_grader.py --data-dir DIR [--thread]     # DIR: local copies of the benchmark files
 """
 import argparse, os, re, sys, threading, time
 
@@ -10,7 +10,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--data-dir", default="../shared/benchmarks", help="folder with math500.jsonl")
+parser.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")),
+    help="a folder with math500.jsonl (default $EM_DATA_DIR, else the excerpt in tests/data)")
 parser.add_argument("--thread", action="store_true", help="grade in a threading.Thread instead of the main thread")
 args = parser.parse_args()
 

@@ -47,8 +47,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", choices=["tiny", "1.5b", "7b"], help="random-weight model shape")
     p.add_argument("--model", default=None, help="a real model folder instead of --shape")
-    p.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "benchmarks", "dsr_sub.parquet"),
-                   help="candidate pool (synthetic problems if the file is missing)")
+    p.add_argument("--data", default=os.path.join(os.environ.get("EM_DATA_DIR", os.path.join(ROOT, "tests", "data")),
+                                                  "dsr_sub.parquet"),
+                   help="candidate pool (default: $EM_DATA_DIR's DeepScaleR subset, else its excerpt in tests/data; "
+                   "synthetic problems if the file is missing)")
     p.add_argument("--candidates", type=int, default=4, help="candidates sampled")
     p.add_argument("--k", type=int, default=16, help="samples per candidate")
     p.add_argument("--max-new-tokens", type=int, default=256, help="budget per response")
