@@ -311,7 +311,7 @@ def train(args):
                  "response_length": n_tok / n_traj, "truncated": n_trunc / n_traj,
                  "rollout_tok_s": n_tok / sec["rollout_s"],
                  "train_tok_s": n_seq_tok / (sec["step_s"] - sec["rollout_s"]), **sec,
-                 "peak_mem_gb": ev.peak_mem_gb(cuda), "host_rss_gb": ev.host_rss_gb()}
+                 **ev.memory_gb(cuda)}
         if rank == 0:
             ev.log_step(log, stats)
         ev.check_finite(step, loss=loss, grad_norm=stats["grad_norm"])  # before anything is saved

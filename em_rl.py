@@ -401,7 +401,7 @@ def train(args):
                    clip_frac=(sums[2] / sums[3]).item(), grad_norm=grad_norm.item(),
                    rollout_tok_s=sum(r["length"] for r in recs) / sec["rollout_s"],
                    train_tok_s=train_tok / (sec["step_s"] - sec["rollout_s"] - sec["score_s"]),
-                   **sec, peak_mem_gb=ev.peak_mem_gb(cuda), host_rss_gb=ev.host_rss_gb())
+                   **sec, **ev.memory_gb(cuda))
         ev.check_finite(step, loss=log["loss"], grad_norm=log["grad_norm"])  # before any save
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             log.update(eval_metrics(model, tok, eval_set, args, rank, world, ctx))

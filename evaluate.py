@@ -6,23 +6,23 @@ problem as user message), zero-shot, greedy, up to 3072 new tokens; answer = the
 math-verify. Sampling (--temperature --top-p --n) adds maj@n and unbiased pass@k.
 
     python evaluate.py --model Qwen/Qwen2.5-Math-7B --benchmarks math500,amc23,minerva,olympiadbench,aime24
-    python evaluate.py --model ckpt/step_2 --data-dir DIR --benchmarks math500     # DIR: local copies of the files
     python evaluate.py --model ckpt/step_2 --data my.jsonl --problem-key question --answer-key final
     python evaluate.py --model ckpt/step_2 --benchmarks amc23 --temperature 0.6 --top-p 0.95 --n 8   # maj@8, pass@k
-    python tests/tiny_model.py /tmp/tiny && python evaluate.py --model /tmp/tiny --data-dir tests/data \\
-        --benchmarks math500 --max-new-tokens 64                                       # CPU smoke run
-Multi-GPU: one process per GPU on disjoint --benchmarks. Outputs in --out: results.json, samples.jsonl, run.json.
-A rerun with the same arguments resumes: each batch is seeded from (seed, benchmark, batch index).
+    python tests/tiny_model.py /tmp/tiny && python evaluate.py --model /tmp/tiny --data-dir tests/data  # CPU
+Offline: --data-dir DIR, a folder with local copies of the benchmark files. Multi-GPU: one process per GPU on
+disjoint --benchmarks. Outputs: results.json, samples.jsonl, run.json in --out; a rerun with the same arguments
+resumes (each batch is seeded from seed, benchmark and batch index).
 
 Sections: benchmarks (load_benchmark) | prompts | generation (generate_batch, engines, LogitStats) | answers and
 grading | metrics | evaluation (evaluate_model) | what every script needs (argparse types, cli_main, load_model,
 files) | training helpers for em_ft.py and em_rl.py (master_placement, MasterAdamW, PhaseTimer) | the CLI.
 """
-import argparse, errno, json, math, os, re, shutil, sys, threading, time, zlib
+import argparse, errno, functools, itertools, json, math, os, re, shutil, sys, threading, time, zlib
 from collections import Counter
 from importlib.metadata import version
 
 import torch
+import torch.distributed  # noqa: F401 (torch.distributed.* below)
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -48,9 +48,7 @@ class EvalError(Exception):
 
 
 def _get(row, key):  # dotted keys reach into nested columns, e.g. "reward_model.ground_truth"
-    for part in key.split("."):
-        row = row.get(part) if isinstance(row, dict) else None
-    return row
+    return functools.reduce(lambda r, part: r.get(part) if isinstance(r, dict) else None, key.split("."), row)
 
 
 def _read_rows(path):
@@ -95,9 +93,8 @@ def _gold(value, key):
 
 def _kind(value):  # for error messages: "null", "empty", "a list", "an int"
     name = type(value).__name__
-    if value is None or isinstance(value, str) and not value.strip():
-        return "null" if value is None else "empty"
-    return ("an " if name[0] in "aeiou" else "a ") + name
+    return "null" if value is None else "empty" if isinstance(value, str) and not value.strip() else (
+        "an " if name[0] in "aeiou" else "a ") + name
 
 
 def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=None, split=None, limit=None,
@@ -193,11 +190,10 @@ def build_prompt(tokenizer, problem, template="qwen-math"):
 # ----------------------------------------------------------------------------- generation
 def stop_token_ids(tokenizer, model=None):
     """eos of the tokenizer and of the model's generation config, plus Qwen's <|im_end|>/<|endoftext|>."""
-    ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
     vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
+    ids = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]),
+           *(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)}
     return sorted(i for i in ids if i is not None)
 
 
@@ -215,27 +211,22 @@ CONTINUOUS_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_k", "to
 
 
 def continuous_blockers(model, config, logits_processor=None):
-    """What in this request continuous batching would not run exactly as `generate` does; [] = nothing. Decided
-    here: transformers (5.24) ignores a logits_processor argument, drops a repetition penalty with only a log
-    warning and never builds min_new_tokens. So only an allowlist of options passes."""
+    """What in this request continuous batching would not run as `generate` does ([] = nothing). Decided here:
+    transformers ignores a logits_processor argument, drops a repetition penalty and min_new_tokens unsaid."""
     import transformers
     if not hasattr(transformers, "ContinuousBatchingConfig"):
         return [f"transformers {transformers.__version__} has no continuous batching"]
-    reasons = []
-    if not hasattr(model, "init_continuous_batching"):
-        reasons.append(f"{type(model).__name__} has no continuous batching")
-    if logits_processor:
-        reasons.append("custom logits processors (" + ", ".join(type(p).__name__ for p in logits_processor) + ")")
-    # Thread-local state does not reach the manager's generation thread: autocast would silently be off there.
-    if torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"):
-        reasons.append("autocast (it does not reach the continuous-batching thread)")
-    # FSDP2: forwards in another thread would run FSDP's hooks there (the gathered-weights discipline is static's)
     from torch.distributed.fsdp import FSDPModule
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
-        reasons.append("an FSDP-wrapped model")
-    if model.config._attn_implementation not in ("sdpa", "eager", "paged|eager") and "flash" not in str(
-            model.config._attn_implementation):
-        reasons.append(f"attention {model.config._attn_implementation}")
+    attn = str(model.config._attn_implementation)
+    reasons = [why for bad, why in [
+        (not hasattr(model, "init_continuous_batching"), f"{type(model).__name__} has no continuous batching"),
+        (logits_processor, "custom logits processors (" + ", ".join(type(p).__name__ for p in logits_processor or [])
+         + ")"),
+        # thread-local: autocast would silently be off in the manager's generation thread
+        (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"), "autocast (not in its thread)"),
+        # FSDP2's hooks would run in another thread (the gathered-weights discipline is the static path's)
+        (any(isinstance(m, FSDPModule) for m in model.modules()), "an FSDP-wrapped model"),
+        (attn not in ("sdpa", "eager", "paged|eager") and "flash" not in attn, f"attention {attn}")] if bad]
     # anything outside the allowlist (a repetition penalty, min_new_tokens, beams, ...) is a reason, with its value
     neutral = {"repetition_penalty": 1.0}  # generate_batch always sets it; 1.0 is a no-op
     reasons += [f"{k}={v}" for k, v in config.to_diff_dict().items() if k not in CONTINUOUS_OPTIONS
@@ -251,9 +242,8 @@ def continuous_blockers(model, config, logits_processor=None):
 
 
 def pick_engine(model, config, logits_processor=None, engine="auto"):
-    """"continuous" or "static". --engine continuous on a request it cannot serve is an error; auto falls back to
-    static and says why, once per reason. auto on a CPU is static: continuous batching measured 1.6-2.5x slower
-    there (bench/README.md)."""
+    """"continuous" or "static" (auto: static with the reason printed once, and on a CPU, where continuous batching
+    measured slower); --engine continuous on a request it cannot serve is an error."""
     if engine not in ENGINES:
         raise EvalError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "static":
@@ -271,9 +261,8 @@ def pick_engine(model, config, logits_processor=None, engine="auto"):
 
 
 def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limits=None):
-    """New token ids per prompt from one continuous-batching run (a finished row frees its slot). All requests are
-    queued before the thread starts: the schedule and the samples are a function of inputs and seed. The paged
-    cache holds every row at full length and is freed before returning. limits: per-row budgets (benchmarks)."""
+    """New token ids per prompt from one continuous-batching run, all requests queued before the thread starts (the
+    samples are a function of inputs and seed); the paged cache (every row at full length) is freed on return."""
     from transformers import ContinuousBatchingConfig
     longest = max(map(len, inputs)) + config.max_new_tokens
     page = 256 if longest > 1024 else 64
@@ -316,10 +305,8 @@ def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limit
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
                    repetition_penalty=1.0, logits_processor=None, top_k=0, engine="auto"):
-    """Per prompt {"ids", "text", "truncated"}: the completion up to and including the first stop token;
-    truncated = no stop token within the budget. engine: "static" = one left-padded KV-cached `generate` call;
-    "continuous" = continuous_generate (greedy tokens equal to static's in fp32; bf16 rounds differently);
-    "auto" = continuous on a GPU wherever it runs the request exactly, else static (pick_engine)."""
+    """Per prompt {"ids", "text", "truncated"}: the completion up to and including the first stop token (truncated:
+    none within the budget), from one left-padded KV-cached `generate` call (static) or continuous_generate."""
     from transformers import GenerationConfig
     stops = stop_token_ids(tokenizer, model)
     # A full config, not the model's: Qwen instruct models ship top_k/repetition_penalty defaults that would change
@@ -352,10 +339,9 @@ def cut_at_stop(row, stops, tokenizer):
 
 
 class LogitStats:
-    """Logit-shift analysis (One-shot EM: EM moves logit skewness right, RL left) over generated positions:
-    skew_vocab = Fisher-Pearson skewness of the raw logits, mean over tokens (+ histogram); entropy; skew_topk_pooled
-    = the release's statistic: logits / T, top-k, pooled over steps and prompts (`--temperature 0.6 --top-k 50`).
-    float64 sums stay on the device (no host sync until result()); -inf logits are left out."""
+    """One-shot EM's logit-shift analysis over generated positions: skew_vocab = skewness of the raw logits (mean over
+    tokens, + histogram), entropy, and the release's skew_topk_pooled (logits / T, top-k, pooled over steps and
+    prompts). float64 sums stay on the device (no host sync until result()); -inf logits are left out."""
 
     HIST = (-5.0, 15.0, 400)  # per-token skew_vocab histogram (for the figure): range and bins; outliers -> end bins
 
@@ -473,19 +459,17 @@ MAX_ANSWER_CHARS = 1000  # longer "answers" are degenerate output; math-verify o
 
 
 def grade_answer(pred, gold, timeout=5):
-    """Returns (correct, error): error=True when math-verify timed out or raised (counted as wrong).
-    Bounded on every thread: math-verify's time limit is signal.alarm, which only works on the main thread, so on
-    any other thread math-verify runs in a worker process instead (same verdicts; see _grade_in_worker)."""
+    """(correct, error): error when math-verify timed out or raised (counted wrong). Bounded on every thread: its
+    limit is signal.alarm (main thread only), so off the main thread it runs in a worker process."""
     if pred is None or gold is None:
         return False, False
     if len(pred) > MAX_ANSWER_CHARS:
         return False, True
     if normalize_answer(pred) == normalize_answer(gold):
         return True, False
-    # Bare LaTeX for math-verify, which reads what lies between $...$: delimiters, currency \$ and a final period are
-    # dropped (as the Qwen2.5-Math harness strips them), so a gold "\$36" is 36, "$(-\infty, 0)$." is an interval,
-    # and a stray $ inside a gold box (Minerva #72) does not cut the gold in two.
-    # Minerva golds use scientific notation ("4.5e33"), which math-verify does not read as a number.
+    # Bare LaTeX (math-verify reads what lies between $...$): $, currency \$ and a final period go, as the Qwen2.5-Math
+    # harness strips them (a gold "\$36" is 36; a stray $ in a Minerva box no longer cuts it in two); Minerva's
+    # scientific notation ("4.5e33") becomes \times 10^{33}.
     pred, gold = (re.sub(r"^(-?\d+(?:\.\d+)?)e([-+]?\d+)$", r"\1\\times 10^{\2}",
                          a.replace("\\$", "").replace("$", "").strip().rstrip(".")) for a in (pred, gold))
     if threading.current_thread() is threading.main_thread():
@@ -494,8 +478,8 @@ def grade_answer(pred, gold, timeout=5):
 
 
 def _math_verify(pred, gold, timeout):
-    """math-verify on bare LaTeX strings -> (correct, error). Needs a main thread (its time limit is signal.alarm):
-    the caller's, or a grading worker's, which runs this function's source (keep it self-contained)."""
+    """math-verify on bare LaTeX -> (correct, error), on a main thread (the caller's, or a grading worker's, which
+    runs this function's source: keep it self-contained)."""
     from math_verify import parse, verify
     try:
         g = parse(f"${gold}$", parsing_timeout=timeout, raise_on_error=True)
@@ -564,8 +548,7 @@ def pass_at_k(n, c, k):
 
 
 def compute_metrics(samples, n):
-    """samples: dicts with id, correct, extracted, length, truncated, grade_error (n per problem), and gold (None
-    for a problem without a gold answer: counted in no_gold)."""
+    """samples: dicts with id, correct, extracted, length, truncated, grade_error, gold (n per problem)."""
     by_id = {}
     for s in samples:
         by_id.setdefault(s["id"], []).append(s)
@@ -597,9 +580,8 @@ def compute_metrics(samples, n):
 def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072, temperature=0.0,
                    top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None, on_batch=None, progress=True,
                    logits_processor=None, top_k=0, logit_stats=False, answer_fallback=False, engine="auto"):
-    """(metrics, samples) of an in-memory model on problems (load_benchmark's). done: {(id, sample): sample} reused
-    (resume); on_batch(new_samples) after each batch; logit_stats adds metrics["logit_stats"] (LogitStats). Each
-    batch has its own seed, so a resumed run reproduces an uninterrupted one."""
+    """(metrics, samples) of a model on problems. done: {(id, sample): sample} reused (resume; each batch has its own
+    seed); on_batch(new) after each batch; logit_stats adds metrics["logit_stats"]."""
     if n > 1 and temperature <= 0:
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
     done = done or {}
@@ -771,19 +753,17 @@ def init_distributed(backend=None, **kwargs):
     """(rank, world) from torchrun's environment; with more than one rank, this rank's GPU and the process group."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        import torch.distributed as dist
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), **kwargs)
+        torch.distributed.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), **kwargs)
     return rank, world
 
 
 def end_distributed():
     """All ranks meet, then tear the group down together: a rank tearing gloo down alone can abort at exit."""
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def cpu_has_native_bf16():
@@ -851,14 +831,13 @@ def package_versions():
     for p in ("torch", "transformers", "datasets", "math-verify", "tqdm"):
         try:
             out[p] = version(p)
-        except PackageNotFoundError:  # e.g. a GPU box with only torch + transformers: record, don't crash
+        except PackageNotFoundError:  # record, don't crash
             out[p] = None
     return out
 
 
 def write_json_atomic(path, obj, lines=False):
-    """obj as JSON (lines=True: a list as JSON lines), to a temp file then renamed: a crash never leaves a
-    half-written file behind."""
+    """obj as JSON (lines: a list as JSON lines) to a temp file, then renamed: never a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in obj) if lines else json.dump(obj, f, indent=2)
@@ -871,9 +850,8 @@ def write_json_atomic(path, obj, lines=False):
 # Nothing method-specific: where the fp32 master weights and AdamW state live, AdamW on them, and the per-phase
 # seconds and host memory of every log line.
 def master_placement(params, offload=None, verbose=True, free=None, margin=10 * 2**30):
-    """Device of the fp32 master weights + AdamW state of a bf16 model: "cpu" if offload, the model's device if
-    offload is False; None (auto): the GPU if 14 B/param (fp32 master + m + v: 12, the bf16 grads: 2) + a margin
-    (checkpointed activations, the rollout KV cache) fit in its free memory, else the CPU. free: bytes (tests)."""
+    """Device of the fp32 master + AdamW state of a bf16 model: "cpu" if offload, the model's if offload is False;
+    auto: the GPU if 14 B/param (master, m, v, bf16 grads) + a margin fit its free memory (free: tests), else CPU."""
     device, n, gib = params[0].device, sum(q.numel() for q in params), 2**30
     if offload is not None or (device.type != "cuda" and free is None):
         where = "cpu" if offload or device.type != "cuda" else str(device)
@@ -902,20 +880,16 @@ class MasterAdamW:
     buffers on a side stream while the CPU steps chunk k, and each stepped chunk goes back in one DMA."""
 
     def __init__(self, params, master=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, chunk=2**26):
-        self.params, self.chunks, cur, used = list(params), [], [], 0
+        self.params = list(params)
         adamw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         if master is None:
             self.flat, self.opt = None, torch.optim.AdamW(self.params, fused=True, **adamw)
             return
-        for i, q in enumerate(self.params):
-            a = 0
-            while a < q.numel():  # a piece (param i, offset a, n elements) ends where the tensor or the chunk ends
-                n = min(q.numel() - a, chunk - used)
-                cur.append((i, a, n))
-                used, a = used + n, a + n
-                if used == chunk:
-                    self.chunks, cur, used = self.chunks + [cur], [], 0
-        self.chunks += [cur] if cur else []
+        # chunk [s, s + chunk) of the parameters laid end to end = pieces (param i, offset a, n elements)
+        ends = [0, *itertools.accumulate(q.numel() for q in self.params)]
+        self.chunks = [[(i, max(s, ends[i]) - ends[i], min(s + chunk, ends[i + 1]) - max(s, ends[i]))
+                        for i in range(len(self.params)) if max(s, ends[i]) < min(s + chunk, ends[i + 1])]
+                       for s in range(0, ends[-1], chunk)]
         self.staged = self.params[0].device.type == "cuda" and torch.device(master).type == "cpu"
         # page-locked when offloaded (30 GB for a 7B): the weights go back to the GPU by DMA, with no CPU pass
         self.flat = [torch.cat([self.params[i].detach().view(-1)[a:a + n].to(master, torch.float32) for i, a, n in c])
@@ -1006,8 +980,8 @@ class MasterAdamW:
 
 
 class PhaseTimer:
-    """Seconds per phase of an update: mark(name) ends phase `name`; marks of one name add up. On CUDA a mark first
-    waits for the current stream (the loop syncs at these points anyway), so a phase holds its own kernels."""
+    """Seconds per phase of an update: mark(name) ends phase `name` (marks of one name add up), after the current
+    CUDA stream's work (the loop syncs at these points anyway)."""
 
     def __init__(self, cuda):
         self.cuda, self.last, self.s = cuda, time.perf_counter(), {}
@@ -1024,8 +998,8 @@ class PhaseTimer:
 
 
 def set_gathered(model, on):
-    """FSDP2: gather the full weights and keep them (on), or reshard (off); collective, a no-op
-    without FSDP. In between, ranks decode on their own (uneven generate steps, no collective)."""
+    """FSDP2: gather the full weights and keep them (on), or reshard (off); collective, a no-op without FSDP.
+    In between, ranks decode on their own (uneven generate steps, no collective)."""
     for m in model.modules():
         if hasattr(m, "set_reshard_after_forward"):  # the fully_shard-ed modules
             if m is not model:  # FSDP2 never reshards the root after forward: leave it so
@@ -1035,37 +1009,28 @@ def set_gathered(model, on):
 
 def gather_lists(objs, world):
     """A list of Python objects per rank -> their concatenation in rank order, on every rank."""
-    parts = [objs]
+    parts = [objs] if world == 1 else [None] * world
     if world > 1:
-        import torch.distributed as dist
-        parts = [None] * world
-        dist.all_gather_object(parts, objs)
+        torch.distributed.all_gather_object(parts, objs)
     return [x for part in parts for x in part]
 
 
 def evaluate_on_ranks(model, tokenizer, problems, rank, world, **kwargs):
-    """evaluate_model with each rank on its share of problems (FSDP weights held gathered);
-    (metrics, samples) of the samples gathered from all ranks."""
-    model.eval()
+    """evaluate_model, each rank on its share (FSDP weights held gathered): (metrics, samples) of all ranks."""
     set_gathered(model, True)
     mine = problems[rank::world]
     samples = evaluate_model(model, tokenizer, mine, progress=rank == 0, **kwargs)[1] if mine else []
     set_gathered(model, False)
-    model.train()
     samples = gather_lists(samples, world)
     return compute_metrics(samples, 1), samples
 
 
 def save_checkpoint(model, tokenizer, path, meta, rank, world):
-    """A Hugging Face folder at path (safetensors + tokenizer + train_args.json: meta), written to
-    path.tmp, then renamed. bf16 on CUDA (what the released models and vLLM load). Collective under
-    torchrun: rank 0 gets the full state dict."""
-    if world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
-    else:
-        state = model.state_dict()
+    """A Hugging Face folder at path (safetensors + tokenizer + train_args.json: meta), written to path.tmp, then
+    renamed; bf16 on CUDA (what vLLM loads). Collective under torchrun: rank 0 gets the full state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+        if world > 1 else model.state_dict()
     if rank == 0:
         state = {k: v.to(torch.bfloat16) if torch.cuda.is_available() else v for k, v in state.items()}
         if getattr(model.config, "tie_word_embeddings", False):  # one copy of the tied weight
@@ -1078,8 +1043,7 @@ def save_checkpoint(model, tokenizer, path, meta, rank, world):
         shutil.rmtree(path, ignore_errors=True)  # os.replace cannot replace a non-empty folder
         os.replace(path + ".tmp", path)
     if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+        torch.distributed.barrier()
 
 
 def log_step(log, record):
@@ -1089,18 +1053,14 @@ def log_step(log, record):
     print(json.dumps(record), file=log, flush=True)
 
 
-def peak_mem_gb(cuda):
-    """Peak memory of this update: the GPU's allocator (since reset_peak_memory_stats), else host max RSS."""
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB
-
-
-def host_rss_gb():
-    """Resident host memory of this process now (VmRSS; the peak, ru_maxrss, never comes down), in GiB."""
+def memory_gb(cuda):
+    """This update's peak memory (the GPU allocator's since reset_peak_memory_stats, else the host's max RSS) and
+    the resident host memory now (VmRSS: the peak never comes down)."""
+    import resource  # ru_maxrss is in KiB
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+    return {"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host_rss_gb": rss}
 
 
 # ----------------------------------------------------------------------------- the evaluate.py CLI
@@ -1118,24 +1078,20 @@ def model_fingerprint(path):
 def read_samples(path):
     """Finished samples of an interrupted run; a line cut by a crash is dropped (its batch is regenerated)."""
     done = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    s = json.loads(line)
-                    done[(s["benchmark"], s["id"], s["sample"])] = s
-                except (ValueError, KeyError):
-                    pass
+    with open(path) if os.path.exists(path) else open(os.devnull) as f:
+        for line in f:
+            try:
+                s = json.loads(line)
+                done[(s["benchmark"], s["id"], s["sample"])] = s
+            except (ValueError, KeyError):
+                pass
     return done
 
 
 def markdown_table(results):
-    cols = [c for c in next(iter(results.values())) if c.startswith(("pass@", "maj@"))]
-    cols += ["format_rate", "mean_length"]
-    lines = ["| benchmark | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.1f}" for c in cols) + " |")
-    return "\n".join(lines)
+    cols = [c for c in next(iter(results.values())) if c.startswith(("pass@", "maj@"))] + ["format_rate", "mean_length"]
+    rows = [f"| {k} | " + " | ".join(f"{m.get(c, float('nan')):.1f}" for c in cols) + " |" for k, m in results.items()]
+    return "\n".join(["| benchmark | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows])
 
 
 def main(argv=None):

@@ -99,7 +99,7 @@ def main():
         res = {"bench": "em_ft", "shape": args.shape, "step": step, "batch_size": args.batch_size,
                "master": str(opt.flat[0].device) if opt.flat else None, **sec, "rollout_tokens": n_tok,
                "rollout_tok_s": ours, "train_tok_s": seq_tok / train_s, "peak_gb": peak_gb(cuda),
-               "host_rss_gb": ev.host_rss_gb()}
+               "host_rss_gb": ev.memory_gb(False)["host_rss_gb"]}
         print(f"step {step}: " + " | ".join(f"{k[:-2]} {v:.2f}s" for k, v in sec.items()) +
               f" || rollouts {n_tok} tok = {ours:.0f} tok/s | train {seq_tok} tok in {train_s:.2f}s = "
               f"{seq_tok / train_s:.0f} tok/s | peak {'GPU' if cuda else 'RSS'} {res['peak_gb']:.2f} GB | "

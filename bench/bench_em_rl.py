@@ -160,7 +160,7 @@ def main():
     print(f"score    {seq_tokens / t_score:10.0f} tok/s       {t_score:7.2f} s   peak {mem_score:.2f} GB")
     print(f"ref      {seq_tokens / t_ref:10.0f} tok/s       {t_ref:7.2f} s")
     print(f"train    {seq_tokens / t_train:10.0f} tok/s       {t_train:7.2f} s   peak {mem_train:.2f} GB "
-          f"(fwd+bwd+optimizer step; host RSS {ev.host_rss_gb():.2f} GB; fp32 master on "
+          f"(fwd+bwd+optimizer step; host RSS {ev.memory_gb(False)['host_rss_gb']:.2f} GB; fp32 master on "
           f"{opt.flat[0].device if opt.flat else None}): " +
           ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in phases.items()))
     total = t_roll + t_score + t_ref + t_train
@@ -171,7 +171,7 @@ def main():
         print("RESULT " + json.dumps({"bench": "em_rl", "shape": args.shape, "batch": args.batch, "prompt_len": P,
                                       "new_tokens": T, "rollout_s": t_roll, "score_s": t_score, "ref_s": t_ref,
                                       "train_s": t_train, **phases, "peak_gb": mem_train,
-                                      "host_rss_gb": ev.host_rss_gb(),
+                                      "host_rss_gb": ev.memory_gb(False)["host_rss_gb"],
                                       "master": str(opt.flat[0].device) if opt.flat else None}), flush=True)
     if not args.no_compare:
         b, old = batches[0], stats[0][0]

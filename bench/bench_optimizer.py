@@ -98,7 +98,7 @@ def main():
             s = timed(step, args.steps)
             rows.append((threads, variant, s))
             print(f"threads {threads}  {variant:8s} {s:7.3f} s/step  ({n / s / 1e6:6.0f}M params/s; "
-                  f"x{7.616e9 / n:.1f} for a 7B: ~{s * 7.616e9 / n:.0f} s)  rss {ev.host_rss_gb():.1f} GiB", flush=True)
+                  f"x{7.616e9 / n:.1f} for a 7B: ~{s * 7.616e9 / n:.0f} s)  rss {ev.memory_gb(False)['host_rss_gb']:.1f} GiB", flush=True)
             if variant == "after":  # the timed steps' phases (the first, untimed one is timers[0])
                 phases = [t.seconds() for t in timers[1:]]
                 print("    after, per step: " + ", ".join(f"{k[:-2]} {sum(p[k] for p in phases) / len(phases):.3f} s"
