@@ -2,7 +2,14 @@
 
 Every script's tests reuse `tiny_model_dir` (a Hugging Face folder on disk, so the CLIs load it exactly as they
 load a hub model) and `tiny` (the loaded model and tokenizer, fp32 on CPU).
+
+Benchmark data: `data_dir` is tests/data, verbatim excerpts of the real benchmark files under their own file names
+(a few rows each; tests/data/README.md lists the rows, their source and licence), so every test runs from a plain
+clone. `full_data_dir` is a folder with the whole files ($EM_DATA_DIR), for the few checks that need every row
+(row counts, all the golds of a kind in a file); without it those tests are skipped, or fail when
+EM_REQUIRE_FULL_DATA=1 (CI, which must not pass on skips). `each_data_dir` runs a test on both.
 """
+import json
 import os
 import sys
 
@@ -14,8 +21,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from tiny_model import build_tiny_model  # noqa: E402
 
-# The real benchmark files live beside the checkout (../shared/benchmarks); EM_DATA_DIR overrides.
-DATA_DIR = os.environ.get("EM_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "benchmarks"))
+# Excerpts of the real benchmark files, shipped with the repo.
+DATA_DIR = os.path.join(ROOT, "tests", "data")
+# The whole files, when this machine has them. Taken out of the environment: the scripts default --data-dir to
+# $EM_DATA_DIR, and no test may read the whole files without asking for full_data_dir.
+FULL_DATA_DIR = os.environ.pop("EM_DATA_DIR", None)
+NO_FULL_DATA = "whole benchmark files not available: set EM_DATA_DIR to a folder with the full files"
 
 # --dtype auto picks bf16 on CPUs with native bf16 and fp32 elsewhere: pin fp32 (in-process and in every CLI run) so
 # that no test outcome depends on the CPU that runs it.
@@ -33,9 +44,59 @@ PROMPTS = ["What is 2+3?", "Compute the sum of 12345 and 678, then divide the re
 
 @pytest.fixture(scope="session")
 def data_dir():
-    if not os.path.isdir(DATA_DIR):
-        pytest.fail(f"benchmark files not found at {DATA_DIR}; set EM_DATA_DIR")
+    """tests/data: a few real rows of each benchmark file, under the same file names as the whole files."""
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def full_data_dir():
+    """$EM_DATA_DIR, the folder with the whole benchmark files; skips the test without it (fails instead when
+    EM_REQUIRE_FULL_DATA=1)."""
+    if FULL_DATA_DIR and os.path.isdir(FULL_DATA_DIR):
+        return FULL_DATA_DIR
+    reason = NO_FULL_DATA + (f" ({FULL_DATA_DIR} is not a folder)" if FULL_DATA_DIR else "")
+    if os.environ.get("EM_REQUIRE_FULL_DATA") == "1":
+        pytest.fail(reason + " (EM_REQUIRE_FULL_DATA=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(params=["excerpts", "whole files"])
+def each_data_dir(request):
+    """The test once on the excerpts and once on the whole files: checks that hold for every row of a file."""
+    return request.getfixturevalue("data_dir" if request.param == "excerpts" else "full_data_dir")
+
+
+SOURCE_IDS = ("unique_id", "id", "idx", "extra_info.index")  # a row's own id, whichever field its file has
+
+
+def source_position(path, key):
+    """Position in a benchmark file of the row whose own id (MATH500's unique_id, AMC/AIME/OlympiadBench's id,
+    Minerva/GSM8K's idx, DeepScaleR's extra_info.index) is `key`. Tests name rows by these ids, the same in the
+    excerpts and in the whole files, not by position (the loader numbers rows without an id by position)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        rows = pq.read_table(path).to_pylist()
+    else:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    for i, row in enumerate(rows):
+        for field in SOURCE_IDS:
+            value = row
+            for part in field.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None and value == key:
+                return i
+    raise LookupError(f"{path}: no row with id {key!r}")
+
+
+def benchmark_row(folder, name, key):
+    """The loaded row (evaluate.load_benchmark) of benchmark `name` -- or file `name` in `folder` -- whose own id
+    is `key` (see source_position)."""
+    import evaluate
+    fname = evaluate.BENCHMARKS[name][0] if name in evaluate.BENCHMARKS else name
+    path = os.path.join(folder, fname)
+    rows = evaluate.load_benchmark(name, folder) if name in evaluate.BENCHMARKS else evaluate.load_benchmark(path)
+    return rows[source_position(path, key)]
 
 
 @pytest.fixture(scope="session")

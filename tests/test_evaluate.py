@@ -1,5 +1,6 @@
-"""evaluate.py: loaders on the real benchmark files, grading on real answer strings, metrics against brute force,
-batched generation against one-by-one generation, resume equivalence, and the bad-input paths of the CLI."""
+"""evaluate.py: loaders on the real benchmark files (excerpts in tests/data; row counts on the whole files), grading
+on real answer strings, metrics against brute force, batched generation against one-by-one generation, resume
+equivalence, and the bad-input paths of the CLI."""
 import itertools
 import json
 import math
@@ -9,40 +10,52 @@ import pytest
 import torch
 
 import evaluate as ev
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, benchmark_row, run_cli, source_position
 
 
 # ----------------------------------------------------------------------------- loaders
-@pytest.mark.parametrize("name,count", [("math500", 500), ("amc23", 40), ("aime24", 30), ("aime25", 30),
-                                        ("minerva", 272), ("olympiadbench", 675), ("gsm8k", 1319),
-                                        ("aimo-amc", 83), ("aimo-aime", 90)])
-def test_loader_counts_and_fields(data_dir, name, count):
-    rows = ev.load_benchmark(name, data_dir)
+def _check_counts_and_fields(folder, name, count):
+    rows = ev.load_benchmark(name, folder)
     assert len(rows) == count
     assert len({r["id"] for r in rows}) == count  # ids are unique (resume keys on them)
     assert all(r["problem"].strip() and r["answer"] for r in rows)
 
 
-def test_loader_gold_conventions(data_dir):
-    assert ev.load_benchmark("amc23", data_dir)[0]["answer"] == "27"  # 27.0 float -> "27"
-    assert ev.load_benchmark("gsm8k", data_dir)[0]["answer"] == "18"  # after "####"
-    olymp = ev.load_benchmark("olympiadbench", data_dir)
-    with open(os.path.join(data_dir, "olympiadbench.jsonl")) as f:
+@pytest.mark.parametrize("name", list(ev.BENCHMARKS))
+def test_loader_counts_and_fields(data_dir, name):
+    with open(os.path.join(data_dir, ev.BENCHMARKS[name][0])) as f:
+        lines = [line for line in f if line.strip()]
+    _check_counts_and_fields(data_dir, name, len(lines))  # one problem per line of the excerpt
+
+
+@pytest.mark.parametrize("name,count", [("math500", 500), ("amc23", 40), ("aime24", 30), ("aime25", 30),
+                                        ("minerva", 272), ("olympiadbench", 675), ("gsm8k", 1319),
+                                        ("aimo-amc", 83), ("aimo-aime", 90)])
+def test_loader_counts_and_fields_whole_files(full_data_dir, name, count):
+    _check_counts_and_fields(full_data_dir, name, count)
+
+
+def test_loader_gold_conventions(each_data_dir):
+    folder = each_data_dir
+    assert ev.load_benchmark("amc23", folder)[0]["answer"] == "27"  # 27.0 float -> "27"
+    assert ev.load_benchmark("gsm8k", folder)[0]["answer"] == "18"  # after "####"
+    olymp = ev.load_benchmark("olympiadbench", folder)
+    with open(os.path.join(folder, "olympiadbench.jsonl")) as f:
         raw = [json.loads(line) for line in f]
     assert [r["answer"] for r in olymp] == [r["final_answer"][0] for r in raw]  # first of the list
-    minerva = ev.load_benchmark("minerva", data_dir)
-    with open(os.path.join(data_dir, "minerva_math.jsonl")) as f:
+    minerva = ev.load_benchmark("minerva", folder)
+    with open(os.path.join(folder, "minerva_math.jsonl")) as f:
         first = json.loads(f.readline())
     assert "answer" not in first and minerva[0]["answer"] == "1.6"  # last \boxed{} of the solution
     assert first["solution"].rstrip().endswith("\\boxed{1.6}$.") or "\\boxed{1.6}" in first["solution"]
-    math500 = ev.load_benchmark("math500", data_dir, limit=3)
+    math500 = ev.load_benchmark("math500", folder, limit=3)
     assert len(math500) == 3 and math500[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
 
 
 def test_loader_local_file_and_nested_columns(data_dir, tmp_path):
-    dsr = ev.load_benchmark(os.path.join(data_dir, "dsr_sub.parquet"))
-    assert len(dsr) == 1209
-    assert dsr[124]["answer"] == "12.8" and "wind on a sail" in dsr[124]["problem"]  # chat list -> user text
+    path = os.path.join(data_dir, "dsr_sub.parquet")
+    pi1 = ev.load_benchmark(path)[source_position(path, 124)]  # extra_info.index 124
+    assert pi1["answer"] == "12.8" and "wind on a sail" in pi1["problem"]  # chat list -> user text
     path = tmp_path / "mine.json"
     path.write_text(json.dumps([{"q": "What is 1+1?", "gold": 2.0}, {"q": "2+2?", "gold": 4}]))
     rows = ev.load_benchmark(str(path), problem_key="q", answer_key="gold")
@@ -52,7 +65,13 @@ def test_loader_local_file_and_nested_columns(data_dir, tmp_path):
     assert [r["answer"] for r in unlabeled] == [None, None]
 
 
-def test_loader_bad_inputs(data_dir, tmp_path):
+def test_deepscaler_pool_whole_file(full_data_dir):
+    dsr = ev.load_benchmark(os.path.join(full_data_dir, "dsr_sub.parquet"))
+    assert len(dsr) == 1209
+    assert dsr[124]["answer"] == "12.8" and "wind on a sail" in dsr[124]["problem"]  # pi1 is row 124
+
+
+def test_loader_bad_inputs(tmp_path):
     with pytest.raises(ev.EvalError, match="unknown benchmark"):
         ev.load_benchmark("math5000")
     with pytest.raises(ev.EvalError, match="no such file"):
@@ -96,8 +115,16 @@ def test_extract_answer_fallbacks(response, expected):
     assert ev.extract_answer(response) == (expected if "boxed" in response else None)  # strict by default
 
 
+# Whole-file row number -> the row's own id where the two differ (AMC's id, Minerva's and GSM8K's idx are the row
+# number): rows are looked up by id, which the excerpts keep.
+ROW_IDS = {"math500": {0: "test/precalculus/807.json", 4: "test/algebra/1349.json", 31: "test/prealgebra/1302.json",
+                       44: "test/prealgebra/1558.json", 78: "test/intermediate_algebra/47.json",
+                       162: "test/prealgebra/1655.json", 307: "test/precalculus/695.json"},
+           "olympiadbench": {1: 1610}}
+
+
 def _gold(data_dir, bench, index):
-    return ev.load_benchmark(bench, data_dir)[index]["answer"]
+    return benchmark_row(data_dir, bench, ROW_IDS.get(bench, {}).get(index, index))["answer"]
 
 
 @pytest.mark.parametrize("response,bench,index,expected", [

@@ -1,6 +1,7 @@
 """The grader on real gold strings of the benchmark files (currency golds, text wrappers, a stray $ in a gold box,
 brace-less boxes, the Minerva answer format), every data row checked at load, golds that are missing counted, and
-grading bounded off the main thread (math-verify's own time limit is signal.alarm: main thread only)."""
+grading bounded off the main thread (math-verify's own time limit is signal.alarm: main thread only). The checks
+over every gold of a kind in a file run on the excerpts (tests/data) and again on the whole files."""
 import json
 import os
 import re
@@ -10,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import evaluate as ev
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, benchmark_row, run_cli
 
 
 def _currency_golds(data_dir):
     """(benchmark, index, gold) for every gold written as currency (\\$36) in MATH500 and the DeepScaleR pool,
-    found by reading the raw files (not the loader under test)."""
+    found by reading the raw files (not the loader under test). The excerpts hold all of them."""
     with open(os.path.join(data_dir, "math500.jsonl")) as f:
         math500 = [json.loads(line)["answer"] for line in f]
     dsr = [r["reward_model"]["ground_truth"] for r in pq.read_table(os.path.join(data_dir, "dsr_sub.parquet"))
@@ -24,7 +25,8 @@ def _currency_golds(data_dir):
             [("dsr", i, a) for i, a in enumerate(dsr) if a.startswith("\\$")])
 
 
-def test_currency_golds_grade_the_number(data_dir):
+def test_currency_golds_grade_the_number(each_data_dir):
+    data_dir = each_data_dir
     golds = _currency_golds(data_dir)
     assert sum(b == "math500" for b, _, _ in golds) == 3 and sum(b == "dsr" for b, _, _ in golds) >= 4
     loaded = {"math500": ev.load_benchmark("math500", data_dir),
@@ -62,7 +64,8 @@ def test_text_wrappers_are_stripped(data_dir):
     assert ev.compute_metrics(samples, 3)["maj@3"] == 100.0
 
 
-def test_stray_dollar_inside_a_gold_box(data_dir):
+def test_stray_dollar_inside_a_gold_box(each_data_dir):
+    data_dir = each_data_dir
     with open(os.path.join(data_dir, "minerva_math.jsonl")) as f:
         solutions = [json.loads(line)["solution"] for line in f]
     minerva = ev.load_benchmark("minerva", data_dir)
@@ -120,7 +123,7 @@ def test_fallback_order(response, expected):
 
 
 def test_minerva_format_graded(data_dir):
-    gold = ev.load_benchmark("math500", data_dir)[162]["answer"]  # \dfrac{17}{50}
+    gold = benchmark_row(data_dir, "math500", "test/prealgebra/1655.json")["answer"]  # row 162: \dfrac{17}{50}
     text = "Final Answer: The final answer is $\\frac{17}{50}$. I hope it is correct.\n\nProblem: 3 more"
     assert ev.is_correct(text, gold, fallback=True) and not ev.is_correct(text, gold)
 
@@ -166,11 +169,15 @@ def test_file_shapes(tmp_path):
     assert ev.load_benchmark(_write(tmp_path / "chat.jsonl", [{"prompt": chat, "answer": 3}]))[0]["problem"] == "Q"
 
 
-def test_missing_golds_are_counted(data_dir, tmp_path):
-    dsr = ev.load_benchmark(os.path.join(data_dir, "dsr_sub.parquet"))
+def test_deepscaler_empty_gold_is_none(each_data_dir):
+    dsr = ev.load_benchmark(os.path.join(each_data_dir, "dsr_sub.parquet"))
     empty = [i for i, p in enumerate(dsr) if p["answer"] is None]
-    raw = pq.read_table(os.path.join(data_dir, "dsr_sub.parquet")).to_pylist()
+    raw = pq.read_table(os.path.join(each_data_dir, "dsr_sub.parquet")).to_pylist()
     assert empty == [i for i, r in enumerate(raw) if not r["reward_model"]["ground_truth"].strip()] and empty
+    assert [raw[i]["extra_info"]["index"] for i in empty] == [265]  # the one empty gold of the pool
+
+
+def test_missing_golds_are_counted(tmp_path):
     rows = [GOOD, {"problem": "2+2?", "answer": None}, {"problem": "3+3?", "answer": ""},
             {"problem": "4+4?", "answer": []}, {"problem": "5+5?"}, {"problem": "6+6?", "answer": 12.0}]
     problems = ev.load_benchmark(_write(tmp_path / "holes.jsonl", rows))
@@ -231,11 +238,31 @@ def test_hostile_answer_is_bounded_in_a_thread():
     assert _in_thread(ev.grade_answer, "\\frac{3}{4}", "0.75") == (True, False)
 
 
-def test_thread_verdicts_equal_main_thread(data_dir):
-    pairs = [(f"{{{p['answer']}}}", p["answer"]) for p in ev.load_benchmark("math500", data_dir, limit=25)]
-    pairs += [("36", "\\$36"), ("37", "\\$36"), ("0.34", "\\dfrac{17}{50}"), ("(3,\\pi)", "\\left( 3, \\frac{\\pi}{2}"
-              " \\right)"), ("4.5\\times10^{33}", "4.5e33"), ("\\frac{1}{2n+2}", "$\\frac{1}{2 n+2}$"),
-              ("1+" * 600 + "1", "42"), ("\\text{Evelyn}", "Evelyn")]
+# constructed pairs and their verdicts: (correct, grading error)
+THREAD_PAIRS = [(("36", "\\$36"), (True, False)), (("37", "\\$36"), (False, False)),
+                (("0.34", "\\dfrac{17}{50}"), (True, False)),
+                (("(3,\\pi)", "\\left( 3, \\frac{\\pi}{2} \\right)"), (False, False)),
+                (("4.5\\times10^{33}", "4.5e33"), (True, False)),
+                (("\\frac{1}{2n+2}", "$\\frac{1}{2 n+2}$"), (True, False)),
+                (("1+" * 600 + "1", "42"), (False, True)), (("\\text{Evelyn}", "Evelyn"), (True, False))]
+
+
+def _verdicts_main_and_thread(golds):
+    """Each gold graded against itself in braces, then the constructed pairs: the verdicts on the main thread, after
+    checking that a thread gives the same."""
+    pairs = [(f"{{{g}}}", g) for g in golds] + [pair for pair, _ in THREAD_PAIRS]
     main = [ev.grade_answer(p, g) for p, g in pairs]
     assert _in_thread(lambda: [ev.grade_answer(p, g) for p, g in pairs]) == main
+    return main
+
+
+def test_thread_verdicts_equal_main_thread(data_dir):
+    golds = [p["answer"] for p in ev.load_benchmark("math500", data_dir)]
+    main = _verdicts_main_and_thread(golds)
+    assert main[len(golds):] == [verdict for _, verdict in THREAD_PAIRS]  # both verdicts, and a grading error
+    assert any(c for c, _ in main[:len(golds)])  # real golds are graded right, too
+
+
+def test_thread_verdicts_equal_main_thread_whole_file(full_data_dir):
+    main = _verdicts_main_and_thread([p["answer"] for p in ev.load_benchmark("math500", full_data_dir, limit=25)])
     assert sum(c for c, _ in main) >= 20 and not all(c for c, _ in main)  # both verdicts occur

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli, run_torchrun
+from conftest import assert_one_line_error, run_cli, run_torchrun, source_position
 import select_prompt as sp
 from evaluate import load_benchmark
 
@@ -24,12 +24,14 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def pool(data_dir, tmp_path_factory):
-    """Six real DeepScaleR rows (pi1 = row 124 and pi2 = row 267 among them) in the parquet's own nested schema."""
-    rows = pq.read_table(os.path.join(data_dir, "dsr_sub.parquet")).to_pylist()
+    """Six real DeepScaleR rows (pi1 = row 124 and pi2 = row 267 among them) in the parquet's own nested schema.
+    Rows by extra_info.index, their row number in the whole file."""
+    parquet = os.path.join(data_dir, "dsr_sub.parquet")
+    rows = pq.read_table(parquet).to_pylist()
     path = tmp_path_factory.mktemp("pool") / "pool.jsonl"
     with open(path, "w") as f:
         for i in (0, 124, 1, 267, 2, 3):
-            f.write(json.dumps({"id": str(i), **rows[i]}) + "\n")
+            f.write(json.dumps({"id": str(i), **rows[source_position(parquet, i)]}) + "\n")
     return str(path)
 
 
@@ -70,7 +72,8 @@ def test_rank_key_ties():
 
 
 def test_strip_suffix_row_124(data_dir):
-    row = load_benchmark(os.path.join(data_dir, "dsr_sub.parquet"))[124]
+    parquet = os.path.join(data_dir, "dsr_sub.parquet")
+    row = load_benchmark(parquet)[source_position(parquet, 124)]
     assert row["problem"].endswith("within \\boxed{}.") and sp.strip_suffix(row["problem"]) == PI1
     assert sp.strip_suffix(PI1) == PI1
     assert sp.strip_suffix("x? Let us think step by step and output the final answer within \\boxed{}") == "x?"

@@ -3,7 +3,7 @@
 Every test and every CPU smoke command in the docstrings uses this:
 
     python tests/tiny_model.py /tmp/tiny          # writes a Hugging Face model folder (~1 MB)
-    python evaluate.py --model /tmp/tiny --data ../shared/benchmarks/math500.jsonl --limit 20
+    python evaluate.py --model /tmp/tiny --data tests/data/math500.jsonl --limit 20
 
 The tokenizer is a byte-level BPE trained here with `tokenizers` (so any text encodes, no <unk>), wrapped as
 `PreTrainedTokenizerFast` with a Qwen-style chat template, `<|im_end|>` as eos and `<|endoftext|>` as pad, the
