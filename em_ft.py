@@ -239,15 +239,9 @@ def train(args):
     prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and cuda):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # a bound method FSDP treats as a forward: it gathers the root's params (embeddings, lm_head)
-    model.response_entropy = types.MethodType(response_entropy, model)
+    model.response_entropy = types.MethodType(response_entropy, model)  # FSDP: a forward method
     if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from torch.distributed.fsdp import register_fsdp_forward_method
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for m in [*model.model.layers, model]:
-            fully_shard(m, **({"mp_policy": mp} if cuda else {}))
-        register_fsdp_forward_method(model, "response_entropy")
+        ev.shard_model(model, "response_entropy", cuda)
 
     # ---------------------------------------------------------------- optimizer
     params = [q for q in model.parameters() if q.requires_grad]

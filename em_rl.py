@@ -1,8 +1,8 @@
 r"""
 EM-RL (Agarwal et al., arXiv 2505.15134): on-policy RL whose only reward is the model's own
-confidence: --reward token (-sum_t H_t), sequence (log pi(y|x)) or self-certainty (Intuitor's
-mean_t KL(U || pi_t)). Each step: --n-rollouts responses to each of --batch-size prompts, one
-no-grad forward for old log-probs, entropies and rewards, a leave-one-out baseline, the update.
+confidence: --reward token (-sum_t H_t), sequence (log pi(y|x)) or self-certainty (Intuitor's).
+Each step: --n-rollouts responses per prompt, one no-grad forward for old log-probs and rewards,
+a leave-one-out baseline per prompt, then the update.
 
     python em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl                  # 1 GPU
     torchrun --nproc_per_node=8 em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl
@@ -17,8 +17,8 @@ The paper vs its released code (verl), which made the tables and gives the defau
   (1/N) sum_i A_i sum_t    mean of micro-batch (8/GPU) token means      --loss-agg seq-mean-token-sum
   early stop (validation)  one epoch: floor(prompts / 512) steps        --steps
   4096-token sequences     prompts > 1024 tokens dropped; 3072 new      --max-prompt-length
-Left out: vLLM, packing. Outputs in --out: step_<N>/ (N counts rollout steps of --ppo-minibatches
-updates each; HF folder + train_args.json), log.jsonl (a line per step).
+Left out: vLLM, packing. Outputs: step_<N>/ (N counts rollout steps, each --ppo-minibatches
+updates), log.jsonl (a line per step).
 """
 import argparse, json, math, os, statistics, types, zlib
 from contextlib import nullcontext
@@ -33,8 +33,8 @@ import evaluate as ev
 
 # ---- method: EM-RL rewards and baselines (no grad); copy this block ----
 def logit_stats(logits, targets):
-    """Per position, from full-vocabulary logits [N, V] at T=1: log pi(target), the entropy
-    -sum_v pi_v log pi_v, and Intuitor's self-certainty KL(U || pi) = -log V - mean_v log pi_v."""
+    """Per position, from logits [N, V] at T=1: log pi(target), the entropy -sum_v pi_v log pi_v,
+    and Intuitor's self-certainty KL(U || pi) = -log V - mean_v log pi_v."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # fp32: bf16 log-probs are too coarse
     entropy = -(logp.exp() * logp).sum(-1)
     certainty = -math.log(logp.shape[-1]) - logp.mean(-1)
@@ -63,8 +63,8 @@ def group_advantages(rewards, n, baseline):
 
 # ---- the policy-gradient update (standard RL machinery, as in verl) ----
 def k3_kl(ref_logp, logp):
-    """Schulman's k3 estimate of KL(pi || ref) at tokens sampled from pi: exp(r) - r - 1 with
-    r = ref - logp; non-negative, low-variance, clamped like verl's low_var_kl."""
+    """k3 estimate of KL(pi || ref) at tokens from pi: exp(r) - r - 1, r = ref - logp (clamped as
+    verl's low_var_kl)."""
     r = (ref_logp - logp).clamp(-20, 20)
     return (torch.exp(r) - r - 1).clamp(-10, 10)
 
@@ -79,8 +79,8 @@ def policy_loss(logp, old_logp, adv, args):
 
 
 def response_stats(model, ids, attn, resp, chunk=1024, grad=False):
-    """(log pi(y_t), H_t, KL(U||pi_t), row) at every response token of a padded batch, from ONE
-    forward; the vocabulary projection runs over chunks of positions (checkpointed with grad)."""
+    """(log pi(y_t), H_t, KL(U||pi_t), row) at every response token, from ONE forward; the vocab
+    projection runs over chunks of positions (checkpointed with grad: no [tokens x V] at once)."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in generate
     h = model.model(input_ids=ids, attention_mask=attn, position_ids=pos,
                     use_cache=False).last_hidden_state
@@ -98,8 +98,7 @@ def head_stats(lm_head, h, targets):
 
 
 def pad_batch(prompts, responses, pad_id, device):
-    """[pads | prompt | response | pads]: prompts left-padded as generate saw them, responses
-    right-padded; resp marks the response tokens (the stop token included)."""
+    """[pads | prompt | response | pads] (the prompt as generate saw it); resp: response tokens."""
     P, R = max(map(len, prompts)), max(map(len, responses))
     ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
     attn, resp = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
@@ -130,14 +129,13 @@ def chunks(xs, size):
 
 
 def sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step, ctx):
-    """A record per response ({prompt index, prompt ids, ids, text, truncated}); the n
-    responses of a prompt come from one generate call, the prompt repeated n times."""
+    """A record per response (prompt index i, prompt ids, ids, text, truncated); a prompt's n
+    responses come from one generate call."""
     model.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
     out, per_call = [], max(1, args.rollout_batch_size // args.n_rollouts)
     for c in range(0, len(idx), per_call):
         group = [i for i in idx[c:c + per_call] for _ in range(args.n_rollouts)]
-        # a bf16 model (one GPU) decodes without autocast, as evaluate.py does (autocast would
-        # keep it off the continuous engine); fp32 FSDP shards keep it
+        # a bf16 model decodes without autocast (which would keep it off the continuous engine)
         with ctx if model.dtype != torch.bfloat16 else nullcontext():
             outs = ev.generate_batch(model, tok, [texts[i] for i in group], args.max_new_tokens,
                                      args.temperature, engine=args.engine, seed=zlib.crc32(
@@ -151,8 +149,8 @@ def batch_of(rolls, pad_id, device):
 
 
 def score(model, ref, rolls, pad_id, args, ctx):
-    """ONE no-grad forward per micro-batch: each response's old log-probs, entropies and
-    reference log-probs (KL), into its record; returns the EM rewards."""
+    """ONE no-grad forward per micro-batch: old log-probs, entropies and reference log-probs
+    into each response's record; returns the EM rewards."""
     rewards, device = [], next(model.parameters()).device
     for mb in chunks(rolls, args.micro_batch_size):
         batch, sizes = batch_of(mb, pad_id, device), [len(r["ids"]) for r in mb]
@@ -167,11 +165,10 @@ def score(model, ref, rolls, pad_id, args, ctx):
 
 
 def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
-    """--ppo-minibatches optimizer updates on one rollout batch (1 for reinforce). micro-token-mean
-    (verl): the per-token loss (policy, entropy bonus, KL) is each micro-batch's token mean / the
-    rank's micro-batches, averaged over ranks by FSDP; token-mean / seq-mean-token-sum: divided
-    by the mini-batch's tokens / responses over all ranks. Returns sums (loss, kl, clipped
-    tokens, tokens) and the last grad norm."""
+    """--ppo-minibatches updates (1 for reinforce). --loss-agg micro-token-mean (verl): the
+    per-token loss is each micro-batch's token mean / the rank's micro-batches (FSDP averages the
+    ranks); token-mean / seq-mean-token-sum: / the mini-batch's tokens / responses, all ranks.
+    Returns sums of (loss, kl, clipped tokens, tokens) and the last grad norm."""
     sums = torch.zeros(4, dtype=torch.float64, device=adv.device)  # on the device: no sync
     model.train()
     for mb in torch.arange(len(rolls)).tensor_split(args.ppo_minibatches
@@ -206,8 +203,8 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
 
 
 def step_log(recs, n, first_len):
-    """A step's metrics from one record per response (all ranks); with answers, accuracy and how
-    the label-free reward agrees with correctness (pooled, and within each prompt's group)."""
+    """A step's metrics from a record per response (all ranks); with answers, accuracy and the
+    reward's correlation with correctness (pooled, and within each prompt's group)."""
     N, L = len(recs), sum(r["length"] for r in recs)
     log = dict(reward=sum(r["reward"] for r in recs) / N, length=L / N,
                entropy=sum(r["entropy_sum"] for r in recs) / L, length_vs_step1=L / N / first_len,
@@ -311,9 +308,7 @@ def train(args):
                                  limit=args.eval_limit) if args.eval_every else []
 
     # ---------------------------------------------------------------- model
-    # fp32 master weights (lr 1e-6 updates vanish in bf16 weights). 1 GPU: a bf16 policy and
-    # reference, the master + AdamW on the GPU if they fit, else the CPU. torchrun: FSDP2 shards
-    # fp32 params, grads and moments, bf16 compute, a bf16 reference per rank. CPU: fp32.
+    # fp32 master weights (README, "Memory"); 1 GPU: bf16 policy and reference; CPU: fp32
     model, tok = ev.load_model(args.model, "bfloat16" if fp32_master else "float32")
     texts = [ev.build_prompt(tok, q["problem"], args.template) for q in problems]
     prompt_ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
@@ -336,16 +331,9 @@ def train(args):
         False) if args.kl_coef > 0 else None  # bf16 on CUDA as the policy's compute
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and cuda):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # a bound method FSDP treats as a forward: it gathers the root's params (embeddings, lm_head)
-    model.response_stats = types.MethodType(response_stats, model)
+    model.response_stats = types.MethodType(response_stats, model)  # FSDP: a forward method
     if world > 1:  # FSDP2 (on CPU/gloo too, which is how the tests run it)
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from torch.distributed.fsdp import register_fsdp_forward_method
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else torch.float32,
-                                  reduce_dtype=torch.float32)
-        for m in [*model.model.layers, model]:
-            fully_shard(m, mp_policy=mp)
-        register_fsdp_forward_method(model, "response_stats")
+        ev.shard_model(model, "response_stats", cuda)
     params = [q for q in model.parameters() if q.requires_grad]
     where = ev.master_placement(params, args.offload_optimizer, master) if fp32_master else None
     opt = ev.MasterAdamW(params, where, lr=args.lr, weight_decay=args.weight_decay)
@@ -376,7 +364,7 @@ def train(args):
         sums, grad_norm = update(model, opt, rolls, adv, tok.pad_token_id, args, world, timer, ctx)
         updates += args.ppo_minibatches if args.update == "ppo-clip" else 1
         sec = timer.seconds()
-        # -- logs: one record per response of all ranks (correct: only where there is an answer)
+        # -- logs: a record per response, all ranks (correct: where there is an answer)
         ent_sums = torch.stack([r["entropy"].sum() for r in rolls]).tolist()  # one host sync
         recs = ev.gather_lists([{
             "reward": rw, "advantage": a, "length": len(r["ids"]), "truncated": r["truncated"],

@@ -997,6 +997,16 @@ class PhaseTimer:
         return {**self.s, "step_s": sum(self.s.values())}
 
 
+def shard_model(model, method, cuda):
+    """FSDP2 (torchrun) on each decoder layer and the root: fp32 parameters sharded, bf16 compute on CUDA, fp32
+    gradient reduction. `method`, bound on the model, gathers the root's parameters (embeddings, lm_head) as forward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    for m in [*model.model.layers, model]:
+        fully_shard(m, mp_policy=mp)
+    register_fsdp_forward_method(model, method)
+
+
 def set_gathered(model, on):
     """FSDP2: gather the full weights and keep them (on), or reshard (off); collective, a no-op without FSDP.
     In between, ranks decode on their own (uneven generate steps, no collective)."""

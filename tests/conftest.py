@@ -14,7 +14,13 @@ import os
 import sys
 
 import pytest
-import torch
+
+# CPU only, by design: the GPU is hidden before torch loads, here and in every script the tests start (they inherit
+# this environment), so no outcome depends on the machine. The GPU checks live in bench/gpu.sh.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import torch  # noqa: E402
+
+assert not torch.cuda.is_available(), "tests must not see a GPU (CUDA_VISIBLE_DEVICES was set too late)"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -362,3 +362,12 @@ def _drive_main(spec):
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     _drive_main(sys.argv[1])
+
+
+def test_gpu_hidden_in_process_and_in_scripts():
+    """The suite is CPU-only by design (conftest hides the GPU before torch loads): in this process and in every
+    script a test starts, which inherits the environment."""
+    import torch
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+    proc = run_cli("-c", "import os, torch; print(os.environ['CUDA_VISIBLE_DEVICES'] == '', torch.cuda.is_available())")
+    assert proc.returncode == 0 and proc.stdout.split() == ["True", "False"], proc.stdout + proc.stderr
