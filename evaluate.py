@@ -322,7 +322,8 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
                                    config, seed)
         return [cut_at_stop(row, stops, tokenizer) for row in rows]
     tokenizer.padding_side = "left"  # decoder-only batching: the last prompt token must sit at the right edge
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                    return_token_type_ids=False).to(model.device)  # (transformers < 4.57 refuses them in generate)
     if seed is not None:
         torch.manual_seed(seed)
     # synced_gpus=False: under torchrun the scripts hold gathered weights while generating, so ranks decode on their
