@@ -705,12 +705,19 @@ def _need(row, keys, where, n):
         raise EvalError(f"{where}: row {n} has no {', '.join(missing)} (fields: {sorted(row)})")
 
 
+def _parse_quietly(code):  # "invalid escape sequence" warnings in code we only read are not ours to report
+    import ast, warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(code)
+
+
 def _mbpp_entry_point(code, tests):
     """The function under test: the first function of the reference code that the first test calls (MBPP+ has an
     entry_point column, EM_PT's file does not)."""
     import ast
     try:
-        names = [n.name for n in ast.parse(code).body if isinstance(n, ast.FunctionDef)]
+        names = [n.name for n in _parse_quietly(code).body if isinstance(n, ast.FunctionDef)]
     except SyntaxError:
         names = re.findall(r"^def\s+(\w+)", code, flags=re.M)
     called = [n for n in names if re.search(rf"\b{re.escape(n)}\s*\(", tests[0])]
@@ -867,7 +874,6 @@ def _longest_parsable(lines, budget):
     non-blank lines (the first on ties). Same choice, pruned (blank lines at either end change nothing; a run cannot
     beat the best with fewer lines left). Returns None past `budget` parses: the released search ran in a worker
     with a 3 s limit and fell back past it; here the limit is a deterministic count (a parameter)."""
-    import ast
     count = [0]
     for line in lines:
         count.append(count[-1] + bool(line.strip()))
@@ -886,7 +892,7 @@ def _longest_parsable(lines, budget):
             if budget is not None and parses > budget:
                 return None
             try:
-                ast.parse("\n".join(lines[i:j + 1]))
+                _parse_quietly("\n".join(lines[i:j + 1]))
             except (SyntaxError, MemoryError, ValueError, RecursionError):
                 continue
             best, best_run = count[j + 1] - count[i], (i, j + 1)
@@ -903,7 +909,7 @@ def _sanitize(text, entry_point, budget):
     if code is None:
         return None
     try:
-        tree = ast.parse(code)
+        tree = _parse_quietly(code)
         imports, defs = [], {}
         for node in tree.body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
