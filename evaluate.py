@@ -1237,6 +1237,8 @@ def _code_child():
             __import__(name)
         except Exception:
             pass
+    if "numpy" not in job["preload"]:  # not named by the program: its import in the header fails at once (after
+        sys.modules["numpy"] = None  # the guard it would fail anyway, half-way through 50 ms of loading)
     channel = os.dup(1)  # not inherited by what the program starts
     os.dup2(2, 1)
 
