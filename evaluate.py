@@ -1251,12 +1251,13 @@ def _code_child():
             resource.setrlimit(what, (soft, hard))
         except (ValueError, OSError) as e:
             say(f"note: rlimit {what}: {e}")
-    try:
+    try:  # Linux: prctl and unshare (elsewhere: neither, noted)
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
+        prctl, unshare = libc.prctl, libc.unshare
     except Exception as e:
-        libc = None
-        say(f"note: no libc ({e}): no namespaces")
+        prctl = unshare = None
+        say(f"note: no prctl/unshare ({e}): no namespaces")
     if job.get("uid") is not None and os.geteuid() == 0:
         try:
             resource.setrlimit(resource.RLIMIT_NPROC, (job["nproc"], job["nproc"]))
@@ -1265,12 +1266,12 @@ def _code_child():
             os.setuid(job["uid"])
         except OSError as e:
             say(f"note: uid drop failed ({e}): runs as root")
-    if libc is not None:
-        libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs do not give root back
-        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL: die with the evaluator's thread that started us
-    if job.get("namespaces") and libc is not None:
+    if prctl is not None:
+        prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs do not give root back
+        prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL: die with the evaluator's thread that started us
+    if job.get("namespaces") and unshare is not None:
         flags = 0x20000000 | 0x40000000 | (0x10000000 if os.geteuid() else 0)  # NEWPID | NEWNET (| NEWUSER)
-        if libc.unshare(flags) != 0:
+        if unshare(flags) != 0:
             say(f"note: no pid/net namespace ({os.strerror(ctypes.get_errno())})")
         else:
             pid = os.fork()  # the child is pid 1 of the namespace: when it ends, the kernel kills what it left
@@ -1280,7 +1281,7 @@ def _code_child():
                 if code < 0:
                     say(f"error: signal {-code}")
                 os._exit(max(code, 0) if code >= 0 else 1)
-            libc.prctl(1, 9, 0, 0, 0)  # a fork clears the death signal
+            prctl(1, 9, 0, 0, 0)  # a fork clears the death signal
     sentinel, home = job["sentinel"], os.path.realpath(os.getcwd())
     write, leave, real_open, real_os_open = os.write, os._exit, builtins.open, os.open
 
@@ -1402,7 +1403,11 @@ def _sweep(leader, marker):
     me, tag = os.getpid(), f"EM_CODE_RUN={marker}\0".encode()
     for _ in range(20):
         found = []
-        for name in os.listdir("/proc"):
+        try:
+            names = os.listdir("/proc")
+        except OSError:  # no /proc: the process group and the namespace are all there is
+            return
+        for name in names:
             if not name.isdigit() or int(name) == me:
                 continue
             try:
@@ -1462,62 +1467,63 @@ def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, 
         shutil.rmtree(tmp, ignore_errors=True)
         rec.update(status=f"error: could not start ({e})", seconds=time.monotonic() - t0)
         return rec
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ, 0)
-    sel.register(p.stderr, selectors.EVENT_READ, 1)
-    try:  # readable when the process ends; else poll
-        pidfd = os.pidfd_open(p.pid)
-        sel.register(pidfd, selectors.EVENT_READ, 2)
-    except (AttributeError, OSError):
-        pidfd = None
     bufs, why, cap, deadline = [bytearray(), bytearray()], None, output_kb << 10, t0 + timeout + grace
+    sel, pidfd = selectors.DefaultSelector(), None
 
     def read(key):
         chunk = os.read(key.fd, 1 << 16)
         if not chunk:
             sel.unregister(key.fileobj)
         bufs[key.data] += chunk
-    while why is None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            why = "timeout"
-            break
-        ended = False
-        for key, _ in sel.select(left if pidfd is not None else min(left, 0.02)):
-            if key.data == 2:
-                ended = True
-            else:
-                read(key)
-                if len(bufs[0]) + len(bufs[1]) > cap:
-                    why = "error: output limit"
-        if ended or pidfd is None and os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-            break
-    if pidfd is not None:
-        sel.unregister(pidfd)
-    # the whole group, then (while the first process is a zombie holding its pid) whatever escaped the group
     try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
-    _sweep(p.pid, marker)
-    drain = time.monotonic() + 1.0  # what the run wrote before it ended
-    while sel.get_map() and time.monotonic() < drain and len(bufs[0]) + len(bufs[1]) <= cap:
-        for key, _ in sel.select(0.05):
-            read(key)
-    sel.close()
-    if pidfd is not None:
-        os.close(pidfd)
-    p.stdout.close()
-    p.stderr.close()
-    rc = p.wait()
-    for root, dirs, _ in os.walk(tmp):  # a program may have left folders it cannot be removed from
-        for d in dirs:
-            try:
-                os.chmod(os.path.join(root, d), 0o700)
-            except OSError:
-                pass
-    shutil.rmtree(tmp, ignore_errors=True)
+        sel.register(p.stdout, selectors.EVENT_READ, 0)
+        sel.register(p.stderr, selectors.EVENT_READ, 1)
+        try:  # readable when the process ends; else poll
+            pidfd = os.pidfd_open(p.pid)
+            sel.register(pidfd, selectors.EVENT_READ, 2)
+        except (AttributeError, OSError):
+            pidfd = None
+        while why is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = "timeout"
+                break
+            ended = False
+            for key, _ in sel.select(left if pidfd is not None else min(left, 0.02)):
+                if key.data == 2:
+                    ended = True
+                else:
+                    read(key)
+                    if len(bufs[0]) + len(bufs[1]) > cap:
+                        why = "error: output limit"
+            if ended or pidfd is None and os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                break
+    finally:  # also on an error here: nothing of the run outlives it
+        if pidfd is not None:
+            sel.unregister(pidfd)
+            os.close(pidfd)
+        # the whole group, then (while the first process is a zombie holding its pid) whatever escaped the group
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+        _sweep(p.pid, marker)
+        drain = time.monotonic() + 1.0  # what the run wrote before it ended
+        while sel.get_map() and time.monotonic() < drain and len(bufs[0]) + len(bufs[1]) <= cap:
+            for key, _ in sel.select(0.05):
+                read(key)
+        sel.close()
+        p.stdout.close()
+        p.stderr.close()
+        rc = p.wait()
+        for root, dirs, _ in os.walk(tmp):  # a program may have left folders it cannot be removed from
+            for d in dirs:
+                try:
+                    os.chmod(os.path.join(root, d), 0o700)
+                except OSError:
+                    pass
+        shutil.rmtree(tmp, ignore_errors=True)
     lines = bufs[0][:cap].decode("utf-8", "replace").splitlines()
     rec["notes"] = [line[6:] for line in lines if line.startswith("note: ")]
     last = next((line for line in reversed(lines) if not line.startswith("note: ")), "")
@@ -1527,7 +1533,11 @@ def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, 
         status = "passed"
     elif re.fullmatch(r"error: signal \d+", last) or rc < 0:  # killed (in the namespace, or here)
         number = int(last.split()[-1]) if last.startswith("error: signal") else -rc
-        status = "timeout" if number == signal.SIGXCPU else f"error: killed by {signal.Signals(number).name}"
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        status = "timeout" if number == signal.SIGXCPU else f"error: killed by {name}"
     elif last.startswith(("failed", "timeout", "memory", "error")):
         status = last
     else:
