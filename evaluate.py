@@ -764,7 +764,7 @@ def load_code_benchmark(name, data_dir=None, limit=None):
                      reference=row["prompt"] + row["canonical_solution"] if row.get("canonical_solution") else None)
         elif protocol == "mbpp":
             _need(row, ("task_id", "prompt", "test_list", "code"), where, n)
-            if name == "mbpp-378" and int(row["task_id"]) in MBPP_DROPPED:
+            if name == "mbpp-378" and int(re.sub(r"\D", "", str(row["task_id"])) or -1) in MBPP_DROPPED:  # 2, "Mbpp/2"
                 continue
             if not isinstance(row["test_list"], list) or not row["test_list"]:
                 raise EvalError(f"{where}: row {n}: test_list is {_kind(row['test_list'])}, not a list of asserts")
@@ -776,6 +776,7 @@ def load_code_benchmark(name, data_dir=None, limit=None):
             meta = row.get("metadata") or {}
             try:
                 meta = json.loads(meta) if isinstance(meta, str) else meta
+                meta = meta if isinstance(meta, dict) else {}
                 public = row["public_test_cases"]
                 public = json.loads(public) if isinstance(public, str) else public
             except ValueError as e:
@@ -1001,7 +1002,9 @@ def code_job(problem, response, timeout=None, sanitize_budget=20000):
     """What grading runs for one response: (job for run_programs, its time limit in seconds, the extracted code).
     timeout overrides the protocol's (LeetCode 10 s and MBPP/HumanEval 3 s per program; LiveCodeBench 6 s per test,
     with the released global limit of (6 + 1) * tests + 5 s)."""
-    protocol = problem["protocol"]
+    protocol = problem.get("protocol")
+    if CODE_PROTOCOLS.get(protocol, {}).get("kind") != "code":
+        raise EvalError(f"{problem.get('id')}: protocol {protocol!r} does not run code")
     spec = CODE_PROTOCOLS[protocol]
     limit = spec["timeout"] if timeout is None else timeout
     response = _cut_at(response, spec.get("stop", ()))
@@ -1020,10 +1023,15 @@ def code_job(problem, response, timeout=None, sanitize_budget=20000):
     uses_numpy = re.search(r"\b(np|numpy)\b", code + json.dumps(problem.get("tests", ""))) is not None
     preload = ["numpy"] if uses_numpy else []
     if protocol == "leetcode":
-        # evaluate_leetcode.py: wrapped in ```python fences; without "class Solution:" every line is indented under
-        # one (a free function without self then fails: quirk, kept); evaluation_leetcode.py runs imports + code + test
-        if "class Solution:" not in "```python\n" + code + "\n```":
-            code = "class Solution:\n" + "\n".join("    " + line for line in ("\n" + code + "\n").split("\n"))
+        # evaluate_leetcode.py: the code goes back into ```python fences; without "class Solution:" every line is
+        # indented under one (a free function without self then fails: quirk, kept); extract_python_code then reads
+        # the first block back ([PYTHON] tags count as fences); evaluation_leetcode.py runs imports + code + tests
+        fenced = "```python\n" + code + "\n```"
+        if "class Solution:" not in fenced:
+            body = fenced.replace("```python", "").replace("```", "")
+            fenced = "```python\nclass Solution:\n" + "\n".join("    " + line for line in body.split("\n")) + "\n```"
+        fenced = fenced.replace("[PYTHON]", "```python").replace("[/PYTHON]", "```")
+        code = (re.findall(r"```python\n(.*?)\n```", fenced, flags=re.S) or [fenced])[0]
         program = _import_block(EM_PT_IMPORTS) + "\n" + code + "\n" + problem["tests"] + "\n"
         return {"mode": "script", "code": program, "preload": preload}, limit, code
     if protocol == "humaneval":  # HumanEval.py process_results: a stub that passes, then the solution redefines it
@@ -1042,7 +1050,6 @@ def code_job(problem, response, timeout=None, sanitize_budget=20000):
         tests = problem["public_tests"] + _lcb_private(problem["private_tests"])
         return {"mode": "lcb", "code": code, "tests": tests, "fn_name": problem.get("fn_name"), "timeout": limit,
                 "preload": preload}, (limit + 1) * len(tests) + 5, code
-    raise EvalError(f"{problem.get('id')}: protocol {protocol!r} does not run code")
 
 
 def grade_kk(response, problem, strict_format=True):
@@ -1335,8 +1342,8 @@ def _code_child():
         readline = readlines = read
     sys.stdout = sys.stderr = sys.stdin = Sink()
 
-    class Timeout(BaseException):  # not an Exception: a program's `except Exception` does not swallow it
-        pass
+    class Timeout(Exception):  # as released: a program's `except Exception` can swallow it (then the parent's
+        pass  # deadline ends the run)
 
     def on_alarm(*args):
         raise Timeout()
