@@ -870,6 +870,28 @@ def _fenced_blocks(text):
     return "\n\n".join(found)
 
 
+def _cannot_start(line):
+    """True when no run of lines that starts with this one can parse, whatever follows: the parser finds the line
+    invalid, not merely incomplete (the flag the interactive prompt uses, Python >= 3.11; before: never True).
+    Skipping those runs keeps the released choice and skips most prose."""
+    import ast, codeop, warnings
+    flags = ast.PyCF_ONLY_AST | codeop.PyCF_DONT_IMPLY_DEDENT | getattr(codeop, "PyCF_ALLOW_INCOMPLETE_INPUT", 0)
+    if flags & 0x4000 == 0:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for text in (line, line + "\n"):
+            try:
+                compile(text, "<line>", "exec", flags)
+                return False
+            except SyntaxError as e:
+                if "incomplete input" in str(e.msg):
+                    return False
+            except (ValueError, MemoryError, RecursionError):
+                return False
+    return True
+
+
 def _longest_parsable(lines, budget):
     """OpenCodeEval's extract_longest_valid_code: of all runs of consecutive lines that parse, the one with the most
     non-blank lines (the first on ties). Same choice, pruned (blank lines at either end change nothing; a run cannot
@@ -882,7 +904,7 @@ def _longest_parsable(lines, budget):
     for i in range(n):
         if count[n] - count[i] <= best:
             break
-        if not lines[i].strip():
+        if not lines[i].strip() or _cannot_start(lines[i]):
             continue
         for j in range(n - 1, i - 1, -1):
             if count[j + 1] - count[i] <= best:

@@ -437,6 +437,33 @@ def test_extract_code_sanitize_and_protocol_quirks():
     assert "x + y" in code and "return 0" not in code
 
 
+def test_sanitize_search_picks_what_the_released_search_picks():
+    """The pruned search for the longest parsable run of lines gives the released O(n^2) search's run (same AST) on
+    random mixes of prose, code, blocks, indentation and unfinished lines."""
+    import ast
+    import random
+
+    def released(lines):  # OpenCodeEval eval/sanitize.py extract_longest_valid_code, restated
+        best, snippet = 0, ""
+        for i in range(len(lines)):
+            for j in range(i, len(lines)):
+                try:
+                    ast.parse("\n".join(lines[i:j + 1]))
+                except SyntaxError:
+                    continue
+                if sum(1 for line in lines[i:j + 1] if line.strip()) > best:
+                    best, snippet = sum(1 for line in lines[i:j + 1] if line.strip()), "\n".join(lines[i:j + 1])
+        return snippet
+    pool = ["Let's do it.", "Here is the code:", "def f(x):", "    return x + 1", "", "   ", "x = 1", "if x:",
+            "else:", "    pass", "```python", "```", "print(f(2))", "# note", "return 5", '"""', "doc line",
+            "class A:", "    def g(self):", "        return 1", "(1,", "2)", "x = 1 + \\", "3", "@dec", "  bad"]
+    rng = random.Random(0)
+    for _ in range(300):
+        lines = [rng.choice(pool) for _ in range(rng.randint(1, 12))]
+        want, got = released(lines), ev._longest_parsable(lines, None)
+        assert (ast.dump(ast.parse(want)) if want else "") == (ast.dump(ast.parse(got)) if got else ""), lines
+
+
 # ----------------------------------------------------------------------------- prompts, loading, dispatch
 def test_code_prompts(tiny):
     _, tok = tiny
