@@ -894,9 +894,10 @@ def _cannot_start(line):
 
 def _longest_parsable(lines, budget):
     """OpenCodeEval's extract_longest_valid_code: of all runs of consecutive lines that parse, the one with the most
-    non-blank lines (the first on ties). Same choice, pruned (blank lines at either end change nothing; a run cannot
-    beat the best with fewer lines left). Returns None past `budget` parses: the released search ran in a worker
-    with a 3 s limit and fell back past it; here the limit is a deterministic count (a parameter)."""
+    non-blank lines (the first on ties). Same choice, pruned: blank lines at either end change nothing, a line the
+    parser calls invalid starts no run (_cannot_start), a run cannot beat the best with fewer lines left. Returns
+    None past `budget` parses: the released search ran in a worker with a 3 s limit and fell back past it; here the
+    limit is a deterministic count (a parameter)."""
     count = [0]
     for line in lines:
         count.append(count[-1] + bool(line.strip()))
@@ -994,9 +995,9 @@ def _import_block(lines):
     not. numpy is loaded before the guard (it calls os.putenv when imported) only for a program that names it
     (code_job's preload): the released harnesses forked a process that had it loaded, a fresh interpreter would pay
     0.15 s per program for it. Either way the program sees what it would have seen."""
-    return "\n".join(lines).replace("import numpy\nimport numpy as np", "try:\n    import numpy\n    import numpy as np\n"
-                                   "except Exception:  # not installed, or not preloaded: the program does not use it\n"
-                                   "    pass")
+    guarded = ("try:\n    import numpy\n    import numpy as np\n"
+               "except Exception:  # not installed, or not preloaded: the program does not use it\n    pass")
+    return "\n".join(lines).replace("import numpy\nimport numpy as np", guarded)
 
 
 def _lcb_private(stored):
@@ -1605,10 +1606,11 @@ def run_programs(programs, timeout=10.0, memory_mb=4096, workers=None, output_kb
       its folder; at `timeout` + `grace` seconds the whole process group is killed, and after every run whatever
       escaped the group (same session, or the run's marker in its environment) is killed too.
     A program is a str (a script: it passes when it runs to its end) or a job dict (code_job). timeout: seconds,
-    one number or one per program. labels: shown in each child's command line (ps). Returns per program
-    {"passed", "status" ("passed", "failed: ...", "timeout", "memory" or "error: ..."), "seconds", "stderr" (the
-    tail), "notes" (containment that could not be applied)}. python: the interpreter (default: this one). A program passes only if its tests ran to their end:
-    the harness writes a per-run random sentinel after them, so an early sys.exit(0) or os._exit(0) fails."""
+    one number or one per program. labels: shown in each child's command line (ps). python: the interpreter
+    (default: this one). Returns per program {"passed", "status" ("passed", "failed: ...", "timeout", "memory" or
+    "error: ..."), "seconds", "stderr" (the tail), "notes" (containment that could not be applied)}. A program
+    passes only if its tests ran to their end: the harness writes a per-run random sentinel after them (kept out of
+    the environment and the files the program can see), so an early sys.exit(0) or os._exit(0) fails."""
     if not (_code_consent or os.environ.get("EM_ALLOW_CODE_EXECUTION") == "1"):
         require_code_consent(False)
     jobs = [{"mode": "script", "code": p} if isinstance(p, str) else p for p in programs]
