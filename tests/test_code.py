@@ -21,17 +21,6 @@ def consent(monkeypatch):
     monkeypatch.setenv("EM_ALLOW_CODE_EXECUTION", "1")
 
 
-@pytest.fixture(scope="session")
-def full_data_dir():
-    """$EM_DATA_DIR with the full benchmark files; skipped when unset (EM_REQUIRE_FULL_DATA=1: a failure)."""
-    path = os.environ.get("EM_DATA_DIR")
-    if not path or not os.path.isdir(path):
-        if os.environ.get("EM_REQUIRE_FULL_DATA") == "1":
-            pytest.fail("EM_REQUIRE_FULL_DATA=1 but EM_DATA_DIR is not a folder")
-        pytest.skip("EM_DATA_DIR is not set: the whole-file checks need the full benchmark files")
-    return path
-
-
 def fenced(code, before="Here is my solution.", after="It runs in linear time."):
     return f"{before}\n```python\n{code}\n```\n{after}"
 

@@ -27,15 +27,20 @@ def _lines(path):
         return f.read().splitlines()
 
 
+# code and logic rows (tests/test_code.py): real rows of HumanEval, MBPP, KK, and rows of our own in the LeetCode and
+# LiveCodeBench formats, written by make_code_rows.py (tests/data/README.md, "Code and logic")
+CODE_FILES = ["humaneval.jsonl", "mbpp.json", "kk.jsonl", "leetcode.jsonl", "livecodebench.jsonl", "make_code_rows.py"]
+
+
 def test_excerpt_folder_holds_the_listed_files():
-    assert sorted(os.listdir(DATA_DIR)) == sorted([*EXCERPT_ROWS, "README.md"])
+    assert sorted(os.listdir(DATA_DIR)) == sorted([*EXCERPT_ROWS, *CODE_FILES, "README.md"])
     readme = open(os.path.join(DATA_DIR, "README.md")).read()
     for name, rows in EXCERPT_ROWS.items():
         count = (pq.read_metadata(os.path.join(DATA_DIR, name)).num_rows if name.endswith(".parquet")
                  else len(_lines(os.path.join(DATA_DIR, name))))
         assert count == len(rows), name
         assert f"| {name} | {len(rows)} (" in readme, name  # the README's table gives the same count
-    assert sum(os.path.getsize(os.path.join(DATA_DIR, n)) for n in EXCERPT_ROWS) < 200_000
+    assert sum(os.path.getsize(os.path.join(DATA_DIR, n)) for n in [*EXCERPT_ROWS, *CODE_FILES]) < 200_000
 
 
 @pytest.mark.parametrize("name", sorted(EXCERPT_ROWS))
