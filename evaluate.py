@@ -104,6 +104,8 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
     gold is answer None (graded wrong, counted as no_gold), as is every row without an answer column."""
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
+    if name_or_path in CODE_BENCHMARKS:  # code and logic: their own loader and protocol
+        return load_code_benchmark(name_or_path, data_dir, limit)
     if name_or_path in BENCHMARKS:
         fname, hub_id, config, hub_split = BENCHMARKS[name_or_path]
         source = os.path.join(data_dir, fname) if data_dir else None
@@ -112,8 +114,8 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) and not os.path.exists(name_or_path):
         source, hub_id, config, hub_split = None, name_or_path, None, "train"
     else:
-        raise EvalError(f"unknown benchmark {name_or_path!r}: use one of {', '.join(BENCHMARKS)}, a .json/.jsonl/"
-                        ".parquet file, or a hub dataset id (org/name)")
+        raise EvalError(f"unknown benchmark {name_or_path!r}: use one of {', '.join([*BENCHMARKS, *CODE_BENCHMARKS])}, "
+                        "a .json/.jsonl/.parquet file, or a hub dataset id (org/name)")
     if source:
         rows = _read_rows(source)
     else:
@@ -163,17 +165,31 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
 
 # ----------------------------------------------------------------------------- prompts
 COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-# name -> (system message or None for the model's default, user message, use chat template)
+# The Eurus "action" system prompt (EM_PT eval/Coding/leetcode/evaluate_leetcode.py, make_conv_hf: real newlines).
+EURUS_SYSTEM = ("\nWhen tackling complex reasoning tasks, you have access to the following actions. Use them as needed "
+                "to progress through your thought process.\n\n[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n[SIMPLIFY]\n\n"
+                "[SYNTHESIZE]\n\n[PIVOT]\n\n[OUTPUT]\n\nYou should strictly follow the format below:\n\n"
+                "[ACTION NAME]\n\n# Your action step 1\n\n# Your action step 2\n\n# Your action step 3\n\n...\n\n"
+                "Next action: [NEXT ACTION NAME]\n")
+CODE_SUFFIX = "\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
+# name -> (system message or None for the model's default, user message, use chat template). Benchmark problems of
+# code and logic carry their released prompt (build_code_prompt); these templates are for prompt sets and math.
 TEMPLATES = {
     "qwen-math": (COT_SYSTEM, "{problem}", True),  # Qwen2.5-Math CoT eval protocol (both papers)
     "agarwal": (COT_SYSTEM, "{problem} Let us think step by step and output the final answer within \\boxed{}",
                 True),  # Agarwal et al.'s training/eval prompt
     "chat": (None, "{problem}", True),  # bare problem, model's default system prompt (One-shot EM training)
     "plain": (None, "Question: {problem}\n" + COT_SYSTEM + "\nAnswer:", False),  # base models w/o chat template
+    "eurus-code": (EURUS_SYSTEM, "{problem}" + CODE_SUFFIX, True),  # Agarwal et al.'s coding prompt (Eurus-2 data)
 }
 
 
 def build_prompt(tokenizer, problem, template="qwen-math"):
+    """The prompt of a problem (text, or a load_benchmark dict: code and logic benchmarks use their own protocol's)."""
+    if isinstance(problem, dict):
+        if problem.get("kind", "math") != "math":
+            return build_code_prompt(tokenizer, problem)
+        problem = problem["problem"]
     if template not in TEMPLATES:
         raise EvalError(f"unknown template {template!r}: use one of {', '.join(TEMPLATES)}")
     system, user, chat = TEMPLATES[template]
@@ -546,13 +562,6 @@ def is_correct(response, gold, fallback=False):
 # deliberate difference is a parameter. Running model code needs consent: --allow-code-execution or
 # EM_ALLOW_CODE_EXECUTION=1 (require_code_consent). The executor is containment, not a security sandbox.
 
-# The Eurus "action" system prompt (EM_PT eval/Coding/leetcode/evaluate_leetcode.py, make_conv_hf: real newlines).
-EURUS_SYSTEM = ("\nWhen tackling complex reasoning tasks, you have access to the following actions. Use them as needed "
-                "to progress through your thought process.\n\n[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n[SIMPLIFY]\n\n"
-                "[SYNTHESIZE]\n\n[PIVOT]\n\n[OUTPUT]\n\nYou should strictly follow the format below:\n\n"
-                "[ACTION NAME]\n\n# Your action step 1\n\n# Your action step 2\n\n# Your action step 3\n\n...\n\n"
-                "Next action: [NEXT ACTION NAME]\n")
-CODE_SUFFIX = "\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
 # Logic-RL eval_kk/main_eval_instruct.py (= one-shot-em kk_eval/): the system text, written as a raw ChatML string.
 KK_SYSTEM = ("You are a helpful assistant. The assistant first thinks about the reasoning process in the mind and then "
              "provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> "
@@ -1326,7 +1335,7 @@ def require_code_consent(allow=False):
     """Consent to run model-written programs on this machine (bigcode-evaluation-harness asks the same): allow=True
     (a CLI's --allow-code-execution) or EM_ALLOW_CODE_EXECUTION=1 in the environment, else one EvalError line."""
     global _code_consent
-    if allow or os.environ.get("EM_ALLOW_CODE_EXECUTION") == "1":
+    if allow or _code_consent or os.environ.get("EM_ALLOW_CODE_EXECUTION") == "1":
         _code_consent = True
         return
     raise EvalError("grading code runs the model's programs on this machine: pass --allow-code-execution (or set "
@@ -1601,18 +1610,39 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def answer_format(problem, response):
+    """Whether a response gives its final answer in the form its problem asks for: a \\boxed{} (math), a ``` code
+    block (code), <answer>...</answer> (logic). The format rate, and em_rl.py's `format` reward."""
+    kind = problem.get("kind", "math") if isinstance(problem, dict) else "math"
+    if kind == "code":
+        return "```" in response
+    if kind == "logic":
+        return re.search(r"<answer>.*?</answer>", response, flags=re.S) is not None
+    return extract_answer(response) is not None
+
+
+def loops(text, n=4, tail=64):
+    """Whether a response ends in a loop: of the n-grams of its last `tail` words (at least 8), more than half repeat
+    an earlier one -- a phrase repeated until the budget runs out, the collapse most reported after EM."""
+    words = text.split()[-tail:]
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) >= 8 and len(set(grams)) < len(grams) / 2
+
+
 def compute_metrics(samples, n):
-    """samples: dicts with id, correct, extracted, length, truncated, grade_error, gold (n per problem)."""
-    by_id = {}
+    """samples: dicts with id, correct, extracted, length, truncated, grade_error, gold (n per problem), and response,
+    format, kind where the caller has them. Besides accuracy: what splits format from reasoning (the format rate,
+    accuracy among formatted answers, math answered in a code block, looping responses)."""
+    by_id, N = {}, max(len(samples), 1)
     for s in samples:
         by_id.setdefault(s["id"], []).append(s)
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, n) if k <= n})
-    m = {"problems": len(by_id), "samples": len(samples),
-         "pass@1": 100 * sum(s["correct"] for s in samples) / max(len(samples), 1)}
+    m = {"problems": len(by_id), "samples": len(samples), "pass@1": 100 * sum(s["correct"] for s in samples) / N}
     for k in ks[1:]:
         m[f"pass@{k}"] = 100 * sum(pass_at_k(len(g), sum(s["correct"] for s in g), k)
                                    for g in by_id.values()) / len(by_id)
-    if n > 1:  # majority vote over normalized extracted answers; a problem counts if the top answer is right
+    math_samples = [s for s in samples if s.get("kind", "math") == "math"]
+    if n > 1 and len(math_samples) == len(samples):  # majority vote over normalized answers: top answer right?
         maj = 0
         for g in by_id.values():
             votes = Counter(normalize_answer(s["extracted"]) for s in g if s["extracted"] is not None)
@@ -1621,26 +1651,34 @@ def compute_metrics(samples, n):
                 maj += next(s["correct"] for s in g
                             if s["extracted"] is not None and normalize_answer(s["extracted"]) == top)
         m[f"maj@{n}"] = 100 * maj / len(by_id)
-    # format = a parsable \\boxed{} answer, whatever --answer-fallback extracted
-    m["format_rate"] = 100 * sum(s.get("boxed", s["extracted"] is not None) for s in samples) / max(len(samples), 1)
-    m["truncated_rate"] = 100 * sum(s["truncated"] for s in samples) / max(len(samples), 1)
-    m["mean_length"] = sum(s["length"] for s in samples) / max(len(samples), 1)
+    # format: the final answer in the expected form (a \\boxed{} for math, whatever --answer-fallback extracted)
+    formatted = [s for s in samples if s.get("format", s.get("boxed", s["extracted"] is not None))]
+    m["format_rate"] = 100 * len(formatted) / N
+    m["accuracy_if_formatted"] = 100 * sum(s["correct"] for s in formatted) / len(formatted) if formatted else None
+    m["code_block_rate"] = (100 * sum("```" in s.get("response", "") for s in math_samples) / len(math_samples)
+                            if math_samples else None)  # math answered with a program instead of reasoning
+    m["repetition_rate"] = 100 * sum(loops(s.get("response", "")) for s in samples) / N
+    m["truncated_rate"] = 100 * sum(s["truncated"] for s in samples) / N
+    m["mean_length"] = sum(s["length"] for s in samples) / N
     m["grading_errors"] = sum(s["grade_error"] for s in samples)
-    m["no_gold"] = sum(g[0].get("gold", "") is None for g in by_id.values())  # problems graded wrong: no gold
+    m["no_gold"] = sum(g[0].get("gold", "") is None and g[0].get("kind", "math") != "code" for g in by_id.values())
     return m
 
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072, temperature=0.0,
                    top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None, on_batch=None, progress=True,
-                   logits_processor=None, top_k=0, logit_stats=False, answer_fallback=False, engine="auto"):
+                   logits_processor=None, top_k=0, logit_stats=False, answer_fallback=False, engine="auto",
+                   code_options=None):
     """(metrics, samples) of a model on problems. done: {(id, sample): sample} reused (resume; each batch has its own
     seed); on_batch(new) after each batch; logit_stats adds metrics["logit_stats"]."""
     if n > 1 and temperature <= 0:
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
+    if any(p.get("kind") == "code" for p in problems):
+        require_code_consent()  # before the generation, not after it
     done = done or {}
     jobs = [(p, j) for p in problems for j in range(n)]
-    prompts = {p["id"]: build_prompt(tokenizer, p["problem"], template) for p in problems}
+    prompts = {p["id"]: build_prompt(tokenizer, p, template) for p in problems}
     lengths = [len(tokenizer(prompts[p["id"]], add_special_tokens=False).input_ids) for p, _ in jobs]
     context = getattr(model.config, "max_position_embeddings", None)
     if context and max(lengths) >= context:
@@ -1666,15 +1704,16 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
         outs = generate_batch(model, tokenizer, [prompts[k[0]] for k in keys], max_new_tokens, temperature, top_p,
                               seed=zlib.crc32(f"{seed}/{name}/{b}".encode()), logits_processor=processors or None,
                               top_k=top_k, engine=engine)
-        fresh = []
-        for i, k, o in zip(batch, keys, outs):
+        fresh, graded = [], grade_batch([jobs[i][0] for i in batch], [o["text"] for o in outs],
+                                        answer_fallback=answer_fallback, **(code_options or {}))  # in parallel
+        for i, k, o, (correct, status) in zip(batch, keys, outs, graded):
             p = jobs[i][0]
-            extracted = extract_answer(o["text"], answer_fallback)
-            correct, error = grade_answer(extracted, p["answer"])
-            fresh.append({"benchmark": name, "id": p["id"], "sample": k[1], "prompt": prompts[k[0]],
-                          "response": o["text"], "extracted": extracted, "boxed": extract_answer(o["text"]) is not None,
-                          "gold": p["answer"], "correct": correct,
-                          "grade_error": error, "length": len(o["ids"]), "truncated": o["truncated"]})
+            fresh.append({"benchmark": name, "id": p["id"], "sample": k[1], "kind": p.get("kind", "math"),
+                          "prompt": prompts[k[0]], "response": o["text"], "format": answer_format(p, o["text"]),
+                          "extracted": extract_answer(o["text"], answer_fallback) if p.get("kind", "math") == "math"
+                          else None, "gold": p["answer"], "correct": correct, "status": status,
+                          "grade_error": status.startswith("error"), "length": len(o["ids"]),
+                          "truncated": o["truncated"]})
             new_tokens += len(o["ids"])
         samples += fresh
         if on_batch:
@@ -2161,8 +2200,10 @@ def markdown_table(results):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a model on math benchmarks (Qwen2.5-Math protocol).")
     # model and data
-    p.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
-    p.add_argument("--benchmarks", default="math500", help=f"comma list of {', '.join(BENCHMARKS)}")
+    p.add_argument("--model", help="hub id or local folder of a causal LM (not with --grade)")
+    p.add_argument("--benchmarks", default="math500", help=f"comma list of {', '.join([*BENCHMARKS, *CODE_BENCHMARKS])}")
+    p.add_argument("--grade", help="grade saved responses instead of generating: a JSONL file of benchmark, id, "
+                   "response (optional: sample, truncated); --data-dir or the Hub gives the problems")
     p.add_argument("--data", help="comma list of .json/.jsonl/.parquet files (instead of --benchmarks; each "
                    "named by its file stem)")
     p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local copies of the "
@@ -2191,7 +2232,24 @@ def main(argv=None):
                    "bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--out", help="output folder (default eval_out/<model name>); a rerun resumes")
     p.add_argument("--overwrite", action="store_true", help="discard samples of an earlier run in --out")
+    # code benchmarks run the model's programs (contained, not sandboxed: README)
+    p.add_argument("--allow-code-execution", action="store_true", help="consent to run model-written programs "
+                   "(or EM_ALLOW_CODE_EXECUTION=1)")
+    p.add_argument("--code-workers", type=pos_int, help="programs graded in parallel (default: the CPU count)")
+    p.add_argument("--code-memory-mb", type=pos_int, default=4096, help="address-space cap per program")
+    p.add_argument("--code-timeout", type=pos_float, help="seconds per program (LiveCodeBench: per test); default: "
+                   "the released protocol's (LeetCode 10, MBPP/HumanEval 3, LiveCodeBench 6)")
     cli_main(run, p.parse_args(argv), resumes=True)
+
+
+def code_protocol(problems):
+    """What results.json records of a code/logic benchmark's released protocol (None for math)."""
+    if not problems or problems[0].get("kind", "math") == "math":
+        return None
+    spec = CODE_PROTOCOLS[problems[0]["protocol"]]
+    return {"protocol": problems[0]["protocol"], **{k: v for k, v in spec.items() if k != "system"},
+            "system_prompt": spec["system"], "pass": "every test ran and passed" if spec["kind"] == "code" else
+            "every named person's role right (Logic-RL's grader)"}
 
 
 def run(args):
@@ -2199,15 +2257,22 @@ def run(args):
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
     if args.temperature == 0 and (args.top_p < 1 or args.top_k and not args.logit_stats):  # not silently ignored
         raise EvalError("--top-p/--top-k need --temperature > 0 (greedy decoding ignores them)")
+    if args.grade:
+        return grade_file(args)
+    if not args.model:
+        raise EvalError("--model is required (or --grade FILE to grade saved responses)")
     sources, data = (args.data or args.benchmarks).split(","), {}
     for src in sources:
         name = os.path.splitext(os.path.basename(src))[0] if args.data else src
         if name in data:  # names key the samples, the seeds and the results: two files must not share one
             raise EvalError(f"two benchmarks are named {name!r} ({src}): give the files different names")
         data[name] = load_benchmark(src, args.data_dir, args.problem_key, args.answer_key, limit=args.limit)
-        if missing := [p["id"] for p in data[name] if p["answer"] is None]:
+        if missing := [p["id"] for p in data[name] if p["answer"] is None and p.get("kind") != "code"]:
             print(f"{name}: {len(missing)} problems have no gold answer and are graded wrong (ids "
                   f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    if any(p.get("kind") == "code" for v in data.values() for p in v):
+        require_code_consent(args.allow_code_execution)  # before the model loads
+    code = {"workers": args.code_workers, "memory_mb": args.code_memory_mb, "timeout": args.code_timeout}
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     check_out_dir(out)
     protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "sources": sources,
@@ -2245,7 +2310,7 @@ def run(args):
             model, tokenizer, problems, args.template, args.max_new_tokens, args.temperature, args.top_p, args.n,
             args.batch_size, args.seed, name=name, done={(k[1], k[2]): s for k, s in done.items() if k[0] == name},
             on_batch=append, top_k=args.top_k, logit_stats=args.logit_stats, answer_fallback=args.answer_fallback,
-            engine=args.engine)
+            engine=args.engine, code_options=code)
         all_samples += samples
         if results[name]["grading_errors"]:
             print(f"{name}: {results[name]['grading_errors']} answers hit the grader's time limit or crashed it "
@@ -2256,17 +2321,61 @@ def run(args):
                   f"{ls['skew_topk_k']} at T={ls['skew_topk_temperature']} {ls['skew_topk_pooled']:.3f}, "
                   f"entropy {ls['entropy']:.3f} over {ls['tokens']} tokens")
     sink.close()
-    if len(results) > 1:
-        keys = [k for k in results[next(iter(results))] if k.startswith(("pass@", "maj@", "format", "mean_length"))]
+    if len(results) > 1:  # over the benchmarks that all have the metric
+        keys = [k for k in results[next(iter(results))] if k.startswith(("pass@", "maj@", "format", "mean_length"))
+                and all(r.get(k) is not None for r in results.values())]
         results["average"] = {k: sum(r[k] for r in results.values()) / len(results) for k in keys}
     write_json_atomic(samples_file, all_samples, lines=True)  # exactly one line per (benchmark, id, sample)
     write_json_atomic(os.path.join(out, "results.json"), {
         "metrics": results, "protocol": {**protocol, "system_prompt": TEMPLATES[args.template][0],
-                                         "user_template": TEMPLATES[args.template][1]},
+                                         "user_template": TEMPLATES[args.template][1],
+                                         "code": {k: code_protocol(v) for k, v in data.items() if code_protocol(v)}},
         "versions": package_versions(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
         else "cpu", "wall_s": time.time() - t0, "args": vars(args)})
     print(markdown_table(results))
     print(f"wrote {out}/results.json and {out}/samples.jsonl")
+
+
+def grade_file(args):
+    """--grade FILE: responses generated elsewhere (vLLM, another harness, an older grader) graded as a generation run
+    grades its own, into the same results.json and samples.jsonl. length: characters (there is no tokenizer)."""
+    rows = _read_rows(args.grade)
+    for n, r in enumerate(rows):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("benchmark", "response")) or \
+                r.get("id") is None:
+            raise EvalError(f"{args.grade}: row {n} needs text fields benchmark and response, and an id")
+    out = args.out or os.path.join("eval_out", "graded-" + os.path.splitext(os.path.basename(args.grade))[0])
+    check_out_dir(out)
+    results, samples, protocols, t0 = {}, [], {}, time.time()
+    for name in dict.fromkeys(r["benchmark"] for r in rows):
+        problems = {p["id"]: p for p in load_benchmark(name, args.data_dir, args.problem_key, args.answer_key)}
+        mine = [r for r in rows if r["benchmark"] == name]
+        unknown = [str(r["id"]) for r in mine if str(r["id"]) not in problems]
+        if unknown:
+            raise EvalError(f"{args.grade}: {name} has no problem with id {unknown[0]!r} ({len(unknown)} unknown)")
+        todo = [problems[str(r["id"])] for r in mine]
+        if any(p.get("kind") == "code" for p in todo):
+            require_code_consent(args.allow_code_execution)
+        graded = grade_batch(todo, [r["response"] for r in mine], answer_fallback=args.answer_fallback,
+                             workers=args.code_workers, memory_mb=args.code_memory_mb, timeout=args.code_timeout)
+        batch = [{"benchmark": name, "id": p["id"], "sample": r.get("sample", 0), "kind": p.get("kind", "math"),
+                  "response": r["response"], "format": answer_format(p, r["response"]), "extracted":
+                  extract_answer(r["response"], args.answer_fallback) if p.get("kind", "math") == "math" else None,
+                  "gold": p["answer"], "correct": ok, "status": status, "grade_error": status.startswith("error"),
+                  "length": len(r["response"]), "truncated": bool(r.get("truncated", False))}
+                 for r, p, (ok, status) in zip(mine, todo, graded)]
+        results[name] = compute_metrics(batch, max(Counter(s["id"] for s in batch).values()))
+        if code_protocol(todo):
+            protocols[name] = code_protocol(todo)
+        samples += batch
+    write_json_atomic(os.path.join(out, "samples.jsonl"), samples, lines=True)
+    write_json_atomic(os.path.join(out, "results.json"), {
+        "metrics": results, "protocol": {"graded_file": args.grade, "answer_fallback": args.answer_fallback,
+                                         "length_unit": "characters", "code": protocols},
+        "versions": package_versions(), "wall_s": time.time() - t0, "args": vars(args)})
+    print(markdown_table(results))
+    print(f"wrote {out}/results.json and {out}/samples.jsonl")
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ import zlib
 import pytest
 
 import evaluate as ev
+from conftest import assert_one_line_error, run_cli
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -526,3 +527,54 @@ def test_full_leetcode_and_kk_files(full_data_dir):
         assert ev.grade_kk(kk_answer(p), p) == (True, "passed"), p["id"]
         flipped = [f"{n} is a {'knave' if s else 'knight'}" for n, s in zip(r["names"], r["solution"])]
         assert ev.grade_kk(kk_answer(p, flipped), p)[0] is False, p["id"]
+
+
+# ----------------------------------------------------------------------------- evaluate.py on code and logic
+def test_cli_evaluates_every_code_benchmark_and_needs_consent(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """The four offline code/logic benchmarks (and LiveCodeBench rows) end to end on the tiny model: their released
+    prompts, graded, the protocol in results.json; without consent, one line naming the flag, before the model
+    loads."""
+    monkeypatch.delenv("EM_ALLOW_CODE_EXECUTION")
+    args = ["evaluate.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks",
+            "humaneval,mbpp,leetcode,livecodebench,kk,gsm8k", "--limit", "2", "--max-new-tokens", "6"]
+    proc = run_cli(*args, "--out", str(tmp_path / "no"))
+    assert_one_line_error(proc, "--allow-code-execution", "EM_ALLOW_CODE_EXECUTION")
+    assert "Loading weights" not in proc.stderr
+    proc = run_cli(*args, "--out", str(tmp_path / "yes"), "--allow-code-execution")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "yes" / "results.json").read_text())
+    assert set(res["protocol"]["code"]) == {"humaneval", "mbpp", "leetcode", "livecodebench", "kk"}
+    assert res["protocol"]["code"]["leetcode"]["timeout"] == 10.0 and res["protocol"]["code"]["kk"]["kind"] == "logic"
+    samples = [json.loads(line) for line in (tmp_path / "yes" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and {s["kind"] for s in samples} == {"code", "logic", "math"}
+    for s in samples:  # the prompts are the protocols' own, and the gibberish fails with a status saying why
+        assert s["correct"] is False and s["status"] != "passed"
+        problem = next(p for p in ev.load_benchmark(s["benchmark"], data_dir) if p["id"] == s["id"])
+        assert problem["problem"].strip()[:30] in s["prompt"]
+        assert s["prompt"].endswith("<think>") == (s["kind"] == "logic")  # KK's pre-filled assistant turn
+    assert res["metrics"]["average"]["pass@1"] == 0.0
+
+
+def test_grade_file_grades_saved_responses(data_dir, tmp_path):
+    """--grade FILE: responses made elsewhere, graded into results.json/samples.jsonl like a generation run: the
+    canonical HumanEval solution passes and a wrong one fails, a right KK answer passes, math golds grade."""
+    he, kk = ev.load_benchmark("humaneval", data_dir), ev.load_benchmark("kk", data_dir)
+    gsm = ev.load_benchmark("gsm8k", data_dir)
+    rows = [("humaneval", he[0]["id"], fenced(he[0]["reference"]), True),
+            ("humaneval", he[1]["id"], fenced("def truncate_number(number):\n    return 0.0"), False),
+            ("kk", kk[0]["id"], f"<think> so </think><answer>{kk[0]['answer']}</answer>", True),
+            ("kk", kk[1]["id"], "<think> so </think><answer>(1) nobody</answer>", False),
+            ("gsm8k", gsm[0]["id"], f"so \\boxed{{{gsm[0]['answer']}}}", True),
+            ("gsm8k", gsm[1]["id"], "so \\boxed{-1}", False)]
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps({"benchmark": b, "id": i, "response": r}) + "\n" for b, i, r, _ in rows))
+    proc = run_cli("evaluate.py", "--grade", str(path), "--data-dir", data_dir, "--out", str(tmp_path / "out"),
+                   "--allow-code-execution")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [(s["benchmark"], s["id"], s["correct"]) for s in samples] == [(b, i, ok) for b, i, _, ok in rows]
+    metrics = json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]
+    assert {k: m["pass@1"] for k, m in metrics.items()} == {"humaneval": 50.0, "kk": 50.0, "gsm8k": 50.0}
+    path.write_text(json.dumps({"benchmark": "kk", "id": "no-such-id", "response": "x"}) + "\n")
+    assert_one_line_error(run_cli("evaluate.py", "--grade", str(path), "--data-dir", data_dir, "--out",
+                                  str(tmp_path / "bad")), "no problem with id 'no-such-id'")
