@@ -21,9 +21,27 @@ import argparse, errno, functools, itertools, json, math, os, re, shutil, sys, t
 from collections import Counter
 from importlib.metadata import version
 
-import torch
-import torch.distributed  # noqa: F401 (torch.distributed.* below)
-from tqdm import tqdm
+# The lowest versions the test suite passes on (requirements.txt says why; CI runs the suite on them): an older
+# install stops here with one line, not later with a traceback from deep inside a library.
+FLOORS = {"torch": "2.6", "transformers": "5.21", "datasets": "3.0", "math-verify": "0.8", "tqdm": "4.66.3"}
+
+
+def _check_floors():
+    from importlib.metadata import PackageNotFoundError
+    for name, floor in FLOORS.items():
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            raise SystemExit(f"error: {name} is not installed: pip install -r requirements.txt") from None
+        if tuple(int(x) for x in re.findall(r"\d+", have)[:3]) < tuple(int(x) for x in floor.split(".")):
+            raise SystemExit(f"error: {name} {have} is installed; em-scripts needs {name}>={floor}: "
+                             f"pip install '{name}>={floor}'")
+
+
+_check_floors()
+import torch  # noqa: E402
+import torch.distributed  # noqa: E402,F401 (torch.distributed.* below)
+from tqdm import tqdm  # noqa: E402
 
 # ----------------------------------------------------------------------------- benchmarks
 # name -> (local file name, hub id, hub config, hub split). Columns are found by PROBLEM_KEYS / ANSWER_KEYS.

@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -371,3 +372,21 @@ def test_gpu_hidden_in_process_and_in_scripts():
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
     proc = run_cli("-c", "import os, torch; print(os.environ['CUDA_VISIBLE_DEVICES'] == '', torch.cuda.is_available())")
     assert proc.returncode == 0 and proc.stdout.split() == ["True", "False"], proc.stdout + proc.stderr
+
+
+def test_dependency_floors_match_requirements_and_an_older_install_is_one_line():
+    """evaluate.FLOORS is requirements.txt's floors and requirements-min.txt's pins; an installed version below a
+    floor stops every script with one line naming the package, the versions and the pip command."""
+    import evaluate as ev
+    reqs = open(os.path.join(ROOT, "requirements.txt")).read()
+    assert dict(re.findall(r"^([\w-]+)>=([\d.]+)$", reqs, flags=re.M)) == ev.FLOORS
+    pins = dict(re.findall(r"^([\w-]+)==([\d.]+)$", open(os.path.join(ROOT, "requirements-min.txt")).read(),
+                           flags=re.M))
+    assert {k: v for k, v in ev.FLOORS.items() if k != "torch"} == {k: ".".join(v.split(".")[:len(
+        ev.FLOORS[k].split("."))]) for k, v in pins.items()}
+    old = ("import importlib.metadata as m; real = m.version; "
+           "m.version = lambda n: '5.20.1' if n == 'transformers' else real(n); import runpy; "
+           "runpy.run_path('em_ft.py', run_name='__main__')")
+    proc = run_cli("-c", old, "--model", "x")
+    assert_one_line_error(proc, "transformers 5.20.1 is installed", "transformers>=5.21", "pip install")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
