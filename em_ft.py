@@ -182,6 +182,8 @@ def main(argv=None):
     p.add_argument("--eval-template", choices=list(ev.TEMPLATES), help="qwen-math / agarwal")
     p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local "
                    "copies of the benchmark files (default $EM_DATA_DIR, else the Hub)")
+    p.add_argument("--allow-code-execution", action="store_true", help="consent to run the model's "
+                   "programs (a code --eval-benchmark)")
     p.add_argument("--stop-entropy", type=ev.nonneg_float, help="stop once the entropy is < X")
     p.add_argument("--stop-entropy-drop", type=ev.unit_float, help="stop once it fell by this share")
     # --- checkpoints and system
@@ -217,10 +219,12 @@ def train(args):
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     # ---------------------------------------------------------------- data
-    problems = [p["problem"] for p in ev.load_benchmark(args.data, problem_key=args.problem_key,
-                                                        require_answer=False)] if args.data else [PI1]
+    problems = ev.load_benchmark(args.data, args.data_dir, args.problem_key, require_answer=False) \
+        if args.data else [{"problem": PI1}]  # code prompt sets: --template eurus-code (or a code benchmark)
     eval_set = ev.load_benchmark(args.eval_benchmark, args.data_dir,
                                  limit=args.eval_limit) if args.eval_every else []
+    if any(p.get("kind") == "code" for p in eval_set):
+        ev.require_code_consent(args.allow_code_execution)  # before the model loads
 
     # ---------------------------------------------------------------- model
     # bf16 keeps 8 significant bits: lr-sized updates (2e-5 on |w| ~ 1e-2) mostly round to nothing
@@ -257,7 +261,7 @@ def train(args):
     log = ev.open_log(args.out, "rollouts.jsonl") if rank == 0 else None
     if args.eval_every:
         run_eval(model, tokenizer, eval_set, args, 0, rank, world, log)
-    first_entropy, warned = None, False
+    first_entropy, first_len, said = None, None, set()
     for step in tqdm(range(1, args.max_steps + 1), desc="em_ft", disable=rank != 0, dynamic_ncols=True):
         timer = ev.PhaseTimer(cuda)
         if cuda:
@@ -282,16 +286,15 @@ def train(args):
                     f.writelines(json.dumps(r) + "\n" for part in parts or [mine] for r in part)
         # sync point: the update's counts over all ranks before any backward (all divide by them)
         counts = torch.tensor([sum(len(r) for _, r in rows), len(rows),
-                               sum(o["truncated"] for o in outs),
-                               sum(len(q) + len(r) for q, r in rows)], dtype=torch.float64)
+                               sum(o["truncated"] for o in outs), sum(len(q) + len(r) for q, r in rows),
+                               sum(ev.loops(o["text"]) for o in outs)], dtype=torch.float64)
         if fsdp:
             dist.all_reduce(counts)
-        n_tok, n_traj, n_trunc, n_seq_tok = counts.tolist()
-        if n_trunc > n_traj / 2 and rank == 0 and not warned:
-            warned = True
-            tqdm.write(f"warning: {n_trunc / n_traj:.0%} of the rollouts of update {step} hit "
-                       f"--max-new-tokens {args.max_new_tokens} (cut before EOS, which is then never "
-                       "scored); consider raising it")
+        n_tok, n_traj, n_trunc, n_seq_tok, n_loops = counts.tolist()
+        first_len = first_len or n_tok / n_traj
+        if rank == 0:  # truncation (EOS never scored), loops, length collapse: each said once
+            ev.warn_once(said, step, n_trunc / n_traj, n_tok / n_traj, first_len, n_loops / n_traj,
+                         args.max_new_tokens)
         ent_loss = accumulate_gradients(model, rows, tokenizer.pad_token_id, args, n_tok, n_traj,
                                         world, ctx)
         timer.mark("fwd_bwd")
@@ -303,6 +306,7 @@ def train(args):
         entropy = ent / n_tok  # mean token entropy of this update's rollouts, before the update
         stats = {"step": step, "loss": loss, "entropy": entropy, "grad_norm": norm.item(),
                  "response_length": n_tok / n_traj, "truncated": n_trunc / n_traj,
+                 "repetition_rate": n_loops / n_traj,
                  "rollout_tok_s": n_tok / sec["rollout_s"],
                  "train_tok_s": n_seq_tok / (sec["step_s"] - sec["rollout_s"]), **sec,
                  **ev.memory_gb(cuda)}

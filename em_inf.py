@@ -183,6 +183,9 @@ def main(argv=None):
     p.add_argument("--n", type=ev.pos_int, default=1, help="samples per problem (pass@1: mean)")
     p.add_argument("--seed", type=ev.seed_int, default=0, help="sampling seed (per batch)")
     p.add_argument("--answer-fallback", action="store_true", help="as evaluate.py's")
+    p.add_argument("--allow-code-execution", action="store_true", help="consent to run the model's "
+                   "programs (code benchmarks, e.g. leetcode: Table 3's column)")
+    p.add_argument("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
     # --- system
     p.add_argument("--batch-size", type=ev.pos_int, default=64, help="per generate call (per GPU)")
     p.add_argument("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
@@ -207,8 +210,10 @@ def run(args):
         if name in data:  # names key the samples and the results
             raise ev.EvalError(f"two benchmarks are named {name!r} ({src}): rename the files")
         data[name] = ev.load_benchmark(src, args.data_dir, limit=args.limit)
-        if rank == 0 and (missing := sum(p["answer"] is None for p in data[name])):
+        if rank == 0 and (missing := sum(p["answer"] is None and p.get("kind") != "code" for p in data[name])):
             print(f"{name}: {missing} problems have no gold answer and are graded wrong")
+    if any(p.get("kind") == "code" for v in data.values() for p in v):
+        ev.require_code_consent(args.allow_code_execution)  # before the model loads
     # --- model
     model, tokenizer = ev.load_model(args.model, args.dtype)
     vocab = model.get_output_embeddings().out_features
@@ -231,8 +236,8 @@ def run(args):
     # process pays one-off costs: one report saw EM-INF/plain 0.70x in one process, 0.89x in two)
     first = next(iter(data.values()))[rank::world][:args.batch_size]
     for mode in modes if first else []:
-        ev.generate_batch(model, tokenizer, [ev.build_prompt(tokenizer, p["problem"], args.template)
-                                             for p in first], 4, 1.0, top_p, top_k=top_k,
+        ev.generate_batch(model, tokenizer, [ev.build_prompt(tokenizer, p, args.template) for p in first],
+                          4, 1.0, top_p, top_k=top_k,
                           logits_processor=[EMInfProcessor(adjust[mode], temperature, stops, penalty)])
     # --- loop: each mode over each benchmark; plain runs the same prompts, seeds and temperature
     results, all_samples, t_start = {}, [], time.time()
@@ -247,7 +252,8 @@ def run(args):
                     model, tokenizer, shard, template=args.template, max_new_tokens=args.max_new_tokens,
                     temperature=1.0, top_p=top_p, top_k=top_k, n=args.n, batch_size=args.batch_size,
                     seed=args.seed + rank, name=name, progress=rank == 0, logits_processor=[proc],
-                    answer_fallback=args.answer_fallback, engine=args.engine)[1]
+                    answer_fallback=args.answer_fallback, engine=args.engine,
+                    code_options={"workers": args.code_workers})[1]
             # .tolist(): the one sync per benchmark
             gathered = ev.gather_lists([(samples, proc.sums.tolist(), time.time() - t0)], world)
             order = {p["id"]: i for i, p in enumerate(problems)}  # the benchmark's order
@@ -271,7 +277,8 @@ def run(args):
                 "repetition_penalty": penalty, "max_new_tokens": args.max_new_tokens, "n": args.n,
                 "seed": args.seed, "world_size": world, "benchmarks": {k: len(v) for k, v in data.items()},
                 "dtype": str(model.dtype).replace("torch.", ""),
-                "order": "logits -> update -> repetition penalty -> / T -> top-k -> top-p -> sample"}
+                "order": "logits -> update -> repetition penalty -> / T -> top-k -> top-p -> sample",
+                "code": {k: ev.code_protocol(v) for k, v in data.items() if ev.code_protocol(v)}}
     ev.write_json_atomic(os.path.join(out, "results.json"), {
         "metrics": results, "protocol": protocol, "versions": ev.package_versions(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

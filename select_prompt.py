@@ -147,6 +147,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or "
                    "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run's samples")
+    p.add_argument("--allow-code-execution", action="store_true", help="consent to run the model's "
+                   "programs (a pool of code problems, graded by their tests)")
+    p.add_argument("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
     ev.cli_main(run, p.parse_args(argv), resumes=True)
 
 
@@ -160,7 +163,9 @@ def run(args):
                              limit=args.limit, require_answer=False)
     for c in pool:
         c["problem"] = strip_suffix(c["problem"]) if args.strip_suffix else c["problem"]
-    unlabeled = sum(c["answer"] is None for c in pool)
+    unlabeled = sum(c["answer"] is None and c.get("kind") != "code" for c in pool)  # code: graded by tests
+    if any(c.get("kind") == "code" for c in pool) and args.score == "variance":
+        ev.require_code_consent(args.allow_code_execution)  # before the model loads
     if args.score == "variance" and unlabeled:
         raise ev.EvalError(f"{args.data}: {unlabeled} of {len(pool)} candidates have no answer and "
                            "--score variance needs one; use --score disagreement or --score entropy")
@@ -186,7 +191,7 @@ def run(args):
     # --- the model and the prompts
     model, tokenizer = ev.load_model(args.model, args.dtype)
     model.eval()
-    prompts = {i: ev.build_prompt(tokenizer, pool[i]["problem"], args.template) for i in mine}
+    prompts = {i: ev.build_prompt(tokenizer, pool[i], args.template) for i in mine}
     pids = {i: tokenizer(p, add_special_tokens=False).input_ids for i, p in prompts.items()}
     context = getattr(model.config, "max_position_embeddings", None)
     if pids and context and max(map(len, pids.values())) >= context:
@@ -219,10 +224,13 @@ def run(args):
             new_tokens += len(o["ids"])
         for i in sorted({jobs[n][0] for n in batch}):
             if i in pending and all(pending[i]):  # all k samples in: grade and save the candidate
-                s, gold = pending.pop(i), pool[i]["answer"]
-                answers = [ev.extract_answer(x["text"]) for x in s]
-                rec = {"id": pool[i]["id"], "responses": [x["text"] for x in s], "answers": answers,
-                       "correct": None if gold is None else [ev.grade_answer(a, gold)[0] for a in answers],
+                s, c = pending.pop(i), pool[i]
+                answers = [ev.extract_answer(x["text"]) if c.get("kind", "math") == "math" else
+                           ev.extract_code(x["text"]).strip() for x in s]  # code: the program, for disagreement
+                graded = c["answer"] is not None or c.get("kind") == "code" and args.score == "variance"
+                rec = {"id": c["id"], "responses": [x["text"] for x in s], "answers": answers,
+                       "correct": [ok for ok, _ in ev.grade_batch([c] * len(s), [x["text"] for x in s],
+                                                                  workers=args.code_workers)] if graded else None,
                        "lengths": [len(x["ids"]) for x in s], "truncated": [x["truncated"] for x in s],
                        "entropy": [x["entropy"] for x in s], "entropy_t": entropy_t}
                 done[rec["id"]] = rec
