@@ -1,8 +1,8 @@
 r"""
 EM-RL (Agarwal et al., arXiv 2505.15134): on-policy RL whose only reward is the model's own
-confidence: --reward token (-sum_t H_t), sequence (log pi(y|x)) or self-certainty (Intuitor's).
-Each step: --n-rollouts responses per prompt, one no-grad forward for old log-probs and rewards,
-a leave-one-out baseline per prompt, then the update.
+confidence: --reward token (-sum_t H_t), sequence (log pi(y|x)) or self-certainty (Intuitor's),
+and the controls an EM gain is judged against: majority vote, random, format. Each step:
+--n-rollouts responses per prompt, one no-grad forward, a leave-one-out baseline, the update.
 
     python em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl                  # 1 GPU
     torchrun --nproc_per_node=8 em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl
@@ -21,6 +21,7 @@ Left out: vLLM, packing. Outputs: step_<N>/ (N counts rollout steps, each --ppo-
 updates), log.jsonl (a line per step).
 """
 import argparse, json, math, os, statistics, types, zlib
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
@@ -31,7 +32,10 @@ from tqdm import tqdm
 import evaluate as ev
 
 
-# ---- method: EM-RL rewards and baselines (no grad); copy this block ----
+# ---- method: EM-RL rewards, controls and baselines (no grad); copy this block ----
+EM_REWARDS, CONTROLS = ("token", "sequence", "self-certainty"), ("majority", "random", "format")
+
+
 def logit_stats(logits, targets):
     """Per position, from logits [N, V] at T=1: log pi(target), the entropy -sum_v pi_v log pi_v,
     and Intuitor's self-certainty KL(U || pi) = -log V - mean_v log pi_v."""
@@ -49,6 +53,22 @@ def em_rewards(logp, entropy, certainty, row, n_rows, kind, agg):
         return total
     # the released code (the published numbers) length-normalizes: no pull on the length
     return total / torch.bincount(row, minlength=n_rows).clamp(min=1)
+
+
+def control_rewards(problems, texts, kind, n, generator):
+    """Controls from the text alone (groups of n per prompt). majority: 1 if the final answer is
+    its group's most common one (TTRL; label-free SC-RL): no answer never counts, tied answers all
+    do. random: Bernoulli(0.5), seeded (Spurious Rewards). format: 1 if the final answer has the
+    form its problem asks for (a \boxed{}, a code block, <answer>)."""
+    if kind == "random":
+        return (torch.rand(len(texts), generator=generator) < 0.5).float()
+    if kind == "format":
+        return torch.tensor([float(ev.answer_format(p, t)) for p, t in zip(problems, texts)])
+    answers, out = [ev.final_answer(p, t) for p, t in zip(problems, texts)], []
+    for g in range(0, len(texts), n):
+        votes = Counter(a for a in answers[g:g + n] if a is not None)
+        out += [float(a is not None and votes[a] == max(votes.values())) for a in answers[g:g + n]]
+    return torch.tensor(out)
 
 
 def group_advantages(rewards, n, baseline):
@@ -109,12 +129,6 @@ def pad_batch(prompts, responses, pad_id, device):
     return ids.to(device), attn.to(device), resp.to(device)
 
 
-def repeat_share(ids, n=4):
-    """Share of a response's n-grams that repeat an earlier one: near 1 = a looped phrase."""
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-
 def pearson(x, y):
     """Pearson correlation (point-biserial when y is 0/1); nan when either side is constant."""
     try:
@@ -149,19 +163,20 @@ def batch_of(rolls, pad_id, device):
 
 
 def score(model, ref, rolls, pad_id, args, ctx):
-    """ONE no-grad forward per micro-batch: old log-probs, entropies and reference log-probs
-    into each response's record; returns the EM rewards."""
+    """ONE no-grad forward per micro-batch: old log-probs, entropies and reference log-probs into
+    each response's record; returns the EM rewards (None for a control)."""
     rewards, device = [], next(model.parameters()).device
     for mb in chunks(rolls, args.micro_batch_size):
         batch, sizes = batch_of(mb, pad_id, device), [len(r["ids"]) for r in mb]
         with torch.no_grad(), ctx:
             lp, ent, cert, row = model.response_stats(*batch, args.logit_chunk)
-            rewards.append(em_rewards(lp, ent, cert, row, len(mb), args.reward, args.reward_agg))
+            if args.reward in EM_REWARDS:
+                rewards.append(em_rewards(lp, ent, cert, row, len(mb), args.reward, args.reward_agg))
             ref_lp = (response_stats(ref, *batch, args.logit_chunk)[0].split(sizes)
                       if ref is not None else [None] * len(mb))
         for r, x, e, q in zip(mb, lp.split(sizes), ent.split(sizes), ref_lp):
             r.update(old_lp=x, entropy=e, ref_lp=q)
-    return torch.cat(rewards)
+    return torch.cat(rewards) if rewards else None
 
 
 def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
@@ -186,8 +201,8 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
                                                        args.logit_chunk, True)
             old, a = torch.cat([r["old_lp"] for r in part]), adv[seqs][row]  # a token: its A
             loss = policy_loss(lp, old, a, args) - args.entropy_bonus * ent  # a BONUS, as verl
-            kl = (k3_kl(torch.cat([r["ref_lp"] for r in part]), lp) if part[0]["ref_lp"] is not None
-                  else torch.zeros_like(lp))
+            kl = (k3_kl(torch.cat([r["ref_lp"] for r in part]), lp)
+                  if part[0]["ref_lp"] is not None else torch.zeros_like(lp))
             loss = loss + args.kl_coef * kl
             scale = (1 / (len(lp) * len(micro)) if args.loss_agg == "micro-token-mean"
                      else world / count)  # * world undoes FSDP's averaging
@@ -203,17 +218,19 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
 
 
 def step_log(recs, n, first_len):
-    """A step's metrics from a record per response (all ranks); with answers, accuracy and the
-    reward's correlation with correctness (pooled, and within each prompt's group)."""
+    """A step's metrics from a record per response (all ranks); with answers, accuracy, that of
+    each group's top-reward response, and the reward's correlation with correctness."""
     N, L = len(recs), sum(r["length"] for r in recs)
     log = dict(reward=sum(r["reward"] for r in recs) / N, length=L / N,
                entropy=sum(r["entropy_sum"] for r in recs) / L, length_vs_step1=L / N / first_len,
                truncated=sum(r["truncated"] for r in recs) / N,
-               spam=sum(r["repeat"] > 0.5 for r in recs) / N, repeat=sum(r["repeat"] for r in recs) / N)
+               repetition_rate=sum(r["loops"] for r in recs) / N)
     ok = [r["correct"] for r in recs]
     if None not in ok:
         centered = [c - sum(ok[j - j % n:j - j % n + n]) / n for j, c in enumerate(ok)]
-        log.update(accuracy=sum(ok) / N, corr_reward_correct=pearson([r["reward"] for r in recs], ok),
+        best = [max(recs[j:j + n], key=lambda r: r["reward"])["correct"] for j in range(0, N, n)]
+        log.update(accuracy=sum(ok) / N, best_of_n_accuracy=sum(best) / len(best),
+                   corr_reward_correct=pearson([r["reward"] for r in recs], ok),
                    corr_adv_correct=pearson([r["advantage"] for r in recs], centered))
     return log
 
@@ -231,35 +248,31 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="EM-RL: RL with the model's confidence as reward.")
     # --- model and data
     p.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
-    p.add_argument("--data", required=True, help="prompts: .json/.jsonl/.parquet file or hub id "
-                   "(answers are optional: accuracy logs)")
+    p.add_argument("--data", required=True, help="prompts: a file, benchmark or hub id (answers, "
+                   "or tests for code, only feed the accuracy logs)")
     p.add_argument("--problem-key", help="problem column (default: problem/question/...)")
     p.add_argument("--answer-key", help="answer column (default: answer/solution/...)")
     p.add_argument("--limit", type=ev.pos_int, help="the first N prompts")
     p.add_argument("--max-prompt-length", type=ev.pos_int, default=1024, help="drop longer ones")
-    p.add_argument("--template", default="agarwal", choices=list(ev.TEMPLATES), help="prompt format")
+    p.add_argument("--template", default="agarwal", choices=list(ev.TEMPLATES), help="prompts")
     # --- rollouts
     p.add_argument("--batch-size", type=ev.pos_int, default=512, help="prompts per step, all ranks")
     p.add_argument("--n-rollouts", type=ev.number(int, 2), default=4, help="responses per prompt")
     p.add_argument("--max-new-tokens", type=ev.pos_int, default=3072, help="response budget")
-    p.add_argument("--temperature", type=ev.pos_float, default=1.0, help="rollout temperature "
-                   "(rewards are at T=1: another value makes the update off-policy)")
+    p.add_argument("--temperature", type=ev.pos_float, default=1.0, help="(not 1: off-policy)")
     p.add_argument("--rollout-batch-size", type=ev.pos_int, default=64, help="per generate call")
     p.add_argument("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
     # --- reward, advantage, update
-    p.add_argument("--reward", default="token", choices=["token", "sequence", "self-certainty"])
-    p.add_argument("--reward-agg", default="mean", choices=["mean", "sum"], help="over tokens: "
-                   "mean (released) or sum (the paper's formula)")
-    p.add_argument("--baseline", default="rloo", choices=["rloo", "grpo"], help="RLOO or z-score")
-    p.add_argument("--update", default="ppo-clip", choices=["ppo-clip", "reinforce"],
-                   help="ppo-clip (released) or the paper's REINFORCE")
+    p.add_argument("--reward", default="token", choices=EM_REWARDS + CONTROLS, help="EM, or a control")
+    p.add_argument("--reward-agg", default="mean", choices=["mean", "sum"], help="over tokens")
+    p.add_argument("--baseline", default="rloo", choices=["rloo", "grpo"], help="or z-scores")
+    p.add_argument("--update", default="ppo-clip", choices=["ppo-clip", "reinforce"], help="or the paper's")
     p.add_argument("--loss-agg", default="micro-token-mean", choices=[
         "micro-token-mean", "token-mean", "seq-mean-token-sum"], help="see update()")
     p.add_argument("--clip-ratio", type=ev.pos_float, default=0.2, help="PPO clip epsilon")
     p.add_argument("--ppo-minibatches", type=ev.pos_int, default=4, help="updates per step")
     p.add_argument("--kl-coef", type=ev.nonneg_float, default=0.001, help="k3 KL to the start")
-    p.add_argument("--entropy-bonus", type=ev.finite_float, default=0.001, help="verl's default "
-                   "(it RAISES entropy)")
+    p.add_argument("--entropy-bonus", type=ev.finite_float, default=0.001, help="RAISES entropy")
     p.add_argument("--lr", type=ev.pos_float, default=1e-6, help="AdamW learning rate, constant")
     p.add_argument("--weight-decay", type=ev.nonneg_float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=ev.pos_float, default=1.0, help="max global gradient norm")
@@ -279,8 +292,11 @@ def main(argv=None):
     p.add_argument("--eval-benchmark", default="math500", help="benchmark name or file")
     p.add_argument("--eval-limit", type=ev.pos_int, default=100, help="its first N problems")
     p.add_argument("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="eval budget")
-    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with "
-                   "local copies of the benchmark files (default $EM_DATA_DIR, else the Hub)")
+    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local copies of "
+                   "the benchmark files (default $EM_DATA_DIR, else the Hub)")
+    p.add_argument("--allow-code-execution", action="store_true", help="consent to run the "
+                   "model's programs (code prompts with tests, a code eval benchmark)")
+    p.add_argument("--code-workers", type=ev.pos_int, help="programs graded in parallel")
     return ev.cli_main(train, p.parse_args(argv), resumes=False)
 
 
@@ -298,7 +314,7 @@ def train(args):
         raise ev.EvalError("--offload-optimizer is for one process; torchrun shards with FSDP2")
     ev.check_out_dir(args.out)  # before the model loads
     rank, world = ev.init_distributed()
-    master, n = rank == 0, args.n_rollouts
+    master, n, device = rank == 0, args.n_rollouts, torch.device("cuda" if cuda else "cpu")
     ctx = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
 
     # ---------------------------------------------------------------- data
@@ -306,11 +322,13 @@ def train(args):
                                  limit=args.limit, require_answer=False)
     eval_set = ev.load_benchmark(args.eval_benchmark, args.data_dir,
                                  limit=args.eval_limit) if args.eval_every else []
+    if any(p.get("kind") == "code" for p in problems + eval_set):
+        ev.require_code_consent(args.allow_code_execution)  # before the model loads
 
     # ---------------------------------------------------------------- model
     # fp32 master weights (README, "Memory"); 1 GPU: bf16 policy and reference; CPU: fp32
     model, tok = ev.load_model(args.model, "bfloat16" if fp32_master else "float32")
-    texts = [ev.build_prompt(tok, q["problem"], args.template) for q in problems]
+    texts = [ev.build_prompt(tok, q, args.template) for q in problems]
     prompt_ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
     context = getattr(model.config, "max_position_embeddings", None) or 10 ** 9
     keep = [i for i, x in enumerate(prompt_ids) if len(x) <= min(args.max_prompt_length, context - 1)]
@@ -340,7 +358,7 @@ def train(args):
 
     # ---------------------------------------------------------------- loop
     log_file = ev.open_log(args.out, "rollouts.jsonl") if master else None
-    per_rank, order, first_len, updates, warned = args.batch_size // world, [], None, 0, False
+    per_rank, order, first_len, updates, said = args.batch_size // world, [], None, 0, set()
     if args.eval_every:  # the base model's score, for comparison
         base = eval_metrics(model, tok, eval_set, args, rank, world, ctx)
         if master:
@@ -359,37 +377,43 @@ def train(args):
         ev.set_gathered(model, False)
         timer.mark("rollout")
         rewards = score(model, ref, rolls, tok.pad_token_id, args, ctx)
+        if args.reward in CONTROLS:  # seeded per (seed, rank, step): reproducible, rank-independent
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}/{rank}/{step}/r".encode()))
+            rewards = control_rewards([problems[r["i"]] for r in rolls], [r["text"] for r in rolls],
+                                      args.reward, n, gen).to(device)
         adv = group_advantages(rewards, n, args.baseline)  # a group never straddles ranks
         timer.mark("score")
         sums, grad_norm = update(model, opt, rolls, adv, tok.pad_token_id, args, world, timer, ctx)
         updates += args.ppo_minibatches if args.update == "ppo-clip" else 1
         sec = timer.seconds()
-        # -- logs: a record per response, all ranks (correct: where there is an answer)
+        # -- logs: a record per response, all ranks; graded where there is an answer (code: tests)
+        gradable = [j for j, r in enumerate(rolls) if problems[r["i"]]["answer"] is not None
+                    or problems[r["i"]].get("kind") == "code"]
+        graded = dict(zip(gradable, ev.grade_batch([problems[rolls[j]["i"]] for j in gradable],
+                                                   [rolls[j]["text"] for j in gradable],
+                                                   workers=args.code_workers)))
         ent_sums = torch.stack([r["entropy"].sum() for r in rolls]).tolist()  # one host sync
         recs = ev.gather_lists([{
             "reward": rw, "advantage": a, "length": len(r["ids"]), "truncated": r["truncated"],
-            "entropy_sum": e, "repeat": repeat_share(r["ids"]), "correct": None if (
-                gold := problems[r["i"]]["answer"]) is None else ev.is_correct(r["text"], gold),
+            "entropy_sum": e, "loops": ev.loops(r["text"]), "correct": graded.get(j, [None])[0],
             **({"step": step, "rank": rank, "prompt_index": r["i"], "prompt": texts[r["i"]],
                 "response": r["text"], "ids": r["ids"]} if args.log_rollouts else {})}
-            for r, rw, a, e in zip(rolls, rewards.tolist(), adv.tolist(), ent_sums)], world)
-        truncated = sum(r["truncated"] for r in recs) / len(recs)
-        if master and not warned and truncated > 0.5:  # once: a cut response never scores EOS
-            warned = True
-            tqdm.write(f"warning: {truncated:.0%} of step {step}'s responses hit --max-new-tokens")
+            for j, (r, rw, a, e) in enumerate(zip(rolls, rewards.tolist(), adv.tolist(), ent_sums))], world)
         if master and args.log_rollouts:  # in rank order (groups of n stay together)
             with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in recs)
         if world > 1:
             dist.all_reduce(sums)
         first_len = first_len or sum(r["length"] for r in recs) / len(recs)
-        train_tok = world * sum(len(r["prompt_ids"]) + len(r["ids"]) for r in rolls)
         log = dict(step=step, updates=updates, loss=(sums[0] / sums[3]).item(),
                    **step_log(recs, n, first_len), kl=(sums[1] / sums[3]).item(),
                    clip_frac=(sums[2] / sums[3]).item(), grad_norm=grad_norm.item(),
                    rollout_tok_s=sum(r["length"] for r in recs) / sec["rollout_s"],
-                   train_tok_s=train_tok / (sec["step_s"] - sec["rollout_s"] - sec["score_s"]),
-                   **sec, **ev.memory_gb(cuda))
+                   train_tok_s=world * sum(len(r["prompt_ids"]) + len(r["ids"]) for r in rolls) / (
+                       sec["step_s"] - sec["rollout_s"] - sec["score_s"]), **sec, **ev.memory_gb(cuda))
+        if master:  # truncation (EOS never scored), loops, length collapse: each said once
+            ev.warn_once(said, step, log["truncated"], log["length"], first_len, log["repetition_rate"],
+                         args.max_new_tokens)
         ev.check_finite(step, loss=log["loss"], grad_norm=log["grad_norm"])  # before any save
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             log.update(eval_metrics(model, tok, eval_set, args, rank, world, ctx))

@@ -199,7 +199,17 @@ TEMPLATES = {
     "chat": (None, "{problem}", True),  # bare problem, model's default system prompt (One-shot EM training)
     "plain": (None, "Question: {problem}\n" + COT_SYSTEM + "\nAnswer:", False),  # base models w/o chat template
     "eurus-code": (EURUS_SYSTEM, "{problem}" + CODE_SUFFIX, True),  # Agarwal et al.'s coding prompt (Eurus-2 data)
+    # a base model fairly prompted: plain text, 4 worked examples of our own in the Minerva format ("The final
+    # answer is $X$. I hope it is correct.": grade with --answer-fallback), no chat template
+    "few-shot": (None, "".join(f"Problem:\n{q}\n\nSolution:\n{a} Final Answer: The final answer is ${x}$. I hope "
+                               "it is correct.\n\n" for q, a, x in [
+        ("What is $3 \\cdot 4 + 5$?", "Multiplying first, $3 \\cdot 4 = 12$, and $12 + 5 = 17$.", "17"),
+        ("Solve $2x - 7 = 9$ for $x$.", "Adding 7 to both sides gives $2x = 16$, so $x = 8$.", "8"),
+        ("What is the area of a circle of radius 3?", "The area is $\\pi r^2 = 9\\pi$.", "9\\pi"),
+        ("Simplify $\\frac{6}{8} + \\frac{1}{4}$.", "$\\frac{6}{8} = \\frac{3}{4}$ and $\\frac{3}{4} + \\frac{1}{4} = 1$.",
+         "1")]) + "Problem:\n{problem}\n\nSolution:\n", False),
 }
+STOP_STRINGS = {"few-shot": ["\n\nProblem:"]}  # a base model goes on to write the next problem
 
 
 def build_prompt(tokenizer, problem, template="qwen-math"):
@@ -338,7 +348,7 @@ def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limit
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
-                   repetition_penalty=1.0, logits_processor=None, top_k=0, engine="auto"):
+                   repetition_penalty=1.0, logits_processor=None, top_k=0, engine="auto", stop_strings=None):
     """Per prompt {"ids", "text", "truncated"}: the completion up to and including the first stop token (truncated:
     none within the budget), from one left-padded KV-cached `generate` call (static) or continuous_generate."""
     from transformers import GenerationConfig
@@ -350,7 +360,7 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
                               else None, top_p=top_p if sample else None, top_k=top_k if sample else None,
                               repetition_penalty=repetition_penalty, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
-                              use_cache=True)
+                              use_cache=True, stop_strings=stop_strings)
     if pick_engine(model, config, logits_processor, engine) == "continuous":
         rows = continuous_generate(model, [tokenizer(p, add_special_tokens=False).input_ids for p in prompts],
                                    config, seed)
@@ -362,7 +372,9 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
         torch.manual_seed(seed)
     # synced_gpus=False: under torchrun the scripts hold gathered weights while generating, so ranks decode on their
     # own; transformers' default for FSDP models (an all_reduce per step) deadlocks on uneven numbers of calls.
-    out = model.generate(**enc, generation_config=config, logits_processor=logits_processor, synced_gpus=False)
+    out = model.generate(**enc, generation_config=config, logits_processor=logits_processor, synced_gpus=False,
+                         tokenizer=tokenizer)  # (stop_strings need it)
+    stops += [config.pad_token_id] if stop_strings else []  # a row stopped by a string is padded from there on
     return [cut_at_stop(row, stops, tokenizer) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
 
 
@@ -1639,6 +1651,19 @@ def answer_format(problem, response):
     return extract_answer(response) is not None
 
 
+def final_answer(problem, response):
+    """A response's final answer as a comparable string, None if it gives none: math, the last \\boxed{} normalized
+    (as maj@n compares them); code, the program in its last code block; logic, the text of its last <answer>."""
+    kind = problem.get("kind", "math") if isinstance(problem, dict) else "math"
+    if kind == "code":
+        return extract_code(response).strip() or None if "```" in response else None
+    if kind == "logic":
+        found = re.findall(r"<answer>(.*?)</answer>", response, flags=re.S)
+        return " ".join(found[-1].lower().split()) or None if found else None
+    answer = extract_answer(response)
+    return None if answer is None else normalize_answer(answer)
+
+
 def loops(text, n=4, tail=64):
     """Whether a response ends in a loop: of the n-grams of its last `tail` words (at least 8), more than half repeat
     an earlier one -- a phrase repeated until the budget runs out, the collapse most reported after EM."""
@@ -1721,7 +1746,7 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
         # A seed per (seed, benchmark, batch): sampling is the same whether or not earlier batches were skipped.
         outs = generate_batch(model, tokenizer, [prompts[k[0]] for k in keys], max_new_tokens, temperature, top_p,
                               seed=zlib.crc32(f"{seed}/{name}/{b}".encode()), logits_processor=processors or None,
-                              top_k=top_k, engine=engine)
+                              top_k=top_k, engine=engine, stop_strings=STOP_STRINGS.get(template))
         fresh, graded = [], grade_batch([jobs[i][0] for i in batch], [o["text"] for o in outs],
                                         answer_fallback=answer_fallback, **(code_options or {}))  # in parallel
         for i, k, o, (correct, status) in zip(batch, keys, outs, graded):
@@ -2172,6 +2197,22 @@ def log_step(log, record):
     record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
     tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
     print(json.dumps(record), file=log, flush=True)
+
+
+def warn_once(said, step, truncated, length, first_length, loop_rate, max_new_tokens):
+    """Warnings about a step's rollouts, each kind once per run (said: the kinds printed so far): more than half cut
+    at the budget (their EOS is never scored); half of them ending in a loop, or their mean length below a third of
+    the first step's (repetition and length collapse: the failures EM users report most)."""
+    for kind, bad, line in (
+            ("cut", truncated > 0.5, f"{truncated:.0%} of the rollouts of step {step} hit --max-new-tokens "
+             f"{max_new_tokens} (cut before EOS, which is then never scored); consider raising it"),
+            ("loops", loop_rate >= 0.5, f"{loop_rate:.0%} of the rollouts of step {step} end in a loop "
+             "(repetition collapse)"),
+            ("length", length < first_length / 3, f"the mean rollout length of step {step}, {length:.0f} tokens, "
+             f"fell below a third of the first step's {first_length:.0f} (length collapse)")):
+        if bad and kind not in said:
+            said.add(kind)
+            tqdm.write("warning: " + line)
 
 
 def memory_gb(cuda):

@@ -57,8 +57,8 @@ def test_log_helpers_correlation_and_repetition():
     want = cov / math.sqrt(sum((a - mr) ** 2 for a in r) * sum((b - mo) ** 2 for b in ok))
     assert em_rl.pearson(r, ok) == pytest.approx(want)
     assert math.isnan(em_rl.pearson(r, [True] * 5)) and math.isnan(em_rl.pearson([1.0], [True]))  # nan-safe
-    assert em_rl.repeat_share(list(range(20))) == 0 and em_rl.repeat_share([1, 2]) == 0
-    assert em_rl.repeat_share([7, 8, 9, 10] * 10) == pytest.approx(1 - 4 / 37)  # a looped phrase: spam
+    assert not ev.loops(" ".join(map(str, range(80)))) and not ev.loops("7 8 9 10 " * 2)  # no loop; too short
+    assert ev.loops("a b c d " * 10) and ev.loops("so the answer is 5 " * 2 + "and then " * 30)  # looped tails
 
 
 def test_k3_kl_formula_and_estimate():
@@ -182,7 +182,7 @@ def test_training_raises_reward_and_checkpoint_round_trips(tiny_model_dir, tiny,
     assert meta["args"]["reward"] == kind and "torch" in meta["versions"]
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [g["step"] for g in logs] == list(range(1, steps + 1))
-    for key in ("reward", "entropy", "length", "truncated", "spam", "length_vs_step1", "accuracy", "kl"):
+    for key in ("reward", "entropy", "length", "truncated", "repetition_rate", "length_vs_step1", "accuracy", "kl"):
         assert key in logs[0], key
     assert 0 <= logs[0]["clip_frac"] < 0.1
     # the tiny model never emits EOS: every response is cut, and the user is told once (not at every step)
