@@ -374,13 +374,20 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
     # own; transformers' default for FSDP models (an all_reduce per step) deadlocks on uneven numbers of calls.
     out = model.generate(**enc, generation_config=config, logits_processor=logits_processor, synced_gpus=False,
                          tokenizer=tokenizer)  # (stop_strings need it)
-    stops += [config.pad_token_id] if stop_strings else []  # a row stopped by a string is padded from there on
-    return [cut_at_stop(row, stops, tokenizer) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+    return [cut_at_stop(row, stops, tokenizer, stop_strings) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
 
 
-def cut_at_stop(row, stops, tokenizer):
-    """generate_batch's record of one row of new tokens (static rows are padded after their stop token)."""
+def cut_at_stop(row, stops, tokenizer, strings=None):
+    """generate_batch's record of one row of new tokens (static rows are padded after their stop): up to the first
+    stop token, or the token that completes the first stop string."""
     end = next((j for j, t in enumerate(row) if t in stops), None)
+    text = tokenizer.decode(row) if strings and end is None else ""
+    if hits := [text.find(s) + len(s) for s in strings or () if s in text]:  # the shortest prefix that holds it
+        lo, hi = 1, len(row)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(tokenizer.decode(row[:mid])) >= min(hits) else (mid + 1, hi)
+        end = lo - 1
     ids = row if end is None else row[:end + 1]
     return {"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True), "truncated": end is None}
 
