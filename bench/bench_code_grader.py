@@ -5,7 +5,8 @@ returns None: each program stops at its first assert) and `all-tests` (the same,
 `X == Y`, so all 100 calls of every problem run: the harness cost when every test executes). Runs only the datasets'
 own solutions and these fixed programs, no model output.
 
-    python bench/bench_code_grader.py --data-dir ../shared/benchmarks [--workers 1,2,N] [--benchmarks humaneval,leetcode]
+    python bench/bench_code_grader.py --data-dir DIR [--workers 1,2,N] [--benchmarks humaneval,leetcode]
+DIR: a folder with the whole benchmark files (default $EM_DATA_DIR).
 """
 import argparse, os, re, sys, time
 
@@ -13,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR", "../shared/benchmarks"),
-                    help="folder with humaneval.jsonl and leetcode.jsonl")
+parser.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"),
+                    help="a folder with humaneval.jsonl and leetcode.jsonl (default $EM_DATA_DIR)")
 parser.add_argument("--workers", default="1,2,N", help="comma list of worker counts; N = the CPU count")
 parser.add_argument("--benchmarks", default="humaneval,leetcode", help="comma list of humaneval, leetcode, mbpp")
 parser.add_argument("--timeout", type=float, default=None, help="seconds per program (default: the protocol's)")
