@@ -332,6 +332,28 @@ def test_early_stop_and_eval_every(tiny_model_dir, data_dir, tmp_path):
     assert log[3] == {"step": 1, "checkpoint": "step_1"}
 
 
+def test_stop_entropy_drop(tiny_model_dir, tmp_path, capsys):
+    """--stop-entropy-drop D stops after the first update whose entropy is <= (1 - D) x update 1's, and saves it. A
+    run without it (same seed: the same rollouts and updates) gives the entropies; D puts the line halfway between
+    a later update's entropy and the lowest one before it, so the stop must come exactly there."""
+    common = ["--model", tiny_model_dir, "--batch-size", "4", "--max-new-tokens", "16", "--temperature", "1.0",
+              "--loss-temperature", "1.0", "--lr", "3e-3", "--max-steps", "4"]
+    em_ft.main(common + ["--out", str(tmp_path / "free")])
+    ents = [r["entropy"] for r in map(json.loads, open(tmp_path / "free" / "log.jsonl")) if "loss" in r]
+    assert len(ents) == 4
+    stop = next((s for s in (3, 4, 2) if ents[s - 1] < min(ents[:s - 1])), None)
+    assert stop, f"the entropy never fell below its earlier values: {ents}"
+    line = (ents[stop - 1] + min(ents[:stop - 1])) / 2
+    drop = 1 - line / ents[0]
+    capsys.readouterr()
+    em_ft.main(common + ["--stop-entropy-drop", repr(drop), "--out", str(tmp_path / "stop")])
+    log = [json.loads(x) for x in open(tmp_path / "stop" / "log.jsonl")]
+    assert [r["entropy"] for r in log if "loss" in r] == ents[:stop]  # the same updates, up to the stop
+    assert log[-1] == {"step": stop, "checkpoint": f"step_{stop}"}
+    assert sorted(os.listdir(tmp_path / "stop")) == ["log.jsonl", f"step_{stop}"]
+    assert f"early stop at step {stop}: entropy {ents[stop - 1]:.4f}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case", ["missing-model", "no-problem-column", "empty-data", "long-prompt", "bad-flag",
                                   "em-ft-without-data", "bad-save-steps"])
 def test_bad_inputs_give_one_line(case, tiny_model_dir, tmp_path):
