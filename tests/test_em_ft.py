@@ -154,6 +154,32 @@ def test_released_per_micro_batch_normalization(eos_model_dir):
                if q.grad is not None)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(eos_model_dir):
+    """--gradient-checkpointing (on by default with CUDA) recomputes each decoder layer in backward: the gradients of
+    an update are those without it. The layer runs twice with it (proof it was on: again in backward), once without."""
+    model, tok = load_model(eos_model_dir)
+    bind(model)
+    rows = rows_for(tok, model, n=4, max_new=12, seed=2)
+    runs = []
+    # (a pre-hook of the layer's first module: checkpointing wraps the layer's forward, and its recompute stops
+    # early, once the saved tensors are back, so a hook at the end of the layer would not see it)
+    hook = model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *a: runs.append(1))
+    args = types.SimpleNamespace(micro_batch_size=3, loss_temperature=0.5, entropy_chunk=7, loss_norm="token-mean")
+    grads, calls = {}, {}
+    for on in (False, True):
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model.zero_grad()
+        runs.clear()
+        em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, sum(len(r) for _, r in rows), len(rows))
+        grads[on], calls[on] = [q.grad.clone() for q in model.parameters()], len(runs)
+    hook.remove()
+    assert calls == {False: 2, True: 4}  # 2 micro-batches; with checkpointing each is run again in backward
+    for g1, g2 in zip(grads[False], grads[True]):
+        assert_grad_close(g2, g1)
+
+
 def mean_sample_entropy(path, prompt, T=1.0):
     """Mean token entropy (at loss temperature T) of the model's own samples of the prompt, fixed seed."""
     model, tok = load_model(path)

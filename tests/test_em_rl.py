@@ -405,6 +405,26 @@ def test_released_micro_batch_loss_with_bonus_and_kl_replayed(head, request, tmp
     assert meta["loss_agg"] == "micro-token-mean" and meta["max_prompt_length"] == 1024
 
 
+def test_gradient_checkpointing_same_update(eos_model_dir, tmp_path):
+    """--gradient-checkpointing (on by default with CUDA) recomputes activations in backward: the same step (two
+    PPO mini-batches) as without it -- loss, gradient norm, weights -- and the flag really turned it on."""
+    from conftest import PROMPTS
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"problem": q}) + "\n" for q in PROMPTS[:2]))
+    runs = {}
+    for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        model = em_rl.main(["--model", eos_model_dir, "--data", str(data), "--batch-size", "2", "--max-new-tokens",
+                            "24", "--steps", "1", "--ppo-minibatches", "2", "--micro-batch-size", "3", "--lr", "1e-3",
+                            flag, "--out", str(tmp_path / flag)])
+        assert model.is_gradient_checkpointing == (flag == "--gradient-checkpointing")
+        runs[flag] = model, json.loads((tmp_path / flag / "log.jsonl").read_text())
+    (a, log_a), (b, log_b) = runs.values()
+    for key in ("reward", "loss", "kl", "grad_norm"):
+        assert log_b[key] == pytest.approx(log_a[key], rel=1e-5, abs=1e-9), key
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6, msg=name)
+
+
 def test_one_epoch_default_and_prompt_length_filter(tiny_model_dir, tmp_path, capsys):
     """No --steps: one epoch, floor(prompts / --batch-size) steps (the released scripts: total_epochs=1, drop_last);
     prompts over --max-prompt-length tokens are dropped, counted, and never sampled."""
