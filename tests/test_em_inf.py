@@ -107,11 +107,11 @@ def test_update_never_moves_the_argmax():
     1e-3..5e-3), in fp32 and bf16, at the released settings and the paper's range (up to 15 steps; threshold 0: every
     row updated; no KL, a strong KL; a larger lr). (Adam rescales each logit by its own history, so far from these
     settings -- 100 steps at lr 1 -- two near-tied top logits can swap.)"""
-    for seed in range(3):
-        z = random_rows(n=256, vocab=3000, seed=seed)
+    for seed in range(2):
+        z = random_rows(n=256, vocab=2000, seed=seed)
         z[::4, :500] = -math.inf
         for i in range(0, 256, 3):  # a runner-up just below the top
-            j = (z[i].argmax().item() + 7) % 3000
+            j = (z[i].argmax().item() + 7) % 2000
             if z[i, j].isfinite():
                 z[i, j] = z[i].max() - 1e-3 * (1 + i % 5)
         for kw in (dict(), dict(threshold=0.0), dict(n_steps=15), dict(n_steps=15, threshold=0.0, kl_weight=0.0),
