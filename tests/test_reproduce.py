@@ -104,6 +104,43 @@ def test_em_inf_pipeline_on_tiny_model(tiny_model_dir, data_dir, tmp_path):
         [sum(v) / 2 for v in acc.values()], abs=0.051)
 
 
+@pytest.fixture
+def matplotlib_or_skip():
+    """matplotlib is a test-only dependency (.ci/run installs it; reproduce.py draws its figure only when it is
+    there): without it the figure test is skipped -- or fails where EM_REQUIRE_MATPLOTLIB=1 (CI must not pass on a
+    skip)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        if os.environ.get("EM_REQUIRE_MATPLOTLIB") == "1":
+            pytest.fail("matplotlib is not installed (EM_REQUIRE_MATPLOTLIB=1)", pytrace=False)
+        pytest.skip("matplotlib is not installed (a test-only dependency: pip install matplotlib)")
+
+
+def test_plot_logit_stats_draws_the_histograms(tmp_path, monkeypatch, matplotlib_or_skip):
+    """The logit-shift figure: one curve per run, each the share of tokens per skewness bin at the bin centres of
+    LogitStats' histogram, labelled with its mean; the x-axis spans the occupied bins (5 bins before, 6 after); a
+    PNG written in one piece."""
+    import matplotlib.pyplot as plt
+    import evaluate as ev
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure open to read back what was drawn
+    (lo, hi), bins = ev.LogitStats.HIST[:2], ev.LogitStats.HIST[2]
+    w = (hi - lo) / bins
+    curves = {"base gsm8k": {90: 3, 100: 5, 110: 2}, "em gsm8k": {130: 4, 150: 4, 260: 1}}
+    results = {name: {"logit_stats": {"skew_vocab": 0.25 * i, "skew_vocab_hist": {
+        "range": [lo, hi], "counts": [c.get(b, 0) for b in range(bins)]}}} for i, (name, c) in enumerate(curves.items())}
+    path = tmp_path / "logit_shift.png"
+    assert reproduce.plot_logit_stats(results, str(path)) is True
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["logit_shift.png"]
+    (fig,) = figures
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["base gsm8k (mean 0.00)", "em gsm8k (mean 0.25)"]
+    for line, c in zip(ax.get_lines(), curves.values()):
+        x, y = line.get_data()
+        assert list(x) == pytest.approx([lo + (b + 0.5) * w for b in range(bins)])
+        assert list(y) == pytest.approx([c.get(b, 0) / sum(c.values()) for b in range(bins)])
+    assert ax.get_xlim() == pytest.approx((lo + 90 * w - 5 * w, lo + 260 * w + 6 * w))
+
+
 def test_failing_step_is_one_line(data_dir, tmp_path):
     proc = run_cli("bench/reproduce.py", "one-shot", "--model", "/nonexistent/model", "--data-dir", data_dir,
                    "--benchmarks", "gsm8k", "--limit", "1", "--out", str(tmp_path))
