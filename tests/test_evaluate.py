@@ -521,13 +521,32 @@ def test_logit_stats_leave_masked_logits_out():
     assert res["entropy"] == pytest.approx(-(logp.exp() * logp).sum(-1).mean().item(), rel=1e-5)
 
 
-def test_logit_stats_in_generation_count_generated_tokens(tiny, data_dir):
+def test_logit_stats_in_generation_count_generated_tokens(tiny, data_dir, monkeypatch):
+    """In generation the statistics see the raw logits of every generated token once (two batches): the entropy and
+    the mean skewness recomputed from the generated tokens (recorded around the real generate_batch) with an
+    unpadded forward of prompt + the tokens before each."""
     model, tok = tiny
     problems = ev.load_benchmark("gsm8k", data_dir, limit=3)
+    made, real = [], ev.generate_batch
+
+    def recorded(m, t, prompts, *args, **kwargs):
+        outs = real(m, t, prompts, *args, **kwargs)
+        made.extend(zip(prompts, outs))
+        return outs
+    monkeypatch.setattr(ev, "generate_batch", recorded)
     metrics, samples = ev.evaluate_model(model, tok, problems, max_new_tokens=6, temperature=0.6, top_k=50,
                                          batch_size=2, progress=False, logit_stats=True)
-    assert metrics["logit_stats"]["tokens"] == sum(s["length"] for s in samples)
-    assert 0 < metrics["logit_stats"]["entropy"] < math.log(len(tok))
+    assert metrics["logit_stats"]["tokens"] == sum(s["length"] for s in samples) == sum(len(o["ids"]) for _, o in made)
+    logits = []
+    for prompt, o in made:
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits.append(model(torch.tensor([ids + o["ids"]])).logits[0, len(ids) - 1:-1])
+    z = torch.cat(logits).double()
+    logp = z.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    assert metrics["logit_stats"]["entropy"] == pytest.approx(entropy.mean().item(), rel=1e-4)
+    assert metrics["logit_stats"]["skew_vocab"] == pytest.approx(sum(_skew(row) for row in z) / len(z), rel=1e-4)
 
 
 def test_cli_logit_stats_histogram(tiny_model_dir, data_dir, tmp_path):
