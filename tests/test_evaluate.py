@@ -554,7 +554,8 @@ def test_cli_logit_stats_histogram(tiny_model_dir, data_dir, tmp_path):
                    "--limit", "2", "--max-new-tokens", "5", "--logit-stats", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     ls = json.loads((tmp_path / "results.json").read_text())["metrics"]["gsm8k"]["logit_stats"]
-    assert sum(ls["skew_vocab_hist"]["counts"]) == ls["tokens"] > 0
+    lengths = [json.loads(line)["length"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sum(ls["skew_vocab_hist"]["counts"]) == ls["tokens"] == sum(lengths) and len(lengths) == 2
 
 
 def test_sampling_ignores_model_generation_config_defaults(tiny):
