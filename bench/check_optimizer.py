@@ -2,8 +2,10 @@
 Correctness check of the offloaded optimizer step: evaluate.MasterAdamW with its fp32 master and AdamW state in
 host RAM beside a bf16 model on the GPU (the staged path: two pinned grad buffers, a side stream, events, one DMA
 back per chunk) against torch.optim.AdamW on fp32 copies of the same weights given the same grads, for a few steps
-(the clip acts at the second). Per step: the grad norms, every master weight against its fp32 reference, and the
-model against the master rounded to bf16 (the only rounding). One line
+(the clip acts at the second). The grad norms of every step (AdamW is blind to a constant scale of a gradient, so
+they are compared on their own); after the last step, every master weight against its fp32 reference (an error at
+any step stays in the weights: a chunk stepped with stale grads, a clip missed, a copy back lost), and the model
+against the master rounded to bf16 (the only rounding). One line
 
     RESULT {"check": "optimizer", "max_abs_weight_diff": ..., "max_rel_grad_norm_diff": ..., ...}
 
@@ -62,14 +64,14 @@ def main():
         phases.append(timer.seconds())
         norms.append((norm, ref_norm))
         assert all(q.grad is None for q in model), "MasterAdamW leaves no grad behind"
-        # every chunk of the master against the same elements of the fp32 reference, and the model against the
-        # master rounded to bf16 (one chunk at a time: no second full copy on the host)
-        for k, chunk in enumerate(opt.chunks):
-            master = opt.flat[k]
-            want = torch.cat([ref[i].detach().view(-1)[a:a + m] for i, a, m in chunk]).cpu()
-            held = torch.cat([model[i].detach().view(-1)[a:a + m] for i, a, m in chunk]).cpu()
-            weight_diff = max(weight_diff, (master - want).abs().max().item())
-            rounding_off += (held != master.to(torch.bfloat16)).sum().item()
+    # every chunk of the master against the same elements of the fp32 reference, and the model against the master
+    # rounded to bf16 (one chunk at a time: no second full copy on the host)
+    for k, chunk in enumerate(opt.chunks):
+        master = opt.flat[k]
+        want = torch.cat([ref[i].detach().view(-1)[a:a + m] for i, a, m in chunk]).cpu()
+        held = torch.cat([model[i].detach().view(-1)[a:a + m] for i, a, m in chunk]).cpu()
+        weight_diff = max(weight_diff, (master - want).abs().max().item())
+        rounding_off += (held != master.to(torch.bfloat16)).sum().item()
     for r, s in zip(ref, start):
         moved = max(moved, (r.detach() - s).abs().max().item())
     untouched = torch.equal(opt.flat[-1][-35:], start[-1].view(-1).cpu())  # the last 35 elements: the [7, 5]
