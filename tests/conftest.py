@@ -117,22 +117,45 @@ def tiny(tiny_model_dir):
     return model, tokenizer
 
 
-@pytest.fixture(scope="session")
-def eos_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with its EOS row (tied embedding = lm_head) aimed at the hidden states, so sampled responses
-    end early at varied lengths (the plain tiny model almost never emits EOS)."""
-    from evaluate import build_prompt, load_model
-    model, tok = load_model(tiny_model_dir)
+def aim_eos(model_dir, out):
+    """The model of model_dir with its EOS row of lm_head (tied: the embedding's too) aimed at the hidden states, so
+    sampled responses end early at varied lengths (the plain tiny model almost never emits EOS); written to out.
+    Tied: at the mean state of the prompts' last positions, 3 below the top logit. Untied (its head does not carry
+    the input embedding): at the mean state of sampled response positions, 8 below the top logit."""
+    from evaluate import build_prompt, generate_batch, load_model
+    model, tok = load_model(model_dir)
     with torch.no_grad():
         prompts = [build_prompt(tok, q, "chat") for q in PROMPTS]
-        h = model.model(**tok(prompts, return_tensors="pt", padding=True)).last_hidden_state[:, -1]
+        if model.config.tie_word_embeddings:
+            h, margin = model.model(**tok(prompts, return_tensors="pt", padding=True)).last_hidden_state[:, -1], 3
+        else:
+            outs = generate_batch(model, tok, prompts, 24, 1.0, seed=0, engine="static")
+            h, margin = torch.cat([model.model(torch.tensor([tok(p).input_ids + o["ids"]])).last_hidden_state[
+                0, -len(o["ids"]):] for p, o in zip(prompts, outs)]), 8
         top = model.lm_head(h).max(-1).values.mean()
         mean = h.mean(0)
-        model.model.embed_tokens.weight[tok.eos_token_id] = mean / mean.norm() * (top - 3) / mean.norm()
-    out = str(tmp_path_factory.mktemp("eos_tiny"))
+        model.lm_head.weight[tok.eos_token_id] = mean / mean.norm() * (top - margin) / mean.norm()
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def eos_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model (tied embedding = lm_head) with responses that end early (aim_eos)."""
+    return aim_eos(tiny_model_dir, str(tmp_path_factory.mktemp("eos_tiny")))
+
+
+@pytest.fixture(scope="session")
+def untied_model_dir(tmp_path_factory):
+    """The tiny model with an lm_head of its own (tie_word_embeddings=False, as Qwen2.5-Math-7B)."""
+    return build_tiny_model(str(tmp_path_factory.mktemp("untied_tiny")), tied=False)
+
+
+@pytest.fixture(scope="session")
+def untied_eos_model_dir(untied_model_dir, tmp_path_factory):
+    """The untied tiny model with responses that end early (aim_eos)."""
+    return aim_eos(untied_model_dir, str(tmp_path_factory.mktemp("untied_eos_tiny")))
 
 
 def run_cli(*args, timeout=600):

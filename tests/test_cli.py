@@ -185,26 +185,46 @@ def test_every_main_maps_ctrl_c_and_a_full_disk(data, tmp_path):
 
 def popen(*args):
     """A CLI in the background with SIGINT at its default, so Python turns it into KeyboardInterrupt even when
-    the test runner was started with SIGINT ignored (background jobs)."""
+    the test runner was started with SIGINT ignored (background jobs); stderr is read as it comes (read_stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def read_stderr(proc):
+    """A thread collecting proc's stderr as it arrives (tqdm redraws its bar with \\r, never a newline, so lines
+    would not do); returns (the list of chunks read so far, the thread: done at EOF)."""
+    import threading
+    chunks = []
+
+    def pump():
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            chunks.append(chunk.decode(errors="replace"))
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return chunks, thread
 
 
 @pytest.mark.parametrize("script", ["evaluate.py", "em_ft.py"])
 def test_ctrl_c_is_one_line_and_exit_130(script, tiny_model_dir, data_dir, tmp_path):
+    """Ctrl-C once the work runs: SIGINT is sent when the script's progress bar (tqdm, on stderr: "gsm8k:  0%|" /
+    "em_ft:  0%|") has appeared -- drawn inside the work function, so cli_main's handler is in place -- while it
+    generates (thousands of tokens are left), not after a fixed sleep."""
     out = tmp_path / "o"
-    args = {"evaluate.py": ["--data", os.path.join(data_dir, "gsm8k.jsonl"), "--limit", "8", "--batch-size", "1",
-                            "--max-new-tokens", "4000"],
-            "em_ft.py": ["--batch-size", "2", "--max-new-tokens", "800", "--max-steps", "50"]}[script]
+    args, bar = {"evaluate.py": (["--data", os.path.join(data_dir, "gsm8k.jsonl"), "--limit", "8", "--batch-size",
+                                  "1", "--max-new-tokens", "4000"], "gsm8k:"),
+                 "em_ft.py": (["--batch-size", "2", "--max-new-tokens", "800", "--max-steps", "50"], "em_ft:")}[script]
     proc = popen(script, "--model", tiny_model_dir, "--out", str(out), *args)
-    deadline = time.time() + 120
-    while not (out / ("run.json" if script == "evaluate.py" else "log.jsonl")).exists() and proc.poll() is None \
+    chunks, reader = read_stderr(proc)
+    deadline = time.time() + 300  # generous: only a hung or crashed script gets near it
+    while not re.search(re.escape(bar) + r"\s+0%\|", "".join(chunks)) and proc.poll() is None \
             and time.time() < deadline:
-        time.sleep(0.05)  # the file appears inside main's work: from here on Ctrl-C is the wrapper's
-    time.sleep(1.0)  # into model loading / generation
+        time.sleep(0.05)
+    assert re.search(re.escape(bar) + r"\s+0%\|", "".join(chunks)), "".join(chunks)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=60)
+    err = "".join(chunks)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted; "), err
     assert ("rerun the same command to resume" in err) == (script == "evaluate.py"), err

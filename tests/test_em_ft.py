@@ -111,7 +111,10 @@ def test_gradient_accumulation_4x2_equals_batch_of_8(eos_model_dir):
     # the two normalizations differ exactly by the factor tokens / trajectories
     for g1, g2 in zip(grads["token-mean", 8], grads["trajectory-sum", 8]):
         assert_grad_close(g1 * n_tok / len(rows), g2)
-    assert total > 0
+    with torch.no_grad():  # the summed token entropy it returns: each row alone, the formula in float64
+        want = sum(direct_entropy(model(torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1], 0.5).sum()
+                   for p, r in rows)
+    assert total == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_released_per_micro_batch_normalization(eos_model_dir):
@@ -151,6 +154,32 @@ def test_released_per_micro_batch_normalization(eos_model_dir):
                if q.grad is not None)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(eos_model_dir):
+    """--gradient-checkpointing (on by default with CUDA) recomputes each decoder layer in backward: the gradients of
+    an update are those without it. The layer runs twice with it (proof it was on: again in backward), once without."""
+    model, tok = load_model(eos_model_dir)
+    bind(model)
+    rows = rows_for(tok, model, n=4, max_new=12, seed=2)
+    runs = []
+    # (a pre-hook of the layer's first module: checkpointing wraps the layer's forward, and its recompute stops
+    # early, once the saved tensors are back, so a hook at the end of the layer would not see it)
+    hook = model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *a: runs.append(1))
+    args = types.SimpleNamespace(micro_batch_size=3, loss_temperature=0.5, entropy_chunk=7, loss_norm="token-mean")
+    grads, calls = {}, {}
+    for on in (False, True):
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model.zero_grad()
+        runs.clear()
+        em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, sum(len(r) for _, r in rows), len(rows))
+        grads[on], calls[on] = [q.grad.clone() for q in model.parameters()], len(runs)
+    hook.remove()
+    assert calls == {False: 2, True: 4}  # 2 micro-batches; with checkpointing each is run again in backward
+    for g1, g2 in zip(grads[False], grads[True]):
+        assert_grad_close(g2, g1)
+
+
 def mean_sample_entropy(path, prompt, T=1.0):
     """Mean token entropy (at loss temperature T) of the model's own samples of the prompt, fixed seed."""
     model, tok = load_model(path)
@@ -175,35 +204,79 @@ def test_training_lowers_entropy_of_own_samples(tiny_model_dir, tmp_path):
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
     assert [r for r in log if "checkpoint" in r] == [{"step": 3, "checkpoint": "step_3"}]  # the checkpoints written
-    assert all(r["response_length"] > 0 and 0 <= r["truncated"] <= 1 and r["peak_mem_gb"] > 0 for r in log[:3])
-    # the tiny model never emits EOS: every rollout is cut, and the user is told once (not at every update)
-    assert log[0]["truncated"] == 1 and proc.stdout.count("hit --max-new-tokens 48") == 1, proc.stdout
+    assert all(0 < r["response_length"] <= 48 and 0 <= r["truncated"] <= 1 and r["peak_mem_gb"] > 0 for r in log[:3])
+    # the tiny model never emits EOS: every rollout of update 1 is cut at 48 tokens, and the user is told once (not
+    # at every update)
+    assert (log[0]["truncated"], log[0]["response_length"]) == (1, 48)
+    assert proc.stdout.count("hit --max-new-tokens 48") == 1, proc.stdout
 
 
-def test_em_ft_recipe_checkpoints_and_overrides(tiny_model_dir, multi_data, tmp_path):
+def replay_update(model, opt, rows, T, norm, clip=1.0, world=1, micro=None):
+    """One em_ft update written out: each row alone (no padding), the entropy of softmax(z / T) in float64 at the
+    positions that produced its response tokens; the loss: their sum / the update's tokens (token-mean) or responses
+    (trajectory-sum), or (micro-token-mean, the release's) each micro-batch's own token mean (micro: consecutive rows
+    of a rank, rows in rank order) averaged over all micro-batches of all ranks. Then clip, AdamW. Returns (summed
+    entropy, loss, pre-clip grad norm)."""
+    ents = []
+    for p, r in rows:
+        logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1]
+        ents.append(direct_entropy(logits, T).sum())
+    lengths, per_rank = [len(r) for _, r in rows], len(rows) // world
+    if norm == "micro-token-mean":
+        groups = [range(s, min(s + micro, k + per_rank)) for k in range(0, len(rows), per_rank)
+                  for s in range(k, k + per_rank, micro)]
+        loss = sum(sum(ents[i] for i in g) / sum(lengths[i] for i in g) for g in groups) / len(groups)
+    else:
+        loss = sum(ents) / (sum(lengths) if norm == "token-mean" else len(rows))
+    opt.zero_grad()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+    opt.step()
+    return sum(ents).item(), loss.item(), grad_norm.item()
+
+
+def test_em_ft_recipe_checkpoints_equal_the_replayed_updates(untied_model_dir, multi_data, tmp_path):
+    """The em-ft recipe (trajectory-sum, the agarwal template) on a model with an untied lm_head, 2 updates, step 1
+    saved too: each checkpoint holds the weights of the two updates replayed here from the logged rollouts (each row
+    alone, the entropy written out in float64, clip, AdamW), and the log's entropy, loss and gradient norm are the
+    replay's. The recipe fills what the command line left unset; an explicit flag wins."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "run"
     (out / "step_1.tmp").mkdir(parents=True)  # a stale half-written checkpoint of a crashed run
     (out / "step_1.tmp" / "junk").write_text("x")
-    proc = run_cli("em_ft.py", "--recipe", "em-ft", "--model", tiny_model_dir, "--data", multi_data,
+    proc = run_cli("em_ft.py", "--recipe", "em-ft", "--model", untied_model_dir, "--data", multi_data,
                    "--batch-size", "4", "--max-new-tokens", "12", "--max-steps", "2", "--save-steps", "1",
-                   "--lr", "5e-4", "--out", str(out))
+                   "--lr", "5e-4", "--log-rollouts", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(out)) == ["log.jsonl", "step_1", "step_2"]  # no .tmp left
+    assert sorted(os.listdir(out)) == ["log.jsonl", "rollouts.jsonl", "step_1", "step_2"]  # no .tmp left
     meta = json.load(open(out / "step_2" / "train_args.json"))
     a = meta["args"]
     assert meta["seed"] == 15 and meta["step"] == 2 and "torch" in meta["versions"]
     assert (a["loss_norm"], a["template"], a["loss_temperature"], a["max_steps"]) == ("trajectory-sum", "agarwal",
                                                                                       1.0, 2)
     assert a["lr"] == 5e-4 and a["temperature"] == 1.0  # explicit flag wins; recipe fills the rest
-    assert os.path.exists(out / "step_2" / "model.safetensors")
-    model = AutoModelForCausalLM.from_pretrained(str(out / "step_2"))
-    tok = AutoTokenizer.from_pretrained(str(out / "step_2"))
-    outs = generate_batch(model, tok, [build_prompt(tok, "What is 2+3?", "agarwal")], 5)
+    recs = [json.loads(line) for line in open(out / "rollouts.jsonl")]
+    logs = [json.loads(line) for line in open(out / "log.jsonl") if "loss" in line]
+    model, tok = load_model(untied_model_dir)
+    assert not model.config.tie_word_embeddings
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    for step, log in zip((1, 2), logs):
+        rows = [(tok(r["prompt"], add_special_tokens=False).input_ids, r["ids"]) for r in recs if r["step"] == step]
+        assert len(rows) == 4 and all("Let us think step by step" in r["prompt"] for r in recs)  # agarwal template
+        ent, loss, norm = replay_update(model, opt, rows, 1.0, "trajectory-sum")
+        n_tok = sum(len(r) for _, r in rows)
+        assert log["step"] == step and log["response_length"] == n_tok / 4
+        assert log["entropy"] == pytest.approx(ent / n_tok, rel=1e-5) and log["loss"] == pytest.approx(ent / 4,
+                                                                                                        rel=1e-5)
+        assert log["loss"] == pytest.approx(loss, rel=1e-5) and log["grad_norm"] == pytest.approx(norm, rel=1e-4)
+        saved = AutoModelForCausalLM.from_pretrained(str(out / f"step_{step}"))
+        assert not saved.config.tie_word_embeddings
+        for (name, x), y in zip(saved.named_parameters(), model.parameters()):
+            torch.testing.assert_close(x, y.detach(), rtol=0, atol=2e-5, msg=f"step {step}: {name}")
+    assert not torch.equal(saved.lm_head.weight, saved.model.embed_tokens.weight)  # its own head, trained and saved
+    tok2 = AutoTokenizer.from_pretrained(str(out / "step_2"))
+    outs = generate_batch(saved, tok2, [build_prompt(tok2, "What is 2+3?", "agarwal")], 5)
     assert len(outs[0]["ids"]) >= 1
-    # the weights moved between the two updates
-    m1 = AutoModelForCausalLM.from_pretrained(str(out / "step_1"))
-    assert any(not torch.equal(x, y) for x, y in zip(m1.parameters(), model.parameters()))
 
 
 def test_offloaded_optimizer_gives_the_plain_update(tiny_model_dir, tmp_path):
@@ -213,6 +286,13 @@ def test_offloaded_optimizer_gives_the_plain_update(tiny_model_dir, tmp_path):
     for name, extra in (("plain", "--no-offload-optimizer"), ("offload", "--offload-optimizer")):
         proc = run_cli("em_ft.py", *common, extra, "--out", str(tmp_path / name))
         assert proc.returncode == 0, proc.stderr
+    # the same updates: the logged entropy, loss and pre-clip gradient norm of both steps, and the weights
+    logs = [[json.loads(x) for x in open(tmp_path / name / "log.jsonl") if "loss" in x] for name in ("plain", "offload")]
+    assert [g["step"] for g in logs[0]] == [g["step"] for g in logs[1]] == [1, 2]
+    for x, y in zip(*logs):
+        assert x["response_length"] == y["response_length"] and x["grad_norm"] > 1.0  # the clip acts
+        for key in ("entropy", "loss", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), key
     a = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain" / "step_2"))
     b = AutoModelForCausalLM.from_pretrained(str(tmp_path / "offload" / "step_2"))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -223,39 +303,44 @@ def test_offloaded_optimizer_gives_the_plain_update(tiny_model_dir, tmp_path):
     assert moved > 0
 
 
-def test_two_process_fsdp_update_equals_one_process_on_same_rollouts(eos_model_dir, multi_data, data_dir, tmp_path):
+@pytest.mark.parametrize("loss_norm,head", [("token-mean", "tied"), ("micro-token-mean", "untied"),
+                                            ("trajectory-sum", "tied")])
+def test_two_process_fsdp_update_equals_one_process_on_same_rollouts(loss_norm, head, request, multi_data, data_dir,
+                                                                     tmp_path):
     """2 ranks (gloo, FSDP2) sample different rollouts with seeds 15 and 16; replaying exactly those rollouts in one
-    process (global normalization, clip, AdamW) must give the same weights and gradient norm. The eval before and
-    after the update is split over the ranks and gathered; with 1 problem, rank 1's share is empty (ranks must not
-    wait for each other while decoding)."""
+    process (each row alone, the entropy written out, normalized over the whole update as --loss-norm says: all
+    tokens, all responses, or the release's per-micro-batch token means over both ranks' micro-batches of 3 + 1;
+    clip, AdamW) must give the same weights, gradient norm, loss and entropy. One case has an untied lm_head (FSDP2
+    shards it with the root; the checkpoint keeps it). The eval before and after the update is split over the ranks
+    and gathered; with 1 problem, rank 1's share is empty (ranks must not wait for each other while decoding)."""
     from transformers import AutoModelForCausalLM
+    model_dir = request.getfixturevalue("eos_model_dir" if head == "tied" else "untied_eos_model_dir")
     out = tmp_path / "dist"
     proc = run_torchrun("em_ft.py",
-                   "--model", eos_model_dir, "--data", multi_data, "--batch-size", "8", "--micro-batch-size", "3",
+                   "--model", model_dir, "--data", multi_data, "--batch-size", "8", "--micro-batch-size", "3",
                    "--max-new-tokens", "40", "--temperature", "1.0", "--top-p", "1.0", "--loss-temperature", "1.0",
-                   "--lr", "1e-3", "--max-steps", "1", "--log-rollouts", "--out", str(out), "--eval-every", "1",
-                   "--eval-benchmark", "gsm8k", "--eval-limit", "1", "--eval-max-new-tokens", "4", "--data-dir",
-                   data_dir)
+                   "--loss-norm", loss_norm, "--lr", "1e-3", "--max-steps", "1", "--log-rollouts", "--out", str(out),
+                   "--eval-every", "1", "--eval-benchmark", "gsm8k", "--eval-limit", "1", "--eval-max-new-tokens", "4",
+                   "--data-dir", data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in open(out / "rollouts.jsonl")]
     assert [r["rank"] for r in recs] == [0] * 4 + [1] * 4
     per_rank = [sum(len(r["ids"]) for r in recs if r["rank"] == k) for k in (0, 1)]
     assert per_rank[0] != per_rank[1], "ranks must hold different token counts for the check to mean anything"
-    model, tok = load_model(eos_model_dir)
-    bind(model)
+    model, tok = load_model(model_dir)
+    assert model.config.tie_word_embeddings == (head == "tied")
     rows = [(tok(r["prompt"], add_special_tokens=False).input_ids, r["ids"]) for r in recs]
-    args = types.SimpleNamespace(micro_batch_size=8, loss_temperature=1.0, entropy_chunk=1024, loss_norm="token-mean")
-    em_ft.accumulate_gradients(model, rows, tok.pad_token_id, args, sum(per_rank), len(rows))
-    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
-    opt.step()
+    ent, loss, norm = replay_update(model, opt, rows, 1.0, loss_norm, world=2, micro=3)
     logs = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [g["step"] for g in logs] == [0, 1, 1, 1] and logs[0]["eval_problems"] == logs[2]["eval_problems"] == 1
     assert logs[3] == {"step": 1, "checkpoint": "step_1"}
     log = logs[1]
-    assert abs(log["grad_norm"] - norm.item()) < 1e-4 * norm.item(), (log["grad_norm"], norm.item())
+    assert log["grad_norm"] == pytest.approx(norm, rel=1e-4) and log["loss"] == pytest.approx(loss, rel=1e-5)
+    assert log["entropy"] == pytest.approx(ent / sum(per_rank), rel=1e-5)
     assert ("hit --max-new-tokens" in proc.stdout) == (log["truncated"] > 0.5), proc.stdout  # rank 0 warns once
     dist_model = AutoModelForCausalLM.from_pretrained(str(out / "step_1"))
+    assert dist_model.config.tie_word_embeddings == (head == "tied")
     for (n, x), y in zip(dist_model.named_parameters(), model.parameters()):
         torch.testing.assert_close(x, y.detach(), rtol=0, atol=2e-5, msg=n)
 
@@ -271,6 +356,28 @@ def test_early_stop_and_eval_every(tiny_model_dir, data_dir, tmp_path):
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [0, 1, 1, 1] and "eval_math500" in log[0] and "eval_math500" in log[2]
     assert log[3] == {"step": 1, "checkpoint": "step_1"}
+
+
+def test_stop_entropy_drop(tiny_model_dir, tmp_path, capsys):
+    """--stop-entropy-drop D stops after the first update whose entropy is <= (1 - D) x update 1's, and saves it. A
+    run without it (same seed: the same rollouts and updates) gives the entropies; D puts the line halfway between
+    a later update's entropy and the lowest one before it, so the stop must come exactly there."""
+    common = ["--model", tiny_model_dir, "--batch-size", "4", "--max-new-tokens", "16", "--temperature", "1.0",
+              "--loss-temperature", "1.0", "--lr", "3e-3", "--max-steps", "4"]
+    em_ft.main(common + ["--out", str(tmp_path / "free")])
+    ents = [r["entropy"] for r in map(json.loads, open(tmp_path / "free" / "log.jsonl")) if "loss" in r]
+    assert len(ents) == 4
+    stop = next((s for s in (3, 4, 2) if ents[s - 1] < min(ents[:s - 1])), None)
+    assert stop, f"the entropy never fell below its earlier values: {ents}"
+    line = (ents[stop - 1] + min(ents[:stop - 1])) / 2
+    drop = 1 - line / ents[0]
+    capsys.readouterr()
+    em_ft.main(common + ["--stop-entropy-drop", repr(drop), "--out", str(tmp_path / "stop")])
+    log = [json.loads(x) for x in open(tmp_path / "stop" / "log.jsonl")]
+    assert [r["entropy"] for r in log if "loss" in r] == ents[:stop]  # the same updates, up to the stop
+    assert log[-1] == {"step": stop, "checkpoint": f"step_{stop}"}
+    assert sorted(os.listdir(tmp_path / "stop")) == ["log.jsonl", f"step_{stop}"]
+    assert f"early stop at step {stop}: entropy {ents[stop - 1]:.4f}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing-model", "no-problem-column", "empty-data", "long-prompt", "bad-flag",

@@ -101,6 +101,26 @@ def test_masked_tokens_are_the_same_as_absent_tokens():
     assert torch.equal(minimize_logit_entropy(one), one)
 
 
+def test_update_never_moves_the_argmax():
+    """EM-INF samples after the update: greedy decoding would be plain greedy, because the update only sharpens -- the
+    largest logit stays the largest. On rows of every sharpness with masked tokens and near-ties at the top (gaps of
+    1e-3..5e-3), in fp32 and bf16, at the released settings and the paper's range (up to 15 steps; threshold 0: every
+    row updated; no KL, a strong KL; a larger lr). (Adam rescales each logit by its own history, so far from these
+    settings -- 100 steps at lr 1 -- two near-tied top logits can swap.)"""
+    for seed in range(2):
+        z = random_rows(n=256, vocab=2000, seed=seed)
+        z[::4, :500] = -math.inf
+        for i in range(0, 256, 3):  # a runner-up just below the top
+            j = (z[i].argmax().item() + 7) % 2000
+            if z[i, j].isfinite():
+                z[i, j] = z[i].max() - 1e-3 * (1 + i % 5)
+        for kw in (dict(), dict(threshold=0.0), dict(n_steps=15), dict(n_steps=15, threshold=0.0, kl_weight=0.0),
+                   dict(n_steps=15, threshold=0.0, kl_weight=1.0), dict(n_steps=15, lr=0.3, threshold=0.0)):
+            for x in (z, z.bfloat16()):
+                out = minimize_logit_entropy(x, **kw)
+                assert not torch.equal(out, x.float()) and torch.equal(out.argmax(-1), x.float().argmax(-1)), kw
+
+
 def test_zero_steps_and_zero_lr_return_the_logits():
     z = random_rows(n=6, seed=4)
     assert torch.equal(minimize_logit_entropy(z, n_steps=0), z)
@@ -293,26 +313,82 @@ def test_zero_steps_reproduce_plain_sampling_and_stats_skip_finished_rows(tiny):
     # every generated token (the stop token included) was scored once, padding after a stop never
     assert zero.sums[4] == sum(len(o["ids"]) for o in plain)
     assert em.sums[4] == sum(len(o["ids"]) for o in outs)
-    assert em.sums[3] < em.sums[2]  # mean entropy (T=1) lower after the update
+    # the four entropy sums, recomputed token by token: an unpadded forward, ForceStop's mask where it acted, then
+    # before / after the update, at T = 0.8 and T = 1
+    want = torch.zeros(4, dtype=torch.float64)
+    for i, (prompt, o) in enumerate(zip(prompts, outs)):
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            z = model(torch.tensor([ids + o["ids"]])).logits[0, len(ids) - 1:-1].float()
+        if i == 0:  # the 4th generated token of row 0 was forced: only the stop token was left
+            z[3] = -math.inf
+            z[3, tokenizer.eos_token_id] = 0.0
+        after = minimize_logit_entropy(z, n_steps=3)
+        want += torch.stack([entropy64(z / 0.8).sum(), entropy64(after / 0.8).sum(), entropy64(z).sum(),
+                             entropy64(after).sum()])
+    assert em.sums[:4].tolist() == pytest.approx(want.tolist(), rel=1e-4)
+    assert em.sums[3] < em.sums[2] - 0.1 * em.sums[4]  # 0.1 nat per token lower after the update (T=1)
 
 
-def test_cli_smoke_run_with_plain_comparison(tiny_model_dir, data_dir, tmp_path):
+def entropy64(z):
+    """-(sum p log p) of softmax(z) in float64, 0 log 0 = 0 (a -inf logit is an absent token)."""
+    p = torch.softmax(z.double(), -1)
+    return -(p * p.log()).nan_to_num().sum(-1)
+
+
+def test_cli_run_entropies_recomputed(tiny, tiny_model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """em_inf.py's main on two benchmarks with --compare-plain. The four entropies per mode and benchmark in
+    results.json are recomputed from the tokens it generated (recorded by a wrapper around generate_batch that calls
+    the real one): for every generated token, the logits that produced it from an unpadded forward of prompt + the
+    tokens before it, entropy before and after the update (minimize_logit_entropy, the defaults), at the sampling
+    T = 0.1 and at T = 1, summed / the number of tokens (each once, the stop token included)."""
+    import em_inf
+    calls, real = [], evaluate.generate_batch
+
+    def recorded(model, tokenizer, prompts, max_new_tokens, *args, logits_processor=None, **kwargs):
+        outs = real(model, tokenizer, prompts, max_new_tokens, *args, logits_processor=logits_processor, **kwargs)
+        calls.append((logits_processor[0], max_new_tokens, prompts, outs))
+        return outs
+    monkeypatch.setattr(evaluate, "generate_batch", recorded)
     out = tmp_path / "out"
-    proc = run_cli("em_inf.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "math500,amc23",
-                   "--limit", "3", "--max-new-tokens", "12", "--batch-size", "2", "--compare-plain", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+    em_inf.main(["--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "math500,amc23", "--limit", "3",
+                 "--max-new-tokens", "12", "--batch-size", "2", "--compare-plain", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| em-inf | math500 |" in printed and "| plain | amc23 |" in printed
     res = json.loads((out / "results.json").read_text())
     assert set(res["metrics"]) == {"em-inf", "plain"} and set(res["metrics"]["plain"]) == {"math500", "amc23"}
-    em, plain = res["metrics"]["em-inf"]["math500"], res["metrics"]["plain"]["math500"]
-    assert em["entropy_t1_before"] > em["entropy_t1_after"] and plain["entropy_t1_before"] == plain["entropy_t1_after"]
-    assert em["tokens_per_s"] > 0 and em["problems"] == 3 and 0 <= em["pass@1"] <= 100
     assert res["protocol"]["temperature"] == 0.1 and res["protocol"]["template"] == "agarwal"
     # the tiny model's generation_config sets no sampling field: transformers' defaults (the release's protocol)
     assert [res["protocol"][k] for k in ("sampling_config", "top_k", "top_p", "repetition_penalty")] == [
         "model", 50, 1.0, 1.0]
     lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and {x["mode"] for x in lines} == {"em-inf", "plain"}
-    assert "em-inf" in proc.stdout and "plain" in proc.stdout
+    # the recorded calls, by processor: a warm-up per mode (4 tokens), then one processor per mode and benchmark
+    groups = {}
+    for proc, budget, prompts, outs in calls:
+        groups.setdefault(proc, []).extend(zip(prompts, outs) if budget == 12 else [])
+    runs = [pairs for pairs in groups.values() if pairs]
+    assert len(runs) == 4
+    model, tok = tiny
+    update = functools.partial(minimize_logit_entropy, n_steps=3, lr=0.1, threshold=0.3, kl_weight=0.05)
+    for (mode, bench), pairs in zip([(m, b) for m in ("em-inf", "plain") for b in ("math500", "amc23")], runs):
+        sums, count = torch.zeros(4, dtype=torch.float64), 0
+        for prompt, o in pairs:
+            ids = tok(prompt, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                z = model(torch.tensor([ids + o["ids"]])).logits[0, len(ids) - 1:-1].float()  # logit t -> token t+1
+            after = update(z) if mode == "em-inf" else z
+            sums += torch.stack([entropy64(z / 0.1).sum(), entropy64(after / 0.1).sum(), entropy64(z).sum(),
+                                 entropy64(after).sum()])
+            count += len(o["ids"])
+        m = res["metrics"][mode][bench]
+        assert m["scored_tokens"] == count == sum(x["length"] for x in lines if x["mode"] == mode and
+                                                  x["benchmark"] == bench)
+        got = [m[k] for k in ("entropy_before", "entropy_after", "entropy_t1_before", "entropy_t1_after")]
+        assert got == pytest.approx((sums / count).tolist(), rel=1e-3), (mode, bench)
+        if mode == "em-inf":  # what the update does to these distributions, in numbers
+            assert got[3] < got[2] - 0.05
+        assert m["problems"] == 3 and 0 <= m["pass@1"] <= 100
 
 
 def test_torchrun_two_ranks_gather_every_problem_in_order(tiny_model_dir, data_dir, tmp_path):

@@ -223,6 +223,11 @@ def test_two_process_fsdp2_gloo_equals_one_process(tiny_model_dir, data_dir, tmp
     # Adam and clipping hide a gradient scale error from the weights; the pre-clip norm shows it
     assert logs[1]["grad_norm"] > 0 and logs[1]["grad_norm"] == pytest.approx(one[1]["grad_norm"], rel=1e-4)
     assert logs[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4)
+    # the step's metrics gathered over the ranks (records) and all-reduced (kl, clip fraction) equal one process's,
+    # whose values the replay tests above recompute; the KL (mini-batch 2 is off-policy) is not 0
+    assert logs[1]["kl"] > 0 and one[1]["accuracy"] == 0
+    for key in ("reward", "entropy", "length", "truncated", "repeat", "accuracy", "kl", "clip_frac"):
+        assert logs[1][key] == pytest.approx(one[1][key], rel=1e-4, abs=1e-9), key
     meta = json.loads((tmp_path / "d" / "step_1" / "train_args.json").read_text())
     assert meta["world_size"] == 2
     loaded, _ = ev.load_model(str(tmp_path / "d" / "step_1"))
@@ -234,18 +239,22 @@ def test_two_process_fsdp2_gloo_equals_one_process(tiny_model_dir, data_dir, tmp
     assert not torch.allclose(single.model.norm.weight, ev.load_model(tiny_model_dir)[0].model.norm.weight)
 
 
-@pytest.mark.parametrize("loss_agg", ["micro-token-mean", "token-mean", "seq-mean-token-sum"])
-def test_two_process_update_equals_one_process_replay(loss_agg, eos_model_dir, tmp_path):
+@pytest.mark.parametrize("loss_agg,head", [("micro-token-mean", "tied"), ("token-mean", "untied"),
+                                           ("seq-mean-token-sum", "tied")])
+def test_two_process_update_equals_one_process_replay(loss_agg, head, request, tmp_path):
     """2 ranks sample DIFFERENT rollouts (each its own seed; the EOS model ends them at varied lengths, so the ranks
     hold different token counts). Replaying the logged rollouts in one process (rewards, leave-one-out advantages,
     REINFORCE loss aggregated as written out below, clip, AdamW) must give the logged rewards, the logged gradient
-    norm and the saved weights: a rank dividing by its own count, or a group split over ranks, would not."""
+    norm and the saved weights: a rank dividing by its own count, or a group split over ranks, would not. The step's
+    metrics, gathered over the ranks, are recomputed from rollouts.jsonl. One case has an untied lm_head (FSDP2 shards
+    it with the root; the checkpoint keeps it)."""
     from conftest import PROMPTS
+    model_dir = request.getfixturevalue("eos_model_dir" if head == "tied" else "untied_eos_model_dir")
     data = tmp_path / "p.jsonl"
-    data.write_text("".join(json.dumps({"problem": q}) + "\n" for q in PROMPTS[:4]))
+    data.write_text("".join(json.dumps({"problem": q, "answer": "5"}) + "\n" for q in PROMPTS[:4]))
     out = tmp_path / "d"
     proc = run_torchrun("em_rl.py", "--model",
-                   eos_model_dir, "--data", str(data), "--batch-size", "4", "--max-new-tokens", "40", "--steps", "1",
+                   model_dir, "--data", str(data), "--batch-size", "4", "--max-new-tokens", "40", "--steps", "1",
                    "--update", "reinforce", "--kl-coef", "0", "--entropy-bonus", "0", "--lr", "1e-3",
                    "--micro-batch-size", "3", "--log-rollouts", "--loss-agg", loss_agg, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -253,15 +262,20 @@ def test_two_process_update_equals_one_process_replay(loss_agg, eos_model_dir, t
     assert [r["rank"] for r in recs] == [0] * 8 + [1] * 8
     per_rank = [sum(len(r["ids"]) for r in recs if r["rank"] == k) for k in (0, 1)]
     assert per_rank[0] != per_rank[1], "ranks must hold different token counts for the check to mean anything"
-    model, tok = ev.load_model(eos_model_dir)
+    model, tok = ev.load_model(model_dir)
+    assert model.config.tie_word_embeddings == (head == "tied")
     prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in recs]
     batch = em_rl.pad_batch(prompts, [r["ids"] for r in recs], tok.pad_token_id, "cpu")
     with torch.no_grad():
         lp, ent, cert, row = em_rl.response_stats(model, *batch)
         rewards = em_rl.em_rewards(lp, ent, cert, row, len(recs), "token", "mean")
     adv = em_rl.group_advantages(rewards, 4, "rloo")
-    assert [r["reward"] for r in recs] == pytest.approx(rewards.tolist(), rel=1e-4, abs=1e-5)
     assert [r["advantage"] for r in recs] == pytest.approx(adv.tolist(), rel=1e-3, abs=1e-5)
+    log = json.loads((out / "log.jsonl").read_text())
+    assert [r["correct"] for r in recs] == [ev.is_correct(r["response"], "5") for r in recs]
+    check_response_metrics(log, recs, ev.stop_token_ids(tok, model), 4,
+                           (rewards.tolist(), [e.sum().item() for e in ent.split([len(r["ids"]) for r in recs])]))
+    assert log["kl"] == 0 and log["clip_frac"] == 0  # no reference model (--kl-coef 0); REINFORCE: ratio 1
     lp, _, _, row = em_rl.response_stats(model, *batch, grad=True)
     per_token = em_rl.policy_loss(lp, None, adv[row], types.SimpleNamespace(update="reinforce"))
     if loss_agg == "micro-token-mean":  # verl as released: per rank, micro-batches of 3 responses in order, each its
@@ -274,52 +288,141 @@ def test_two_process_update_equals_one_process_replay(loss_agg, eos_model_dir, t
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
     torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01).step()
-    log = json.loads((out / "log.jsonl").read_text())
     assert log["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    # the logged loss: the per-token REINFORCE term summed over all tokens of both ranks / their count
+    assert log["loss"] == pytest.approx((per_token.sum() / sum(per_rank)).item(), rel=1e-4, abs=1e-6)
     loaded, _ = ev.load_model(str(out / "step_1"))
+    assert loaded.config.tie_word_embeddings == (head == "tied")
     for (name, x), y in zip(loaded.named_parameters(), model.parameters()):
         torch.testing.assert_close(x, y.detach(), rtol=0, atol=2e-5, msg=name)
 
 
-def test_released_micro_batch_loss_with_bonus_and_kl_replayed(eos_model_dir, tmp_path):
+def by_hand_repeat(ids, n=4):
+    """Share of a response's n-grams that repeat an earlier one, counted one by one."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return sum(g in grams[:i] for i, g in enumerate(grams)) / len(grams) if grams else 0.0
+
+
+def by_hand_pearson(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(
+        sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def check_response_metrics(log, recs, stops, n, replayed=None):
+    """The step's per-response log fields recomputed from rollouts.jsonl (all ranks); replayed: (rewards, entropy sums
+    per response) from an independent forward of the initial model, to check the records themselves."""
+    N, L = len(recs), sum(len(r["ids"]) for r in recs)
+    for r in recs:
+        assert r["length"] == len(r["ids"]) and r["truncated"] == (r["ids"][-1] not in stops)
+        assert r["repeat"] == pytest.approx(by_hand_repeat(r["ids"]))
+    if replayed is not None:
+        assert [r["reward"] for r in recs] == pytest.approx(replayed[0], rel=1e-4, abs=1e-5)
+        assert [r["entropy_sum"] for r in recs] == pytest.approx(replayed[1], rel=1e-4, abs=1e-5)
+    assert log["reward"] == pytest.approx(sum(r["reward"] for r in recs) / N, rel=1e-6)
+    assert log["length"] == L / N and log["length_vs_step1"] == 1.0
+    assert log["entropy"] == pytest.approx(sum(r["entropy_sum"] for r in recs) / L, rel=1e-6)
+    assert log["truncated"] == sum(r["truncated"] for r in recs) / N
+    assert log["repeat"] == pytest.approx(sum(r["repeat"] for r in recs) / N)
+    assert log["spam"] == sum(r["repeat"] > 0.5 for r in recs) / N
+    ok = [r["correct"] for r in recs]
+    assert log["accuracy"] == sum(ok) / N
+    centered = [c - sum(ok[j - j % n:j - j % n + n]) / n for j, c in enumerate(ok)]  # correctness within the group
+    for key, x, y in (("corr_reward_correct", [r["reward"] for r in recs], ok),
+                      ("corr_adv_correct", [r["advantage"] for r in recs], centered)):
+        assert log[key] is None if len(set(y)) == 1 else log[key] == pytest.approx(by_hand_pearson(x, y), rel=1e-6)
+
+
+@pytest.mark.parametrize("head", ["tied", "untied"])
+def test_released_micro_batch_loss_with_bonus_and_kl_replayed(head, request, tmp_path, monkeypatch):
     """The default --loss-agg micro-token-mean is verl's update as the release ran it, written out here: per
     mini-batch, micro-batches of --micro-batch-size responses in order; each contributes the token mean of its whole
     per-token loss (PPO-clip term - bonus * entropy + kl_coef * k3) / the number of micro-batches. Two mini-batches
-    (the second one off-policy, with a non-zero KL), uneven micro-batches (3 + 1), responses of varied lengths."""
+    (the second one off-policy, with a non-zero KL and clipped tokens), uneven micro-batches (3 + 1), responses of
+    varied lengths; a tied and an untied lm_head (Qwen2.5-Math-7B's). Every logged number is recomputed: the replay's
+    loss, KL, clip fraction and gradient norm, and the per-response metrics from rollouts.jsonl and a forward of the
+    initial model. Accuracy: the tiny model never writes a \\boxed{} answer, so the grader is replaced by a
+    deterministic rule on the real responses (an even number of characters is "right"), which makes the accuracy and
+    its correlations non-trivial."""
     from conftest import PROMPTS
+    model_dir = request.getfixturevalue("eos_model_dir" if head == "tied" else "untied_eos_model_dir")
+    monkeypatch.setattr(ev, "is_correct", lambda text, gold: len(text) % 2 == 0)
     data = tmp_path / "p.jsonl"
-    data.write_text("".join(json.dumps({"problem": q}) + "\n" for q in PROMPTS[:2]))
+    data.write_text("".join(json.dumps({"problem": q, "answer": "5"}) + "\n" for q in PROMPTS[:2]))
     out = tmp_path / "o"
-    em_rl.main(["--model", eos_model_dir, "--data", str(data), "--batch-size", "2", "--max-new-tokens", "40",
+    em_rl.main(["--model", model_dir, "--data", str(data), "--batch-size", "2", "--max-new-tokens", "40",
                 "--steps", "1", "--ppo-minibatches", "2", "--micro-batch-size", "3", "--entropy-bonus", "0.5",
-                "--kl-coef", "0.5", "--lr", "1e-3", "--log-rollouts", "--out", str(out)])
+                "--kl-coef", "0.5", "--clip-ratio", "0.02", "--lr", "1e-3", "--log-rollouts", "--out", str(out)])
     recs = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert len({len(r["ids"]) for r in recs}) > 2, "responses must differ in length"
-    model, tok = ev.load_model(eos_model_dir)
+    assert [r["correct"] for r in recs] == [len(r["response"]) % 2 == 0 for r in recs]
+    assert 0 < sum(r["correct"] for r in recs) < len(recs)
+    model, tok = ev.load_model(model_dir)
+    assert model.config.tie_word_embeddings == (head == "tied")
     prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in recs]
-    adv = torch.tensor([r["advantage"] for r in recs])
-    ns = types.SimpleNamespace(update="ppo-clip", clip_ratio=0.2)
-    with torch.no_grad():  # old log-probs = reference log-probs: both from the initial model
-        old = em_rl.response_stats(model, *em_rl.pad_batch(prompts, [r["ids"] for r in recs], tok.pad_token_id,
-                                                           "cpu"))[0].split([len(r["ids"]) for r in recs])
+    sizes = [len(r["ids"]) for r in recs]
+    ns = types.SimpleNamespace(update="ppo-clip", clip_ratio=0.02)  # a narrow clip: it acts at this small lr
+    with torch.no_grad():  # old log-probs = reference log-probs: both from the initial model; rewards, entropies
+        lp0, ent0, cert0, row0 = em_rl.response_stats(model, *em_rl.pad_batch(prompts, [r["ids"] for r in recs],
+                                                                              tok.pad_token_id, "cpu"))
+    old = lp0.split(sizes)
+    rewards = em_rl.em_rewards(lp0, ent0, cert0, row0, len(recs), "token", "mean")
+    adv = em_rl.group_advantages(rewards, 4, "rloo")
+    assert [r["advantage"] for r in recs] == pytest.approx(adv.tolist(), rel=1e-3, abs=1e-5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, kl, clipped tokens, tokens
     for mini in ([0, 1, 2, 3], [4, 5, 6, 7]):
         for chunk in (mini[:3], mini[3:]):
             lp, ent, _, row = em_rl.response_stats(model, *em_rl.pad_batch(
                 [prompts[i] for i in chunk], [recs[i]["ids"] for i in chunk], tok.pad_token_id, "cpu"), grad=True)
-            o = torch.cat([old[i] for i in chunk])
-            per_token = em_rl.policy_loss(lp, o, adv[chunk][row], ns) - 0.5 * ent + 0.5 * em_rl.k3_kl(o, lp)
+            o, a = torch.cat([old[i] for i in chunk]), adv[chunk][row]
+            kl = em_rl.k3_kl(o, lp)
+            per_token = em_rl.policy_loss(lp, o, a, ns) - 0.5 * ent + 0.5 * kl
             (per_token.sum() / len(lp) / 2).backward()
+            ratio = (lp - o).exp()  # PPO's clip is active past 1 +- 0.02 on the side the advantage pushes
+            clipped = sum(bool(q > 1.02 and b > 0 or q < 0.98 and b < 0) for q, b in zip(ratio.tolist(), a.tolist()))
+            sums += torch.tensor([per_token.sum().item(), kl.sum().item(), clipped, len(lp)], dtype=torch.float64)
         norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
         opt.step()
         opt.zero_grad()
     log = json.loads((out / "log.jsonl").read_text())
-    assert log["updates"] == 2 and log["kl"] > 0 and log["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    assert log["updates"] == 2 and log["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    assert sums[2] > 0 and sums[1] > 0  # the second mini-batch is off-policy: clipped tokens, a KL
+    assert log["loss"] == pytest.approx((sums[0] / sums[3]).item(), rel=1e-4)
+    assert log["kl"] == pytest.approx((sums[1] / sums[3]).item(), rel=1e-3)
+    assert log["clip_frac"] == (sums[2] / sums[3]).item()
+    check_response_metrics(log, recs, ev.stop_token_ids(tok, model), 4,
+                           (rewards.tolist(), [e.sum().item() for e in ent0.split(sizes)]))
     loaded, _ = ev.load_model(str(out / "step_1"))
+    assert loaded.config.tie_word_embeddings == (head == "tied")
     for (name, x), y in zip(loaded.named_parameters(), model.parameters()):
         torch.testing.assert_close(x, y.detach(), rtol=0, atol=2e-5, msg=name)
+    if head == "untied":  # its own head, trained and saved as such
+        assert "lm_head.weight" in dict(loaded.named_parameters())
+        assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
+        assert not torch.equal(loaded.lm_head.weight, ev.load_model(model_dir)[0].lm_head.weight)
     meta = json.loads((out / "step_1" / "train_args.json").read_text())["args"]
     assert meta["loss_agg"] == "micro-token-mean" and meta["max_prompt_length"] == 1024
+
+
+def test_gradient_checkpointing_same_update(eos_model_dir, tmp_path):
+    """--gradient-checkpointing (on by default with CUDA) recomputes activations in backward: the same step (two
+    PPO mini-batches) as without it -- loss, gradient norm, weights -- and the flag really turned it on."""
+    from conftest import PROMPTS
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"problem": q}) + "\n" for q in PROMPTS[:2]))
+    runs = {}
+    for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        model = em_rl.main(["--model", eos_model_dir, "--data", str(data), "--batch-size", "2", "--max-new-tokens",
+                            "24", "--steps", "1", "--ppo-minibatches", "2", "--micro-batch-size", "3", "--lr", "1e-3",
+                            flag, "--out", str(tmp_path / flag)])
+        assert model.is_gradient_checkpointing == (flag == "--gradient-checkpointing")
+        runs[flag] = model, json.loads((tmp_path / flag / "log.jsonl").read_text())
+    (a, log_a), (b, log_b) = runs.values()
+    for key in ("reward", "loss", "kl", "grad_norm"):
+        assert log_b[key] == pytest.approx(log_a[key], rel=1e-5, abs=1e-9), key
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6, msg=name)
 
 
 def test_one_epoch_default_and_prompt_length_filter(tiny_model_dir, tmp_path, capsys):

@@ -244,6 +244,93 @@ def test_generate_stops_at_eos_and_marks_truncation(tiny):
     assert out[0]["truncated"] == (eos not in out[0]["ids"]) and len(out[0]["ids"]) <= 5
 
 
+def test_generate_stops_at_endoftext(tiny):
+    """<|endoftext|> (Qwen base models' eos; the tiny tokenizer's pad) ends a response as <|im_end|> does, in a batch
+    whose other rows go on: the row keeps it as its last token and is not truncated. A tokenizer whose eos is
+    <|endoftext|> still stops at <|im_end|> (a base model prompted with the chat template)."""
+    import copy
+    model, tok = tiny
+    eot, eos = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id == eos != eot
+
+    class ForceRow0:  # row 0 may only emit <|endoftext|> as its 3rd new token
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            ForceRow0.calls += 1
+            if ForceRow0.calls == 3:
+                scores[0] = -float("inf")
+                scores[0, eot] = 0
+            return scores
+
+    out = ev.generate_batch(model, tok, ["hello", "a longer prompt here"], 10, logits_processor=[ForceRow0()],
+                            engine="static")
+    assert out[0]["ids"][-1] == eot and len(out[0]["ids"]) == 3 and not out[0]["truncated"]
+    assert len(out[1]["ids"]) == 10 and eot not in out[1]["ids"]  # the other row ran on (it never stops)
+    assert out[0]["text"] == tok.decode(out[0]["ids"][:2])  # the stop token is not in the text
+    base = copy.deepcopy(tok)
+    base.eos_token = "<|endoftext|>"
+    assert {eot, eos} <= set(ev.stop_token_ids(base, model)) and {eot, eos} <= set(ev.stop_token_ids(tok, model))
+
+
+def test_cli_metrics_and_average_recomputed_from_samples(tiny_model_dir, data_dir, tmp_path):
+    """evaluate.py --n 4 on two files: every metric of results.json, and its average row, recomputed from
+    samples.jsonl: pass@k by brute force over all k-subsets of each problem's samples, maj@4 by counting the
+    normalized answers (the first of equals wins), averages over the benchmarks. The golds are chosen from what the
+    tiny model says (T=3, --answer-fallback: the last number), so that some samples are right and some majorities
+    wrong: a first run with placeholder golds shows the answers, the second (same seeds: same samples) grades them."""
+    from collections import Counter
+    rows = ev.load_benchmark("gsm8k", data_dir, limit=6)
+    args = ["--model", tiny_model_dir, "--template", "plain", "--temperature", "3", "--n", "4", "--max-new-tokens",
+            "12", "--answer-fallback", "--batch-size", "6"]
+
+    def run(golds, out):
+        (out / "data").mkdir(parents=True)
+        for name, part in (("a", rows[:3]), ("b", rows[3:])):
+            (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps(
+                {"id": r["id"], "problem": r["problem"], "answer": golds.get(r["id"], "none")}) + "\n" for r in part))
+        ev.main(args + ["--data", f"{out}/data/a.jsonl,{out}/data/b.jsonl", "--out", str(out)])
+        with open(out / "samples.jsonl") as f:
+            return [json.loads(line) for line in f], json.loads((out / "results.json").read_text())["metrics"]
+
+    first, _ = run({}, tmp_path / "first")
+    golds = {}
+    for j, r in enumerate(rows):  # alternately the most and the least common answer of the problem
+        said = Counter(ev.normalize_answer(s["extracted"]) for s in first if s["id"] == r["id"] and s["extracted"])
+        if said:
+            golds[r["id"]] = said.most_common()[0 if j % 2 == 0 else -1][0]
+    samples, metrics = run(golds, tmp_path / "second")
+    assert [s["response"] for s in samples] == [s["response"] for s in first]  # the same samples, regraded
+    assert set(metrics) == {"a", "b", "average"}
+    keys = ["pass@1", "pass@2", "pass@4", "maj@4", "format_rate", "mean_length"]
+    for name in ("a", "b"):
+        mine = [s for s in samples if s["benchmark"] == name]
+        by_id = {}
+        for s in mine:
+            by_id.setdefault(s["id"], []).append(s)
+        assert len(by_id) == 3 and all(len(g) == 4 for g in by_id.values())
+        want = {"pass@1": 100 * sum(s["correct"] for s in mine) / 12}
+        for k in (2, 4):  # the share of k-subsets with a right sample, per problem, averaged
+            want[f"pass@{k}"] = 100 * sum(
+                sum(any(s["correct"] for s in sub) for sub in itertools.combinations(g, k)) / math.comb(4, k)
+                for g in by_id.values()) / 3
+        maj = 0
+        for g in by_id.values():
+            said = [ev.normalize_answer(s["extracted"]) for s in g if s["extracted"] is not None]
+            if said:
+                top = max(said, key=lambda a: (said.count(a), -said.index(a)))
+                maj += next(s["correct"] for s in g if s["extracted"] and ev.normalize_answer(s["extracted"]) == top)
+        want["maj@4"] = 100 * maj / 3
+        want["format_rate"] = 100 * sum("\\boxed" in s["response"] for s in mine) / 12
+        want["mean_length"] = sum(s["length"] for s in mine) / 12
+        assert {k: metrics[name][k] for k in keys} == pytest.approx(want), name
+        assert metrics[name]["samples"] == 12 and metrics[name]["problems"] == 3
+    assert {k: metrics["average"][k] for k in keys} == pytest.approx(
+        {k: (metrics["a"][k] + metrics["b"][k]) / 2 for k in keys})
+    assert 0 < sum(s["correct"] for s in samples) < len(samples)  # the checks above are not all zeros
+    assert any(metrics[x]["maj@4"] < metrics[x]["pass@4"] for x in "ab")  # some majority is wrong, a sample right
+
+
 def test_evaluate_model_in_memory(tiny, data_dir):
     model, tok = tiny
     problems = ev.load_benchmark("gsm8k", data_dir, limit=3)
@@ -313,10 +400,17 @@ def test_cli_dtype_auto_says_what_it_chose(tiny_model_dir, data_dir, tmp_path):
     proc = run_cli("evaluate.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--limit", "1",
                    "--max-new-tokens", "2", "--dtype", "auto", "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
-    want = ev.resolve_dtype("auto")  # this machine's answer (bf16 with avx512_bf16/AMX, else fp32)
-    assert f"--dtype {want[1]}" in proc.stdout
+    # the expected choice from this CPU's flags as the kernel lists them (not from resolve_dtype, under test here):
+    # native bf16 = avx512_bf16 or AMX's bf16 tiles; without /proc/cpuinfo (not Linux), torch's own CPU probes
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), ":").split(":", 1)[1].split())
+        native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    else:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert f"--dtype auto: {'bf16' if native else 'fp32'}, this CPU has " in proc.stdout, proc.stdout
     protocol = json.loads((tmp_path / "o" / "results.json").read_text())["protocol"]
-    assert protocol["dtype"] == str(want[0]).replace("torch.", "")
+    assert protocol["dtype"] == ("bfloat16" if native else "float32")
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -427,13 +521,32 @@ def test_logit_stats_leave_masked_logits_out():
     assert res["entropy"] == pytest.approx(-(logp.exp() * logp).sum(-1).mean().item(), rel=1e-5)
 
 
-def test_logit_stats_in_generation_count_generated_tokens(tiny, data_dir):
+def test_logit_stats_in_generation_count_generated_tokens(tiny, data_dir, monkeypatch):
+    """In generation the statistics see the raw logits of every generated token once (two batches): the entropy and
+    the mean skewness recomputed from the generated tokens (recorded around the real generate_batch) with an
+    unpadded forward of prompt + the tokens before each."""
     model, tok = tiny
     problems = ev.load_benchmark("gsm8k", data_dir, limit=3)
+    made, real = [], ev.generate_batch
+
+    def recorded(m, t, prompts, *args, **kwargs):
+        outs = real(m, t, prompts, *args, **kwargs)
+        made.extend(zip(prompts, outs))
+        return outs
+    monkeypatch.setattr(ev, "generate_batch", recorded)
     metrics, samples = ev.evaluate_model(model, tok, problems, max_new_tokens=6, temperature=0.6, top_k=50,
                                          batch_size=2, progress=False, logit_stats=True)
-    assert metrics["logit_stats"]["tokens"] == sum(s["length"] for s in samples)
-    assert 0 < metrics["logit_stats"]["entropy"] < math.log(len(tok))
+    assert metrics["logit_stats"]["tokens"] == sum(s["length"] for s in samples) == sum(len(o["ids"]) for _, o in made)
+    logits = []
+    for prompt, o in made:
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits.append(model(torch.tensor([ids + o["ids"]])).logits[0, len(ids) - 1:-1])
+    z = torch.cat(logits).double()
+    logp = z.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    assert metrics["logit_stats"]["entropy"] == pytest.approx(entropy.mean().item(), rel=1e-4)
+    assert metrics["logit_stats"]["skew_vocab"] == pytest.approx(sum(_skew(row) for row in z) / len(z), rel=1e-4)
 
 
 def test_cli_logit_stats_histogram(tiny_model_dir, data_dir, tmp_path):
@@ -441,7 +554,8 @@ def test_cli_logit_stats_histogram(tiny_model_dir, data_dir, tmp_path):
                    "--limit", "2", "--max-new-tokens", "5", "--logit-stats", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     ls = json.loads((tmp_path / "results.json").read_text())["metrics"]["gsm8k"]["logit_stats"]
-    assert sum(ls["skew_vocab_hist"]["counts"]) == ls["tokens"] > 0
+    lengths = [json.loads(line)["length"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sum(ls["skew_vocab_hist"]["counts"]) == ls["tokens"] == sum(lengths) and len(lengths) == 2
 
 
 def test_sampling_ignores_model_generation_config_defaults(tiny):

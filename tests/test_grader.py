@@ -216,7 +216,20 @@ def test_same_file_stem_is_refused(tiny_model_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- off the main thread
-HOSTILE = "\\frac{x}{1+" * 40 + "x" + "}" * 40  # 481 characters: math-verify's 5 s limit on the main thread
+# The time-out branch, deterministically: math-verify's comparison of sympy expressions (sympy_expr_eq, called inside
+# its signal.alarm-guarded section) replaced by one that hangs on a marked answer far past the 1 s limit.
+HANG_ANSWER = "987654321"
+HANG_SOURCE = """
+import time
+import math_verify.grader as _grader
+_real_eq = _grader.sympy_expr_eq
+def sympy_expr_eq(a, b, *args, **kwargs):  # the marked answer hangs (far past the limit), others compare as before
+    if "987654321" in str(a) + str(b):
+        time.sleep(600)
+        return True
+    return _real_eq(a, b, *args, **kwargs)
+_grader.sympy_expr_eq = sympy_expr_eq
+"""
 
 
 def _in_thread(fn, *args):
@@ -228,14 +241,43 @@ def _in_thread(fn, *args):
     return out[0]
 
 
-def test_hostile_answer_is_bounded_in_a_thread():
-    assert len(HOSTILE) < ev.MAX_ANSWER_CHARS
-    assert _in_thread(ev.grade_answer, HOSTILE, "42", 1) == (False, True)  # timed out: wrong, a grading error
-    assert _in_thread(ev.grade_answer, "\\frac{1}{2}", "0.5") == (True, False)  # the worker survives it
-    for w in list(ev._idle_workers):  # a worker that died while idle is replaced
+def _retire_idle_workers():
+    with ev._workers_lock:
+        workers, ev._idle_workers[:] = list(ev._idle_workers), []
+    for w in workers:
         w.kill()
         w.wait()
-    assert _in_thread(ev.grade_answer, "\\frac{3}{4}", "0.75") == (True, False)
+
+
+def test_time_limit_on_the_main_thread(monkeypatch):
+    """math-verify's own limit (signal.alarm) ends a comparison that hangs: wrong, and a grading error."""
+    import math_verify.grader
+    monkeypatch.setattr(math_verify.grader, "sympy_expr_eq", math_verify.grader.sympy_expr_eq)  # restored after
+    exec(HANG_SOURCE, {})  # the hanging comparison in its place
+    assert threading.current_thread() is threading.main_thread()
+    assert ev.grade_answer(HANG_ANSWER, "42", 1) == (False, True)  # without the alarm: (True, False) after 600 s
+    assert ev.grade_answer("\\frac{1}{2}", "0.5", 1) == (True, False)  # the alarm is cleared: grading goes on
+
+
+def test_time_limit_off_the_main_thread(tmp_path, monkeypatch):
+    """Off the main thread grading runs in a worker process, whose main thread runs math-verify's alarm: the same hang
+    (installed in every child through a sitecustomize module) ends in the child's own time limit -- the worker
+    answers and is reused, not killed by the parent's backstop -- and a worker that died while idle is replaced."""
+    (tmp_path / "sitecustomize.py").write_text(HANG_SOURCE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    _retire_idle_workers()  # workers started from here on have the hang
+    try:
+        assert _in_thread(ev.grade_answer, "\\frac{1}{2}", "0.5", 1) == (True, False)  # starts a worker
+        (worker,) = ev._idle_workers
+        assert _in_thread(ev.grade_answer, HANG_ANSWER, "42", 1) == (False, True)  # the child's alarm fired
+        assert ev._idle_workers == [worker] and worker.poll() is None  # it answered: the same worker, alive
+        assert _in_thread(ev.grade_answer, "\\frac{3}{4}", "0.75", 1) == (True, False)
+        worker.kill()  # a worker that died while idle is replaced
+        worker.wait()
+        assert _in_thread(ev.grade_answer, "\\frac{3}{4}", "0.75") == (True, False)
+        assert ev._idle_workers != [worker]
+    finally:
+        _retire_idle_workers()  # no worker with the hang is left for later tests
 
 
 # constructed pairs and their verdicts: (correct, grading error)

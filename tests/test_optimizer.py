@@ -124,8 +124,8 @@ def test_phase_timer_adds_up():
     for name in ["rollout", "grad", "adamw", "grad"]:
         sum(range(20000))
         timer.mark(name)
-    s = timer.seconds()
-    assert list(s) == ["rollout_s", "grad_s", "adamw_s", "step_s"] and min(s.values()) > 0
+    s = timer.seconds()  # structure, not clock values (a phase on a fast machine can read 0)
+    assert list(s) == ["rollout_s", "grad_s", "adamw_s", "step_s"] and min(s.values()) >= 0
     assert s["step_s"] == pytest.approx(s["rollout_s"] + s["grad_s"] + s["adamw_s"])
     mem = ev.memory_gb(cuda=False)
     assert 0 < mem["host_rss_gb"] < 1024 and 0 < mem["peak_mem_gb"] < 1024  # (ru_maxrss can lag VmRSS)
@@ -146,8 +146,8 @@ def test_logs_carry_the_breakdown(tiny_model_dir, tmp_path, offload, capsys):
     for name, extra in (("ft", []), ("rl", ["score_s"])):
         lines = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
         log = [x for x in lines if "loss" in x][-1]  # (em_ft logs a checkpoint on a line of its own)
-        for key in BREAKDOWN + extra:
-            assert log[key] > 0, (name, key)
+        for key in BREAKDOWN + extra:  # seconds are >= 0 (not > 0: a fast phase can read 0); memory is never 0
+            assert isinstance(log[key], float) and log[key] >= 0 and (log[key] > 0 or key.endswith("_s")), (name, key)
         phases = sum(v for k, v in log.items() if k.endswith("_s") and not k.endswith(("tok_s", "step_s")))
         assert log["step_s"] == pytest.approx(phases, rel=1e-6), name
     out = capsys.readouterr().out  # the log lines on stdout carry the same fields
@@ -156,7 +156,9 @@ def test_logs_carry_the_breakdown(tiny_model_dir, tmp_path, offload, capsys):
 
 def test_gpu_script_smoke_on_cpu(tmp_path):
     """bench/gpu.sh at the tiny shape (GPU_SH_SHAPE=tiny): every step runs and records its line in the results file,
-    with the benches' RESULT records (the 7B run on a GPU uses the same commands at other sizes)."""
+    with the benches' RESULT records (the run on a GPU uses the same commands at other sizes). Its two correctness
+    checks record their differences; on the CPU, in fp32, they are what the CPU gives: the "cpu" master's AdamW ==
+    torch's to float rounding (the staged GPU path itself runs only on a GPU), continuous == static greedy rows."""
     import os
     import subprocess
     import sys
@@ -166,11 +168,22 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps][:4] == ["env", "em_ft_auto", "em_ft_offload", "em_rl"]
+    assert [s["step"] for s in steps][:6] == ["env", "check_optimizer", "check_generate", "em_ft_auto",
+                                              "em_ft_offload", "em_rl"]
     assert {"generate", "em_inf"} <= {s["step"] for s in steps}
-    gen = next(r for s in steps if s["step"] == "generate" for r in s["results"])  # both engines, same outputs
-    assert set(gen["engines"]) == {"static", "continuous"} and gen["engines"]["continuous"]["tokens"] > 0
     assert all(s["rc"] == 0 for s in steps), [(s["step"], s["tail"]) for s in steps if s["rc"]]
+    results = {s["step"]: s["results"] for s in steps}
+    (opt,), (gen,) = results["check_optimizer"], results["check_generate"]
+    assert opt["check"] == "optimizer" and opt["device"] == "cpu" and not opt["staged"] and opt["chunks"] > 10
+    assert opt["steps"] == 3 and opt["max_update"] > 1e-3  # the weights moved: the difference below means something
+    assert opt["max_abs_weight_diff"] < 1e-7 and opt["max_rel_grad_norm_diff"] < 1e-6, opt
+    assert opt["model_rounding_mismatches"] == 0 and opt["gradless_untouched"] and opt["ok"]
+    norms = [a for a, _ in opt["grad_norms"]]
+    assert norms[1] > 1.0  # the clip (1.0 at step 2, 1e9 else) acted
+    assert gen["check"] == "generate" and gen["dtype"] == "float32" and gen["rows"] == 6
+    assert gen["differing_rows"] == 0 and gen["first_diff"] is None and gen["tokens"] > 0 and gen["ok"], gen
+    engines = next(r for r in results["generate"])  # the speed run: both engines, same outputs
+    assert set(engines["engines"]) == {"static", "continuous"} and engines["engines"]["continuous"]["tokens"] > 0
     ft = [r for s in steps if s["step"] == "em_ft_offload" for r in s["results"]]
-    assert len(ft) == 2 and all(r["master"] == "cpu" and r["adamw_s"] > 0 for r in ft)
+    assert len(ft) == 2 and all(r["master"] == "cpu" and r["adamw_s"] >= 0 for r in ft)
     assert [r["bench"] for s in steps if s["step"] == "em_rl" for r in s["results"]] == ["em_rl"]

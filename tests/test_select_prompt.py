@@ -109,21 +109,39 @@ def sampled(tiny_model_dir, pool, tmp_path_factory):
     return args, out
 
 
-def test_outputs_round_trip_into_em_ft_loader(sampled, pool):
-    _, out = sampled
+def test_outputs_round_trip_into_em_ft_loader(sampled, pool, tmp_path):
+    """The ranking of a real run's records, with correct counts that differ (the tiny model's own samples are all
+    wrong: every score 0, where a stable sort passes whatever the ranking does): its partial file, each candidate's
+    `correct` set by hand, reranked without sampling; against p(1-p) computed here in fractions, ties broken by p
+    closest to 1/2, then pool order. The top prompts are written in the format em_ft.py --data reads."""
+    from fractions import Fraction
+    args, real_out = sampled
+    lines = open(real_out + ".partial.jsonl").read().splitlines()
+    recs = {r["id"]: r for r in map(json.loads, lines[1:])}
+    assert all(sum(r["correct"]) == 0 for r in recs.values())  # the tiny model: never right
+    counts = {"0": 0, "124": 1, "1": 2, "267": 1, "2": 0, "3": 1}  # of k = 2
+    out = str(tmp_path / "prompt.jsonl")
+    with open(out + ".partial.jsonl", "w") as f:
+        f.write(lines[0] + "\n")
+        for i, c in counts.items():
+            f.write(json.dumps({**recs[i], "correct": [True] * c + [False] * (2 - c)}) + "\n")
+    sp.main([out if a == real_out else a for a in args[1:]])
+    pool_order = [p["id"] for p in load_benchmark(pool, require_answer=False)]
+    p = {i: Fraction(c, 2) for i, c in counts.items()}
+    want = sorted(pool_order, key=lambda i: (-p[i] * (1 - p[i]), abs(p[i] - Fraction(1, 2)), pool_order.index(i)))
+    assert want == ["124", "267", "3", "0", "1", "2"]  # not the pool order: 0, 124, 1, 267, 2, 3
     ranked = read_jsonl(out.replace(".jsonl", ".ranked.jsonl"))
-    assert sorted(r["id"] for r in ranked) == ["0", "1", "124", "2", "267", "3"]
-    assert [r["rank"] for r in ranked] == list(range(1, 7))
-    assert ranked == sorted(ranked, key=lambda r: (-r["score"], abs(r["p"] - 0.5)))
+    assert [r["id"] for r in ranked] == want and [r["rank"] for r in ranked] == list(range(1, 7))
     for r in ranked:
-        assert r["k"] == 2 and len(r["samples"]) == 2 and r["p"] == r["n_correct"] / 2
-        assert r["score"] == sp.variance_score(r["n_correct"], 2)
-        assert not r["problem"].endswith("\\boxed{}.")
+        assert r["k"] == 2 and r["n_correct"] == counts[r["id"]] and r["p"] == p[r["id"]]
+        assert r["score"] == p[r["id"]] * (1 - p[r["id"]])
+        assert r["samples"] == recs[r["id"]]["responses"] and not r["problem"].endswith("\\boxed{}.")
     assert next(r for r in ranked if r["id"] == "124")["problem"] == PI1
     loaded = load_benchmark(out, require_answer=False)  # what em_ft.py --data does
     assert [(x["id"], x["problem"], x["answer"]) for x in loaded] == [(r["id"], r["problem"], r["answer"])
                                                                       for r in ranked[:2]]
     assert json.load(open(out.replace(".jsonl", ".run.json")))["args"]["k"] == 2
+    assert len(open(out + ".partial.jsonl").read().splitlines()) == 7  # nothing sampled
 
 
 def test_resume_does_not_resample(sampled, tmp_path):
@@ -147,6 +165,29 @@ def test_resume_does_not_resample(sampled, tmp_path):
     after = open(new_out + ".partial.jsonl").read().splitlines()
     assert json.loads(after[0])["run"] == header_sig and len(after) == 7  # no duplicate, nothing lost
     assert sorted(json.loads(x)["id"] for x in after[1:]) == sorted(r["id"] for r in recs)
+
+
+def test_overwrite_discards_an_earlier_runs_samples(sampled, tmp_path):
+    """Partial files of another run (other settings: refused without --overwrite; a rank's file of a torchrun run
+    too) are deleted by --overwrite and everything is sampled again: the samples are the real run's (same seeds)."""
+    args, real_out = sampled
+    lines = open(real_out + ".partial.jsonl").read().splitlines()
+    recs = [json.loads(x) for x in lines[1:]]
+    out = str(tmp_path / "prompt.jsonl")
+    foreign = json.dumps({"run": {**json.loads(lines[0])["run"], "seed": 99}})
+    for name in (".partial.jsonl", ".partial.rank1.jsonl"):
+        with open(out + name, "w") as f:
+            f.write(foreign + "\n" + "".join(json.dumps({**r, "responses": ["MARKER"] * 2}) + "\n" for r in recs))
+    argv = [out if a == real_out else a for a in args[1:]]
+    assert "different run" in main_error(*argv)
+    sp.main(argv + ["--overwrite"])
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(out + x) for x in (
+        "", ".partial.jsonl")) + ["prompt.ranked.jsonl", "prompt.run.json"]  # the rank file is gone
+    after = open(out + ".partial.jsonl").read().splitlines()
+    assert after[0] == lines[0] and len(after) == 7
+    assert sorted(after[1:]) == sorted(lines[1:])  # sampled again, as the first run sampled them
+    ranked = read_jsonl(out.replace(".jsonl", ".ranked.jsonl"))
+    assert {r["id"]: r["samples"] for r in ranked} == {r["id"]: r["responses"] for r in recs}
 
 
 def test_scores_and_ranking_on_fixed_graded_samples(tiny_model_dir, pool, tmp_path, capsys):

@@ -66,12 +66,13 @@ def build_tokenizer(vocab_size=512):
                                    chat_template=CHAT_TEMPLATE, padding_side="left")
 
 
-def build_tiny_model(out_dir, hidden=64, layers=2, max_positions=1024, seed=0):
-    """Write a tiny random Qwen2 model + tokenizer to out_dir; returns out_dir."""
+def build_tiny_model(out_dir, hidden=64, layers=2, max_positions=1024, seed=0, tied=True):
+    """Write a tiny random Qwen2 model + tokenizer to out_dir; returns out_dir. tied=False: an lm_head of its own
+    (as Qwen2.5-Math-7B), random and independent of the embedding."""
     tokenizer = build_tokenizer()
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         max_position_embeddings=max_positions, tie_word_embeddings=tied,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None)
     torch.manual_seed(seed)
@@ -80,6 +81,10 @@ def build_tiny_model(out_dir, hidden=64, layers=2, max_positions=1024, seed=0):
     # peaked, input-dependent distributions (entropy well below log V), closer to what a trained model shows.
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(6.0)
+        if not tied:
+            # (the tied model's logits are peaked because the final state carries the input token's embedding; an
+            # independent random head needs a larger scale for entropies of the same order, ~1.5-2 nats)
+            model.lm_head.weight.normal_(0.0, 5 * model.model.embed_tokens.weight.std().item())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
@@ -91,6 +96,6 @@ def build_tiny_model(out_dir, hidden=64, layers=2, max_positions=1024, seed=0):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/tiny_model.py OUT_DIR")
-    print(build_tiny_model(sys.argv[1]))
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--untied"]):
+        sys.exit("usage: python tests/tiny_model.py OUT_DIR [--untied]")
+    print(build_tiny_model(sys.argv[1], tied=len(sys.argv) == 2))
