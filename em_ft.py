@@ -99,20 +99,6 @@ def sample_rollouts(model, tokenizer, prompts, lengths, args, seed):
     return out
 
 
-def pack(rows, pad_id, device):
-    """Left-pad (prompt ids, response ids) rows; resp marks the response tokens (EOS included:
-    generate_batch cuts after the first stop token, so no pad after EOS is ever scored)."""
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    resp = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, r) in enumerate(rows):
-        ids[i, width - len(p) - len(r):] = torch.tensor(p + r)
-        attn[i, width - len(p) - len(r):] = 1
-        resp[i, width - len(r):] = True
-    return ids.to(device), attn.to(device), resp.to(device)
-
-
 def accumulate_gradients(model, rows, pad_id, args, tokens, responses, world=1, ctx=nullcontext()):
     """Forward/backward over micro-batches of rows (tokens, responses: counts of the update over
     all ranks). Returns this rank's summed token entropy and its share of the loss."""
@@ -122,7 +108,7 @@ def accumulate_gradients(model, rows, pad_id, args, tokens, responses, world=1, 
     micro = ([range(i, min(i + b, n)) for i in range(0, n, b)] if args.loss_norm == "micro-token-mean"
              else ev.length_sorted_batches([len(p) + len(r) for p, r in rows], b))
     for idx in micro:
-        ids, attn, resp = pack([rows[i] for i in idx], pad_id, device)
+        ids, attn, resp = ev.pack([rows[i] for i in idx], pad_id, device)
         with ctx:
             ent, n_tok = model.response_entropy(ids, attn, resp, args.loss_temperature,
                                                 args.entropy_chunk)

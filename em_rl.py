@@ -1,8 +1,8 @@
 r"""
-EM-RL (Agarwal et al., arXiv 2505.15134): on-policy RL whose only reward is the model's own
-confidence: --reward token (-sum_t H_t), sequence (log pi(y|x)) or self-certainty (Intuitor's),
-and the controls an EM gain is judged against: majority vote, random, format. Each step:
---n-rollouts responses per prompt, one no-grad forward, a leave-one-out baseline, the update.
+EM-RL (Agarwal et al., arXiv 2505.15134): on-policy RL whose only reward is the model's confidence:
+--reward token (-sum_t H_t), sequence (log pi(y|x)) or self-certainty (Intuitor's); and controls:
+majority, random, format. Each step: --n-rollouts responses per prompt, a no-grad forward, a
+leave-one-out baseline, the update.
 
     python em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl                  # 1 GPU
     torchrun --nproc_per_node=8 em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl
@@ -17,8 +17,7 @@ The paper vs its released code (verl), which made the tables and gives the defau
   (1/N) sum_i A_i sum_t    mean of micro-batch (8/GPU) token means      --loss-agg seq-mean-token-sum
   early stop (validation)  one epoch: floor(prompts / 512) steps        --steps
   4096-token sequences     prompts > 1024 tokens dropped; 3072 new      --max-prompt-length
-Left out: vLLM, packing. Outputs: step_<N>/ (N counts rollout steps, each --ppo-minibatches
-updates), log.jsonl (a line per step).
+Left out: vLLM, packing. Outputs: step_<N>/ (rollout steps of --ppo-minibatches updates), log.jsonl.
 """
 import argparse, json, math, os, statistics, types, zlib
 from collections import Counter
@@ -37,29 +36,26 @@ EM_REWARDS, CONTROLS = ("token", "sequence", "self-certainty"), ("majority", "ra
 
 
 def logit_stats(logits, targets):
-    """Per position, from logits [N, V] at T=1: log pi(target), the entropy -sum_v pi_v log pi_v,
-    and Intuitor's self-certainty KL(U || pi) = -log V - mean_v log pi_v."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # fp32: bf16 log-probs are too coarse
+    """Per position at T=1: log pi(target), -sum_v pi_v log pi_v, KL(U || pi) (self-certainty)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # fp32: bf16 is too coarse to rank
     entropy = -(logp.exp() * logp).sum(-1)
     certainty = -math.log(logp.shape[-1]) - logp.mean(-1)
     return logp.gather(-1, targets[:, None])[:, 0], entropy, certainty
 
 
 def em_rewards(logp, entropy, certainty, row, n_rows, kind, agg):
-    """One reward per response from the stats of its tokens (row[i]: the response of token i)."""
+    """One reward per response from its tokens' stats (row[i]: the response of token i)."""
     per_token = {"sequence": logp, "token": -entropy, "self-certainty": certainty}[kind].detach()
     total = per_token.new_zeros(n_rows).index_add_(0, row, per_token)
-    if agg == "sum":  # the paper's formulas; a sum of negative terms also rewards being SHORT
+    if agg == "sum":  # the paper's formulas (a sum of negative terms also rewards being SHORT)
         return total
-    # the released code (the published numbers) length-normalizes: no pull on the length
     return total / torch.bincount(row, minlength=n_rows).clamp(min=1)
 
 
 def control_rewards(problems, texts, kind, n, generator):
-    """Controls from the text alone (groups of n per prompt). majority: 1 if the final answer is
-    its group's most common one (TTRL; label-free SC-RL): no answer never counts, tied answers all
-    do. random: Bernoulli(0.5), seeded (Spurious Rewards). format: 1 if the final answer has the
-    form its problem asks for (a \boxed{}, a code block, <answer>)."""
+    """Controls, from the text (groups of n per prompt). majority: 1 if the final answer is its
+    group's most common (TTRL): no answer never counts, tied answers all do. random: Bernoulli(0.5),
+    seeded (Spurious Rewards). format: 1 if the answer has the expected form (\\boxed{}, code, tag)."""
     if kind == "random":
         return (torch.rand(len(texts), generator=generator) < 0.5).float()
     if kind == "format":
@@ -74,33 +70,32 @@ def control_rewards(problems, texts, kind, n, generator):
 def group_advantages(rewards, n, baseline):
     """Rewards of consecutive groups of n responses to one prompt -> one advantage each."""
     r = rewards.view(-1, n)
-    if baseline == "rloo":  # leave-one-out: r_i - mean of the other n-1 (unbiased, no critic)
+    if baseline == "rloo":  # leave-one-out: r_i - mean of the other n-1 (no critic)
         return (r - (r.sum(1, keepdim=True) - r) / (n - 1)).flatten()
-    # GRPO: z-score within the group (unbiased std, as verl); eps keeps equal rewards at 0
+    # GRPO: z-score in the group (unbiased std, as verl); eps keeps equal rewards at 0
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()
 # ---- end method ----
 
 
 # ---- the policy-gradient update (standard RL machinery, as in verl) ----
 def k3_kl(ref_logp, logp):
-    """k3 estimate of KL(pi || ref) at tokens from pi: exp(r) - r - 1, r = ref - logp (clamped as
-    verl's low_var_kl)."""
+    """k3 estimate of KL(pi || ref): exp(r) - r - 1, r = ref - logp (clamped: verl's low_var_kl)."""
     r = (ref_logp - logp).clamp(-20, 20)
     return (torch.exp(r) - r - 1).clamp(-10, 10)
 
 
 def policy_loss(logp, old_logp, adv, args):
-    """Per-token policy-gradient term; the caller aggregates it over tokens (--loss-agg)."""
-    if args.update == "reinforce":  # the paper: REINFORCE with the RLOO baseline, on-policy
+    """Per-token policy-gradient term (the caller aggregates it: --loss-agg)."""
+    if args.update == "reinforce":  # the paper: REINFORCE with RLOO, on-policy
         return -adv * logp
-    ratio = torch.exp(logp - old_logp)  # 1 on the first mini-batch, then slightly off-policy
+    ratio = torch.exp(logp - old_logp)  # 1 on the first mini-batch, then off-policy
     clipped = ratio.clamp(1 - args.clip_ratio, 1 + args.clip_ratio)
     return -torch.min(ratio * adv, clipped * adv)  # pessimistic: no gain past the clip
 
 
 def response_stats(model, ids, attn, resp, chunk=1024, grad=False):
-    """(log pi(y_t), H_t, KL(U||pi_t), row) at every response token, from ONE forward; the vocab
-    projection runs over chunks of positions (checkpointed with grad: no [tokens x V] at once)."""
+    """logit_stats and row at every response token, from ONE forward; the vocab projection in
+    chunks of positions (checkpointed with grad): no fp32 [tokens x V] at once."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in generate
     h = model.model(input_ids=ids, attention_mask=attn, position_ids=pos,
                     use_cache=False).last_hidden_state
@@ -117,20 +112,8 @@ def head_stats(lm_head, h, targets):
     return logit_stats(lm_head(h), targets)
 
 
-def pad_batch(prompts, responses, pad_id, device):
-    """[pads | prompt | response | pads] (the prompt as generate saw it); resp: response tokens."""
-    P, R = max(map(len, prompts)), max(map(len, responses))
-    ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
-    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p):P + len(r)] = torch.tensor(p + r)
-        attn[i, P - len(p):P + len(r)] = 1
-        resp[i, P:P + len(r)] = True
-    return ids.to(device), attn.to(device), resp.to(device)
-
-
 def pearson(x, y):
-    """Pearson correlation (point-biserial when y is 0/1); nan when either side is constant."""
+    """Pearson correlation (point-biserial for 0/1); nan when a side is constant."""
     try:
         return statistics.correlation([float(v) for v in x], [float(v) for v in y])
     except statistics.StatisticsError:
@@ -143,13 +126,12 @@ def chunks(xs, size):
 
 
 def sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step, ctx):
-    """A record per response (prompt index i, prompt ids, ids, text, truncated); a prompt's n
-    responses come from one generate call."""
-    model.eval()  # HF turns the KV cache off under gradient checkpointing in train mode
+    """A record per response (i, prompt_ids, ids, text, truncated); a prompt's n: one call."""
+    model.eval()  # (HF drops the KV cache under gradient checkpointing in train mode)
     out, per_call = [], max(1, args.rollout_batch_size // args.n_rollouts)
     for c in range(0, len(idx), per_call):
         group = [i for i in idx[c:c + per_call] for _ in range(args.n_rollouts)]
-        # a bf16 model decodes without autocast (which would keep it off the continuous engine)
+        # a bf16 model decodes without autocast (it would keep it off the continuous engine)
         with ctx if model.dtype != torch.bfloat16 else nullcontext():
             outs = ev.generate_batch(model, tok, [texts[i] for i in group], args.max_new_tokens,
                                      args.temperature, engine=args.engine, seed=zlib.crc32(
@@ -159,12 +141,12 @@ def sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step, ctx):
 
 
 def batch_of(rolls, pad_id, device):
-    return pad_batch([r["prompt_ids"] for r in rolls], [r["ids"] for r in rolls], pad_id, device)
+    return ev.pack([(r["prompt_ids"], r["ids"]) for r in rolls], pad_id, device)
 
 
 def score(model, ref, rolls, pad_id, args, ctx):
-    """ONE no-grad forward per micro-batch: old log-probs, entropies and reference log-probs into
-    each response's record; returns the EM rewards (None for a control)."""
+    """ONE no-grad forward per micro-batch: old/reference log-probs and entropies into each
+    record; returns the EM rewards (None for a control)."""
     rewards, device = [], next(model.parameters()).device
     for mb in chunks(rolls, args.micro_batch_size):
         batch, sizes = batch_of(mb, pad_id, device), [len(r["ids"]) for r in mb]
@@ -207,9 +189,8 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
             scale = (1 / (len(lp) * len(micro)) if args.loss_agg == "micro-token-mean"
                      else world / count)  # * world undoes FSDP's averaging
             (loss.sum() * scale).backward()
-            ratio = (lp - old).exp()  # the clip is active (no gradient) past 1 +- eps:
-            clipped = (((ratio > 1 + args.clip_ratio) & (a > 0)) |
-                       ((ratio < 1 - args.clip_ratio) & (a < 0)))
+            ratio = (lp - old).exp()  # clipped: past 1 + eps with A > 0 or 1 - eps with A < 0
+            clipped = (ratio - ratio.clamp(1 - args.clip_ratio, 1 + args.clip_ratio)) * a > 0
             sums += torch.stack([loss.sum().detach(), kl.sum().detach(), clipped.sum(),
                                  lp.new_tensor(len(lp))])
         timer.mark("fwd_bwd")
@@ -218,8 +199,8 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
 
 
 def step_log(recs, n, first_len):
-    """A step's metrics from a record per response (all ranks); with answers, accuracy, that of
-    each group's top-reward response, and the reward's correlation with correctness."""
+    """A step's metrics from a record per response; with answers, accuracy (also of each group's
+    top-reward response) and the reward's correlation with correctness."""
     N, L = len(recs), sum(r["length"] for r in recs)
     log = dict(reward=sum(r["reward"] for r in recs) / N, length=L / N,
                entropy=sum(r["entropy_sum"] for r in recs) / L, length_vs_step1=L / N / first_len,
@@ -236,7 +217,7 @@ def step_log(recs, n, first_len):
 
 
 def eval_metrics(model, tok, eval_set, args, rank, world, ctx):
-    """Greedy eval, each rank on its share: {eval_<metric>} of all samples."""
+    """Greedy eval, split over the ranks: {eval_<metric>}."""
     with ctx:
         m = ev.evaluate_on_ranks(model, tok, eval_set, rank, world, template=args.template,
                                  max_new_tokens=args.eval_max_new_tokens, engine=args.engine,
@@ -248,8 +229,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="EM-RL: RL with the model's confidence as reward.")
     # --- model and data
     p.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
-    p.add_argument("--data", required=True, help="prompts: a file, benchmark or hub id (answers, "
-                   "or tests for code, only feed the accuracy logs)")
+    p.add_argument("--data", required=True, help="prompts: file, benchmark or hub id (answers: logs)")
     p.add_argument("--problem-key", help="problem column (default: problem/question/...)")
     p.add_argument("--answer-key", help="answer column (default: answer/solution/...)")
     p.add_argument("--limit", type=ev.pos_int, help="the first N prompts")
@@ -284,7 +264,7 @@ def main(argv=None):
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="default: on with CUDA")
     p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, help="fp32 "
-                   "master + AdamW on the CPU (default, 1 GPU: on the GPU if they fit)")
+                   "master + AdamW on the CPU (default: the GPU if they fit)")
     p.add_argument("--out", default="checkpoints/em_rl", help="output folder")
     p.add_argument("--save-steps", type=ev.step_list, default="", help="steps to save (+ the last)")
     p.add_argument("--log-rollouts", action="store_true", help="responses to rollouts.jsonl")
@@ -292,10 +272,9 @@ def main(argv=None):
     p.add_argument("--eval-benchmark", default="math500", help="benchmark name or file")
     p.add_argument("--eval-limit", type=ev.pos_int, default=100, help="its first N problems")
     p.add_argument("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="eval budget")
-    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local copies of "
-                   "the benchmark files (default $EM_DATA_DIR, else the Hub)")
-    p.add_argument("--allow-code-execution", action="store_true", help="consent to run the "
-                   "model's programs (code prompts with tests, a code eval benchmark)")
+    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local benchmark "
+                   "files (default $EM_DATA_DIR, else the Hub)")
+    p.add_argument("--allow-code-execution", action="store_true", help="run the model's programs")
     p.add_argument("--code-workers", type=ev.pos_int, help="programs graded in parallel")
     return ev.cli_main(train, p.parse_args(argv), resumes=False)
 
@@ -367,7 +346,7 @@ def train(args):
         timer = ev.PhaseTimer(cuda)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        # prompts: a fresh seeded permutation per epoch, the same on all ranks; each takes a slice
+        # prompts: a seeded permutation per epoch, the same on all ranks; each takes a slice
         while len(order) < step * args.batch_size:
             order += torch.randperm(len(problems), generator=torch.Generator().manual_seed(
                 args.seed + len(order))).tolist()
@@ -377,7 +356,7 @@ def train(args):
         ev.set_gathered(model, False)
         timer.mark("rollout")
         rewards = score(model, ref, rolls, tok.pad_token_id, args, ctx)
-        if args.reward in CONTROLS:  # seeded per (seed, rank, step): reproducible, rank-independent
+        if args.reward in CONTROLS:  # random: seeded per (seed, rank, step), reproducible
             gen = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}/{rank}/{step}/r".encode()))
             rewards = control_rewards([problems[r["i"]] for r in rolls], [r["text"] for r in rolls],
                                       args.reward, n, gen).to(device)

@@ -2150,6 +2150,20 @@ def shard_model(model, method, cuda):
     register_fsdp_forward_method(model, method)
 
 
+def pack(rows, pad_id, device):
+    """(prompt ids, response ids) rows as one left-padded batch: ids, attention mask, and resp marking the response
+    tokens (EOS included: generate_batch cuts after the first stop token, so no pad after EOS is ever scored)."""
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        ids[i, width - len(p) - len(r):] = torch.tensor(p + r)
+        attn[i, width - len(p) - len(r):] = 1
+        resp[i, width - len(r):] = True
+    return ids.to(device), attn.to(device), resp.to(device)
+
+
 def set_gathered(model, on):
     """FSDP2: gather the full weights and keep them (on), or reshard (off); collective, a no-op without FSDP.
     In between, ranks decode on their own (uneven generate steps, no collective)."""

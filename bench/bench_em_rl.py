@@ -114,8 +114,8 @@ def main():
         return torch.cat(outs)[:, P:]
     responses, t_roll = timed(rollout)
     mem_roll = peak_gb()
-    batches = [em_rl.pad_batch(prompts[i:i + args.micro_batch_size].tolist(),
-                               responses[i:i + args.micro_batch_size].tolist(), 0, device)
+    batches = [ev.pack(list(zip(prompts[i:i + args.micro_batch_size].tolist(),
+                                responses[i:i + args.micro_batch_size].tolist())), 0, device)
                for i in range(0, args.batch, args.micro_batch_size)]
 
     def score(m):

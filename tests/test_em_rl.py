@@ -102,7 +102,7 @@ def test_masking_and_shift_on_left_padded_batch(tiny):
     prompts = [tok(ev.build_prompt(tok, q, "agarwal"), add_special_tokens=False).input_ids
                for q in ["What is 2+3?", "Find x such that 3x + 5 = 20, and explain every single step of it."]]
     responses = [[17, 40, 99, tok.eos_token_id], [5, 123]]
-    ids, attn, resp = em_rl.pad_batch(prompts, responses, tok.pad_token_id, "cpu")
+    ids, attn, resp = pad_batch(prompts, responses, tok.pad_token_id, "cpu")
     assert (attn.sum(1) == torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])).all()
     captured = {}
 
@@ -149,7 +149,7 @@ def _mean_reward(model, tok, problems, kind):
     outs = ev.generate_batch(model, tok, [texts[i] for i in group], 24, 1.0, seed=123)
     prompts = [tok(texts[i], add_special_tokens=False).input_ids for i in group]
     with torch.no_grad():
-        lp, ent, cert, row = em_rl.response_stats(model, *em_rl.pad_batch(prompts, [o["ids"] for o in outs],
+        lp, ent, cert, row = em_rl.response_stats(model, *pad_batch(prompts, [o["ids"] for o in outs],
                                                                           tok.pad_token_id, "cpu"))
     return em_rl.em_rewards(lp, ent, cert, row, len(group), kind, "mean").mean().item()
 
@@ -226,7 +226,7 @@ def test_two_process_fsdp2_gloo_equals_one_process(tiny_model_dir, data_dir, tmp
     # the step's metrics gathered over the ranks (records) and all-reduced (kl, clip fraction) equal one process's,
     # whose values the replay tests above recompute; the KL (mini-batch 2 is off-policy) is not 0
     assert logs[1]["kl"] > 0 and one[1]["accuracy"] == 0
-    for key in ("reward", "entropy", "length", "truncated", "repeat", "accuracy", "kl", "clip_frac"):
+    for key in ("reward", "entropy", "length", "truncated", "repetition_rate", "accuracy", "kl", "clip_frac"):
         assert logs[1][key] == pytest.approx(one[1][key], rel=1e-4, abs=1e-9), key
     meta = json.loads((tmp_path / "d" / "step_1" / "train_args.json").read_text())
     assert meta["world_size"] == 2
@@ -265,14 +265,15 @@ def test_two_process_update_equals_one_process_replay(loss_agg, head, request, t
     model, tok = ev.load_model(model_dir)
     assert model.config.tie_word_embeddings == (head == "tied")
     prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in recs]
-    batch = em_rl.pad_batch(prompts, [r["ids"] for r in recs], tok.pad_token_id, "cpu")
+    batch = pad_batch(prompts, [r["ids"] for r in recs], tok.pad_token_id, "cpu")
     with torch.no_grad():
         lp, ent, cert, row = em_rl.response_stats(model, *batch)
         rewards = em_rl.em_rewards(lp, ent, cert, row, len(recs), "token", "mean")
     adv = em_rl.group_advantages(rewards, 4, "rloo")
     assert [r["advantage"] for r in recs] == pytest.approx(adv.tolist(), rel=1e-3, abs=1e-5)
     log = json.loads((out / "log.jsonl").read_text())
-    assert [r["correct"] for r in recs] == [ev.is_correct(r["response"], "5") for r in recs]
+    assert [r["correct"] for r in recs] == [ok for ok, _ in ev.grade_batch([{"answer": "5"}] * len(recs),
+                                                                          [r["response"] for r in recs])]
     check_response_metrics(log, recs, ev.stop_token_ids(tok, model), 4,
                            (rewards.tolist(), [e.sum().item() for e in ent.split([len(r["ids"]) for r in recs])]))
     assert log["kl"] == 0 and log["clip_frac"] == 0  # no reference model (--kl-coef 0); REINFORCE: ratio 1
@@ -294,13 +295,29 @@ def test_two_process_update_equals_one_process_replay(loss_agg, head, request, t
     loaded, _ = ev.load_model(str(out / "step_1"))
     assert loaded.config.tie_word_embeddings == (head == "tied")
     for (name, x), y in zip(loaded.named_parameters(), model.parameters()):
-        torch.testing.assert_close(x, y.detach(), rtol=0, atol=2e-5, msg=name)
+        assert_adam_step_close(x, y, 1e-3, name)
 
 
-def by_hand_repeat(ids, n=4):
-    """Share of a response's n-grams that repeat an earlier one, counted one by one."""
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return sum(g in grams[:i] for i, g in enumerate(grams)) / len(grams) if grams else 0.0
+def assert_adam_step_close(x, y, lr, name):
+    """Weights after one AdamW step of two runs that summed the same gradients in another order (2 ranks vs one
+    process): Adam's first step moves a weight by ~lr * sign(grad), so where a gradient is float noise (1e-5 of the
+    largest) its sign, and the step, may differ by 2 lr; everywhere else the weights agree to 2e-5."""
+    g = y.grad.abs()
+    clear = g > 1e-5 * g.max()
+    torch.testing.assert_close(x[clear], y.detach()[clear], rtol=0, atol=2e-5, msg=name)
+    assert (x - y.detach()).abs().max() <= 2 * lr + 1e-6, name
+
+
+def pad_batch(prompts, responses, pad_id, device):  # em_rl's batches: evaluate.pack of (prompt, response) rows
+    return ev.pack(list(zip(prompts, responses)), pad_id, device)
+
+
+def by_hand_loops(text, n=4, tail=64):
+    """A looping tail: of the word n-grams of the last `tail` words (at least 8), more than half repeat an earlier
+    one, counted one by one."""
+    words = text.split()[-tail:]
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) >= 8 and sum(g in grams[:i] for i, g in enumerate(grams)) > len(grams) / 2
 
 
 def by_hand_pearson(x, y):
@@ -315,7 +332,7 @@ def check_response_metrics(log, recs, stops, n, replayed=None):
     N, L = len(recs), sum(len(r["ids"]) for r in recs)
     for r in recs:
         assert r["length"] == len(r["ids"]) and r["truncated"] == (r["ids"][-1] not in stops)
-        assert r["repeat"] == pytest.approx(by_hand_repeat(r["ids"]))
+        assert r["loops"] == by_hand_loops(r["response"])
     if replayed is not None:
         assert [r["reward"] for r in recs] == pytest.approx(replayed[0], rel=1e-4, abs=1e-5)
         assert [r["entropy_sum"] for r in recs] == pytest.approx(replayed[1], rel=1e-4, abs=1e-5)
@@ -323,8 +340,7 @@ def check_response_metrics(log, recs, stops, n, replayed=None):
     assert log["length"] == L / N and log["length_vs_step1"] == 1.0
     assert log["entropy"] == pytest.approx(sum(r["entropy_sum"] for r in recs) / L, rel=1e-6)
     assert log["truncated"] == sum(r["truncated"] for r in recs) / N
-    assert log["repeat"] == pytest.approx(sum(r["repeat"] for r in recs) / N)
-    assert log["spam"] == sum(r["repeat"] > 0.5 for r in recs) / N
+    assert log["repetition_rate"] == sum(r["loops"] for r in recs) / N
     ok = [r["correct"] for r in recs]
     assert log["accuracy"] == sum(ok) / N
     centered = [c - sum(ok[j - j % n:j - j % n + n]) / n for j, c in enumerate(ok)]  # correctness within the group
@@ -346,7 +362,7 @@ def test_released_micro_batch_loss_with_bonus_and_kl_replayed(head, request, tmp
     its correlations non-trivial."""
     from conftest import PROMPTS
     model_dir = request.getfixturevalue("eos_model_dir" if head == "tied" else "untied_eos_model_dir")
-    monkeypatch.setattr(ev, "is_correct", lambda text, gold: len(text) % 2 == 0)
+    monkeypatch.setattr(ev, "grade_batch", lambda problems, texts, **kw: [(len(t) % 2 == 0, "rule") for t in texts])
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"problem": q, "answer": "5"}) + "\n" for q in PROMPTS[:2]))
     out = tmp_path / "o"
@@ -362,9 +378,12 @@ def test_released_micro_batch_loss_with_bonus_and_kl_replayed(head, request, tmp
     prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in recs]
     sizes = [len(r["ids"]) for r in recs]
     ns = types.SimpleNamespace(update="ppo-clip", clip_ratio=0.02)  # a narrow clip: it acts at this small lr
-    with torch.no_grad():  # old log-probs = reference log-probs: both from the initial model; rewards, entropies
-        lp0, ent0, cert0, row0 = em_rl.response_stats(model, *em_rl.pad_batch(prompts, [r["ids"] for r in recs],
-                                                                              tok.pad_token_id, "cpu"))
+    with torch.no_grad():  # old log-probs = reference log-probs: both from the initial model; rewards, entropies;
+        # in em_rl's scoring micro-batches (3, 3, 2), so that the replay computes exactly what em_rl computed
+        parts = [em_rl.response_stats(model, *pad_batch(prompts[i:i + 3], [r["ids"] for r in recs[i:i + 3]],
+                                                        tok.pad_token_id, "cpu")) for i in (0, 3, 6)]
+        lp0, ent0, cert0 = (torch.cat([part[k] for part in parts]) for k in range(3))
+        row0 = torch.cat([part[3] + i for part, i in zip(parts, (0, 3, 6))])
     old = lp0.split(sizes)
     rewards = em_rl.em_rewards(lp0, ent0, cert0, row0, len(recs), "token", "mean")
     adv = em_rl.group_advantages(rewards, 4, "rloo")
@@ -373,7 +392,7 @@ def test_released_micro_batch_loss_with_bonus_and_kl_replayed(head, request, tmp
     sums = torch.zeros(4, dtype=torch.float64)  # loss, kl, clipped tokens, tokens
     for mini in ([0, 1, 2, 3], [4, 5, 6, 7]):
         for chunk in (mini[:3], mini[3:]):
-            lp, ent, _, row = em_rl.response_stats(model, *em_rl.pad_batch(
+            lp, ent, _, row = em_rl.response_stats(model, *pad_batch(
                 [prompts[i] for i in chunk], [recs[i]["ids"] for i in chunk], tok.pad_token_id, "cpu"), grad=True)
             o, a = torch.cat([old[i] for i in chunk]), adv[chunk][row]
             kl = em_rl.k3_kl(o, lp)

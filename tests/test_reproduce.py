@@ -56,9 +56,15 @@ def test_one_shot_pipeline_on_tiny_model(tiny_model_dir, data_dir, tmp_path):
                    "--benchmarks", "gsm8k,amc23", "--limit", "3", "--max-new-tokens", "8", "--logit-stats",
                    "--select", os.path.join(data_dir, "dsr_sub.parquet"),
                    "--select-args=--limit 4 --k 2 --max-new-tokens 8 --score entropy",
-                   "--train-args=--max-steps 1 --batch-size 4 --max-new-tokens 8", "--out", str(tmp_path))
+                   "--train-args=--max-steps 1 --batch-size 4 --max-new-tokens 8", "--with-code", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| amc23 (n=3) |" in proc.stdout and "44.1 | 70.3 |" in proc.stdout  # ours next to the paper's
+    for bench, paper in (("mbpp-378", "48.9 | 65.1 |"), ("kk", "1.0 | 17.4 |")):  # One-shot EM's code and logic
+        cells = printed_row(proc.stdout, bench, 3)
+        base, em = (first_sample_counts(tmp_path / f"eval_{t}_code" / "samples.jsonl", bench) for t in ("base", "em"))
+        assert_cell(cells[0], *base)
+        assert_cell(cells[2], *em)
+        assert paper in proc.stdout and "OpenCodeEval protocol" in proc.stdout
     assert "skew (pooled top-k)" in proc.stdout
     # base and EM histograms on one figure, only when matplotlib happens to be installed
     assert (tmp_path / "logit_shift.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
@@ -66,16 +72,19 @@ def test_one_shot_pipeline_on_tiny_model(tiny_model_dir, data_dir, tmp_path):
     with open(tmp_path / "train" / "step_1" / "train_args.json") as f:
         assert json.load(f)["args"]["data"] == str(tmp_path / "prompt.jsonl")
     res = json.loads((tmp_path / "reproduce.json").read_text())
-    assert [r["benchmark"] for r in res["rows"]] == ["gsm8k", "amc23"]
+    assert [r["benchmark"] for r in res["rows"]] == ["gsm8k", "amc23", "mbpp-378", "kk"]
     # every number printed, recomputed from the samples the two evaluations wrote (the tiny model is never right:
     # 0 of 3, whose interval is [0, 56.2])
     for row, bench in zip(res["rows"], ["gsm8k", "amc23"]):
         base = first_sample_counts(tmp_path / "eval_base" / "samples.jsonl", bench)
         em = first_sample_counts(tmp_path / "eval_em" / "samples.jsonl", bench)
         assert base[1] == em[1] == 3 and (row["base"], row["em"]) == (list(base), list(em))
+        fewshot = first_sample_counts(tmp_path / "eval_base_fewshot" / "samples.jsonl", bench)
         cells = printed_row(proc.stdout, bench, 3)
         assert_cell(cells[0], *base)
-        assert_cell(cells[1], *em)
+        assert_cell(cells[1], *fewshot)  # the base fairly prompted: few-shot, no chat template
+        assert_cell(cells[2], *em)
+        assert float(cells[3]) == pytest.approx(100 * (em[0] / 3 - max(base[0], fewshot[0]) / 3), abs=0.051)
         for tag in ("base", "em"):
             ls = json.loads((tmp_path / f"eval_{tag}" / "results.json").read_text())["metrics"][bench]["logit_stats"]
             assert f"{tag} {bench}: entropy {ls['entropy']:.3f}, skew (vocab) {ls['skew_vocab']:.3f}, skew (pooled " \
@@ -99,7 +108,7 @@ def test_em_inf_pipeline_on_tiny_model(tiny_model_dir, data_dir, tmp_path):
             acc[mode].append(100 * k / n)
         h = entropy[bench]
         assert cells[3] == f"{h['entropy_t1_before']:.3f} -> {h['entropy_t1_after']:.3f}"
-    average = next(x for x in proc.stdout.splitlines() if x.startswith("| average |"))
+    average = next(x for x in proc.stdout.splitlines() if x.startswith("| average (math) |"))
     assert [float(c) for c in average.strip("|").split("|")[1:4]] == pytest.approx(
         [sum(v) / 2 for v in acc.values()], abs=0.051)
 
@@ -146,3 +155,21 @@ def test_failing_step_is_one_line(data_dir, tmp_path):
                    "--benchmarks", "gsm8k", "--limit", "1", "--out", str(tmp_path))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "step failed" in proc.stderr and "model path does not exist" in proc.stderr
+
+
+def test_em_rl_code_pipeline_on_tiny_model(tiny_model_dir, data_dir, tmp_path):
+    """Table 2's code columns: base and EM-RL on LeetCode and LiveCodeBench rows, each printed beside the paper's."""
+    proc = run_cli("bench/reproduce.py", "em-rl-code", "--model", tiny_model_dir, "--data-dir", data_dir, "--limit",
+                   "2", "--max-new-tokens", "6", "--train-data", os.path.join(data_dir, "leetcode.jsonl"),
+                   "--train-args=--steps 1 --batch-size 2 --n-rollouts 2 --max-new-tokens 6 --ppo-minibatches 2",
+                   "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for bench, paper in (("leetcode", "26.1 | 29.5 | 31.1 |"), ("livecodebench", "18.4 | 24.5 | 21.7 |")):
+        cells = printed_row(proc.stdout, bench, 2)
+        for cell, tag in zip(cells, ("base", "em")):
+            assert_cell(cell, *first_sample_counts(tmp_path / f"eval_{tag}_{bench}" / "samples.jsonl", bench))
+        assert paper in proc.stdout
+    args = json.loads((tmp_path / "train" / "step_1" / "train_args.json").read_text())["args"]
+    assert args["template"] == "eurus-code" and args["data"].endswith("leetcode.jsonl")
+    lcb = json.loads((tmp_path / "eval_base_livecodebench" / "results.json").read_text())["protocol"]
+    assert (lcb["temperature"], lcb["top_p"]) == (0.2, 0.95)  # Table 2's LiveCodeBench sampling
