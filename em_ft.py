@@ -120,66 +120,64 @@ def accumulate_gradients(model, rows, pad_id, args, tokens, responses, world=1, 
 
 def run_eval(model, tokenizer, eval_set, args, step, rank, world, log):
     """Greedy eval, each rank on its share; rank 0 logs the metrics of all samples."""
-    m = ev.evaluate_on_ranks(model, tokenizer, eval_set, rank, world, name=args.eval_benchmark,
-                             template=args.eval_template, max_new_tokens=args.eval_max_new_tokens,
-                             batch_size=args.rollout_batch_size, seed=args.seed, engine=args.engine)[0]
+    m = ev.evaluate_on_ranks(model, tokenizer, eval_set, args, args.eval_template, rank, world)
     if rank == 0:
-        tqdm.write(f"eval step {step}: {args.eval_benchmark} pass@1 {m['pass@1']:.1f}")
-        print(json.dumps({"step": step, f"eval_{args.eval_benchmark}": m["pass@1"],
-                          "eval_problems": m["problems"]}), file=log, flush=True)
+        tqdm.write(f"eval step {step}: {args.eval_benchmark} pass@1 {m['eval_pass@1']:.1f}")
+        print(json.dumps({"step": step, **m}), file=log, flush=True)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Entropy-minimization fine-tuning (One-shot EM, EM-FT).")
+    arg = p.add_argument
     # --- recipe and data (None = the recipe's value: one-shot / em-ft, see RECIPES)
-    p.add_argument("--recipe", default="one-shot", choices=list(RECIPES), help="set of defaults")
-    p.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
-    p.add_argument("--data", help="prompt set: .json/.jsonl/.parquet file or hub id (one-shot: the "
-                   "embedded prompt pi_1; em-ft: required)")
-    p.add_argument("--problem-key", help="problem column (default: problem/question/...)")
-    p.add_argument("--template", choices=list(ev.TEMPLATES), help="prompt format (chat / agarwal)")
+    arg("--recipe", default="one-shot", choices=list(RECIPES), help="set of defaults")
+    arg("--model", required=True, help="hub id or local folder of a causal LM")
+    arg("--data", help="prompt set: .json/.jsonl/.parquet file or hub id (one-shot: the "
+        "embedded prompt pi_1; em-ft: required)")
+    arg("--problem-key", help="problem column (default: problem/question/...)")
+    arg("--template", choices=list(ev.TEMPLATES), help="prompt format (chat / agarwal)")
     # --- rollouts
-    p.add_argument("--batch-size", type=ev.pos_int, help="rollouts per update, all ranks (64 / 512)")
-    p.add_argument("--max-new-tokens", type=ev.pos_int, help="response budget (512 / 3072)")
-    p.add_argument("--temperature", type=ev.nonneg_float, help="rollout temperature (0.5 / 1.0)")
-    p.add_argument("--top-p", type=ev.unit_float, help="rollout nucleus sampling (0.95 / 1.0)")
-    p.add_argument("--repetition-penalty", type=ev.pos_float, help="rollout penalty (1.15 / 1.0)")
-    p.add_argument("--rollout-batch-size", type=ev.pos_int, default=64, help="per generate call")
-    p.add_argument("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
+    arg("--batch-size", type=ev.pos_int, help="rollouts per update, all ranks (64 / 512)")
+    arg("--max-new-tokens", type=ev.pos_int, help="response budget (512 / 3072)")
+    arg("--temperature", type=ev.nonneg_float, help="rollout temperature (0.5 / 1.0)")
+    arg("--top-p", type=ev.unit_float, help="rollout nucleus sampling (0.95 / 1.0)")
+    arg("--repetition-penalty", type=ev.pos_float, help="rollout penalty (1.15 / 1.0)")
+    arg("--rollout-batch-size", type=ev.pos_int, default=64, help="per generate call")
+    arg("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
     # --- loss
-    p.add_argument("--loss-temperature", type=ev.pos_float, help="T in softmax(z/T) (0.5 / 1.0)")
-    p.add_argument("--loss-norm", choices=["token-mean", "trajectory-sum", "micro-token-mean"],
-                   help="token-mean / trajectory-sum; micro-token-mean: the release's (em_loss)")
-    p.add_argument("--entropy-chunk", type=ev.pos_int, default=1024, help="positions per chunk")
+    arg("--loss-temperature", type=ev.pos_float, help="T in softmax(z/T) (0.5 / 1.0)")
+    arg("--loss-norm", choices=["token-mean", "trajectory-sum", "micro-token-mean"],
+        help="token-mean / trajectory-sum; micro-token-mean: the release's (em_loss)")
+    arg("--entropy-chunk", type=ev.pos_int, default=1024, help="positions per chunk")
     # --- optimizer (AdamW, constant lr)
-    p.add_argument("--max-steps", type=ev.pos_int, help="optimizer updates (2 = the paper's step_10 / 40)")
-    p.add_argument("--lr", type=ev.pos_float, help="learning rate (2e-5 / 1e-6)")
-    p.add_argument("--weight-decay", type=ev.nonneg_float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--betas", type=ev.unit_open, nargs=2, default=(0.9, 0.999), help="AdamW betas")
-    p.add_argument("--eps", type=ev.pos_float, default=1e-8, help="AdamW epsilon")
-    p.add_argument("--grad-clip", type=ev.pos_float, default=1.0, help="max global gradient norm")
-    p.add_argument("--micro-batch-size", type=ev.pos_int, default=8, help="sequences per fwd/bwd")
-    p.add_argument("--seed", type=ev.seed_int, default=15, help="the paper's 15 (seed-sensitive)")
+    arg("--max-steps", type=ev.pos_int, help="optimizer updates (2 = the paper's step_10 / 40)")
+    arg("--lr", type=ev.pos_float, help="learning rate (2e-5 / 1e-6)")
+    arg("--weight-decay", type=ev.nonneg_float, default=0.01, help="AdamW weight decay")
+    arg("--betas", type=ev.unit_open, nargs=2, default=(0.9, 0.999), help="AdamW betas")
+    arg("--eps", type=ev.pos_float, default=1e-8, help="AdamW epsilon")
+    arg("--grad-clip", type=ev.pos_float, default=1.0, help="max global gradient norm")
+    arg("--micro-batch-size", type=ev.pos_int, default=8, help="sequences per fwd/bwd")
+    arg("--seed", type=ev.seed_int, default=15, help="the paper's 15 (seed-sensitive)")
     # --- evaluation and early stopping
-    p.add_argument("--eval-every", type=ev.nonneg_int, default=0, help="eval at 0, every N updates")
-    p.add_argument("--eval-benchmark", default="math500", help="benchmark name or file")
-    p.add_argument("--eval-limit", type=ev.pos_int, default=100, help="its first N problems")
-    p.add_argument("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="greedy eval budget")
-    p.add_argument("--eval-template", choices=list(ev.TEMPLATES), help="qwen-math / agarwal")
-    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local "
-                   "copies of the benchmark files (default $EM_DATA_DIR, else the Hub)")
-    p.add_argument("--allow-code-execution", action="store_true", help="consent to run the model's "
-                   "programs (a code --eval-benchmark)")
-    p.add_argument("--stop-entropy", type=ev.nonneg_float, help="stop once the entropy is < X")
-    p.add_argument("--stop-entropy-drop", type=ev.unit_float, help="stop once it fell by this share")
+    arg("--eval-every", type=ev.nonneg_int, default=0, help="eval at 0, every N updates")
+    arg("--eval-benchmark", default="math500", help="benchmark name or file")
+    arg("--eval-limit", type=ev.pos_int, default=100, help="its first N problems")
+    arg("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="greedy eval budget")
+    arg("--eval-template", choices=list(ev.TEMPLATES), help="qwen-math / agarwal")
+    arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local "
+        "copies of the benchmark files (default $EM_DATA_DIR, else the Hub)")
+    arg("--allow-code-execution", action="store_true", help="consent to run the model's "
+        "programs (a code --eval-benchmark)")
+    arg("--stop-entropy", type=ev.nonneg_float, help="stop once the entropy is < X")
+    arg("--stop-entropy-drop", type=ev.unit_float, help="stop once it fell by this share")
     # --- checkpoints and system
-    p.add_argument("--out", default="em_ft_out", help="output folder")
-    p.add_argument("--log-rollouts", action="store_true", help="rollouts to <out>/rollouts.jsonl")
-    p.add_argument("--save-steps", type=ev.step_list, default="", help="updates to save (+ the last)")
-    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, help="fp32 master "
-                   "+ AdamW on the CPU (default, 1 GPU: on the GPU if they fit)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute activations in backward (default: on with CUDA)")
+    arg("--out", default="em_ft_out", help="output folder")
+    arg("--log-rollouts", action="store_true", help="rollouts to <out>/rollouts.jsonl")
+    arg("--save-steps", type=ev.step_list, default="", help="updates to save (+ the last)")
+    arg("--offload-optimizer", action=argparse.BooleanOptionalAction, help="fp32 master "
+        "+ AdamW on the CPU (default, 1 GPU: on the GPU if they fit)")
+    arg("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+        help="recompute activations in backward (default: on with CUDA)")
     args = p.parse_args(argv)
     for k, v in RECIPES[args.recipe].items():  # the recipe fills what the command line left unset
         if getattr(args, k) is None:
@@ -188,7 +186,7 @@ def main(argv=None):
 
 
 def train(args):
-    # ---------------------------------------------------------------- setup
+    # ------------------------------------------------------------ setup
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available()
     fsdp, fp32_master = world > 1, args.offload_optimizer or (cuda and world == 1)
     if args.batch_size % world:
@@ -204,7 +202,7 @@ def train(args):
     rank, world = ev.init_distributed()
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
-    # ---------------------------------------------------------------- data
+    # ------------------------------------------------------------ data
     problems = ev.load_benchmark(args.data, args.data_dir, args.problem_key, require_answer=False) \
         if args.data else [{"problem": PI1}]  # code prompt sets: --template eurus-code (or a code benchmark)
     eval_set = ev.load_benchmark(args.eval_benchmark, args.data_dir,
@@ -212,7 +210,7 @@ def train(args):
     if any(p.get("kind") == "code" for p in eval_set):
         ev.require_code_consent(args.allow_code_execution)  # before the model loads
 
-    # ---------------------------------------------------------------- model
+    # ------------------------------------------------------------ model
     # bf16 keeps 8 significant bits: lr-sized updates (2e-5 on |w| ~ 1e-2) mostly round to nothing
     # in bf16 weights, hence fp32 master weights. 1 GPU: a bf16 model, the fp32 master + AdamW on
     # the GPU if 14 B/param fit, else on the CPU. torchrun: FSDP2 shards fp32 params, bf16 compute.
@@ -233,13 +231,13 @@ def train(args):
     if fsdp:
         ev.shard_model(model, "response_entropy", cuda)
 
-    # ---------------------------------------------------------------- optimizer
+    # ------------------------------------------------------------ optimizer
     params = [q for q in model.parameters() if q.requires_grad]
     where = ev.master_placement(params, args.offload_optimizer, rank == 0) if fp32_master else None
     optimizer = ev.MasterAdamW(params, where, lr=args.lr, betas=args.betas, eps=args.eps,
                                weight_decay=args.weight_decay)
 
-    # ---------------------------------------------------------------- loop
+    # ------------------------------------------------------------ loop
     rng = random.Random(args.seed)  # the same on every rank: all agree on the global batch
     order = itertools.chain.from_iterable(rng.sample(range(len(prompts)), len(prompts))
                                           for _ in itertools.count())
@@ -250,8 +248,6 @@ def train(args):
     first_entropy, first_len, said = None, None, set()
     for step in tqdm(range(1, args.max_steps + 1), desc="em_ft", disable=rank != 0, dynamic_ncols=True):
         timer = ev.PhaseTimer(cuda)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
         batch = list(itertools.islice(order, args.batch_size))[rank * per_rank:][:per_rank]
         # each rank samples its share with its own seed; FSDP: weights stay gathered while decoding
         ev.set_gathered(model, True)

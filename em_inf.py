@@ -144,55 +144,56 @@ ENTROPY_KEYS = ("entropy_before", "entropy_after", "entropy_t1_before", "entropy
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="EM-INF / adaptive-temperature decoding.")
+    arg = p.add_argument
     # --- model and data
-    p.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
-    p.add_argument("--benchmarks", default="math500,aimo-amc,aimo-aime,minerva,olympiadbench",
-                   help="comma list of evaluate.py benchmarks or files (default: Table 3's five)")
-    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local "
-                   "copies of the benchmark files (default $EM_DATA_DIR, else the Hub)")
-    p.add_argument("--limit", type=ev.pos_int, help="first N problems of each benchmark")
-    p.add_argument("--template", default="agarwal", choices=list(ev.TEMPLATES),
-                   help="prompt format (agarwal: their protocol)")
+    arg("--model", required=True, help="hub id or local folder of a causal LM")
+    arg("--benchmarks", default="math500,aimo-amc,aimo-aime,minerva,olympiadbench",
+        help="comma list of evaluate.py benchmarks or files (default: Table 3's five)")
+    arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local "
+        "copies of the benchmark files (default $EM_DATA_DIR, else the Hub)")
+    arg("--limit", type=ev.pos_int, help="first N problems of each benchmark")
+    arg("--template", default="agarwal", choices=list(ev.TEMPLATES),
+        help="prompt format (agarwal: their protocol)")
     # --- method
-    p.add_argument("--mode", default="em-inf", choices=["em-inf", "adaptive-temp", "plain"])
-    p.add_argument("--compare-plain", action="store_true", help="also plain sampling, same code "
-                   "path, temperature and seeds")
-    p.add_argument("--n-steps", type=ev.nonneg_int, default=3, help="EM-INF: Adam steps per token")
-    p.add_argument("--lr", type=ev.nonneg_float, default=0.1, help="EM-INF: Adam lr on the logits")
-    p.add_argument("--threshold", type=ev.nonneg_float, default=0.3, help="EM-INF: stop a row once "
-                   "its entropy (nats, T=1) is below this")
-    p.add_argument("--kl-weight", type=ev.nonneg_float, default=0.05, help="EM-INF: weight of "
-                   "KL(p0 || p) (the script's; its function default 0.001)")
-    p.add_argument("--target-ratio", type=ev.unit_float, default=0.85, help="adaptive-temp: target "
-                   "/ initial entropy (the paper: 0.4-0.6 best)")
-    p.add_argument("--tmin", type=ev.pos_float, default=0.01, help="adaptive-temp: lowest T")
-    p.add_argument("--tmax", type=ev.pos_float, default=1.0, help="adaptive-temp: highest T")
-    p.add_argument("--tol", type=ev.pos_float, default=0.1, help="adaptive-temp: tolerance (nats)")
-    p.add_argument("--max-iter", type=ev.pos_int, default=100, help="adaptive-temp: most halvings")
-    p.add_argument("--at-threshold", type=ev.nonneg_float, default=1e-5, help="adaptive-temp: rows "
-                   "at or below this entropy stay; also the lowest target")
+    arg("--mode", default="em-inf", choices=["em-inf", "adaptive-temp", "plain"])
+    arg("--compare-plain", action="store_true", help="also plain sampling, same code "
+        "path, temperature and seeds")
+    arg("--n-steps", type=ev.nonneg_int, default=3, help="EM-INF: Adam steps per token")
+    arg("--lr", type=ev.nonneg_float, default=0.1, help="EM-INF: Adam lr on the logits")
+    arg("--threshold", type=ev.nonneg_float, default=0.3, help="EM-INF: stop a row once "
+        "its entropy (nats, T=1) is below this")
+    arg("--kl-weight", type=ev.nonneg_float, default=0.05, help="EM-INF: weight of "
+        "KL(p0 || p) (the script's; its function default 0.001)")
+    arg("--target-ratio", type=ev.unit_float, default=0.85, help="adaptive-temp: target "
+        "/ initial entropy (the paper: 0.4-0.6 best)")
+    arg("--tmin", type=ev.pos_float, default=0.01, help="adaptive-temp: lowest T")
+    arg("--tmax", type=ev.pos_float, default=1.0, help="adaptive-temp: highest T")
+    arg("--tol", type=ev.pos_float, default=0.1, help="adaptive-temp: tolerance (nats)")
+    arg("--max-iter", type=ev.pos_int, default=100, help="adaptive-temp: most halvings")
+    arg("--at-threshold", type=ev.nonneg_float, default=1e-5, help="adaptive-temp: rows "
+        "at or below this entropy stay; also the lowest target")
     # --- decoding
-    p.add_argument("--temperature", type=ev.pos_float, help="after the update (default 0.1; "
-                   "adaptive-temp 1.0, as released)")
-    p.add_argument("--sampling-config", default="model", choices=["model", "clean"], help="model: "
-                   "the model's top-k/top-p/penalty (released EM-INF); clean: none. Every mode")
-    p.add_argument("--top-k", type=ev.nonneg_int, help="override --sampling-config's (0 = off)")
-    p.add_argument("--top-p", type=ev.unit_float, help="override --sampling-config's")
-    p.add_argument("--repetition-penalty", type=ev.pos_float, help="override --sampling-config's")
-    p.add_argument("--max-new-tokens", type=ev.pos_int, default=4096, help="budget per response")
-    p.add_argument("--n", type=ev.pos_int, default=1, help="samples per problem (pass@1: mean)")
-    p.add_argument("--seed", type=ev.seed_int, default=0, help="sampling seed (per batch)")
-    p.add_argument("--answer-fallback", action="store_true", help="as evaluate.py's")
-    p.add_argument("--allow-code-execution", action="store_true", help="consent to run the model's "
-                   "programs (code benchmarks, e.g. leetcode: Table 3's column)")
-    p.add_argument("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
+    arg("--temperature", type=ev.pos_float, help="after the update (default 0.1; "
+        "adaptive-temp 1.0, as released)")
+    arg("--sampling-config", default="model", choices=["model", "clean"], help="model: "
+        "the model's top-k/top-p/penalty (released EM-INF); clean: none. Every mode")
+    arg("--top-k", type=ev.nonneg_int, help="override --sampling-config's (0 = off)")
+    arg("--top-p", type=ev.unit_float, help="override --sampling-config's")
+    arg("--repetition-penalty", type=ev.pos_float, help="override --sampling-config's")
+    arg("--max-new-tokens", type=ev.pos_int, default=4096, help="budget per response")
+    arg("--n", type=ev.pos_int, default=1, help="samples per problem (pass@1: mean)")
+    arg("--seed", type=ev.seed_int, default=0, help="sampling seed (per batch)")
+    arg("--answer-fallback", action="store_true", help="as evaluate.py's")
+    arg("--allow-code-execution", action="store_true", help="consent to run the model's "
+        "programs (code benchmarks, e.g. leetcode: Table 3's column)")
+    arg("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
     # --- system
-    p.add_argument("--batch-size", type=ev.pos_int, default=64, help="per generate call (per GPU)")
-    p.add_argument("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or "
-                   "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the EM-INF update (CUDA)")
-    p.add_argument("--out", help="output folder (default eval_out/em_inf-<model name>)")
+    arg("--batch-size", type=ev.pos_int, default=64, help="per generate call (per GPU)")
+    arg("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
+    arg("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or "
+        "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
+    arg("--compile", action="store_true", help="torch.compile the EM-INF update (CUDA)")
+    arg("--out", help="output folder (default eval_out/em_inf-<model name>)")
     ev.cli_main(run, p.parse_args(argv), resumes=False)
 
 

@@ -1,23 +1,23 @@
 r"""
-EM-RL (Agarwal et al., arXiv 2505.15134): on-policy RL whose only reward is the model's confidence:
---reward token (-sum_t H_t), sequence (log pi(y|x)) or self-certainty (Intuitor's); and controls:
-majority, random, format. Each step: --n-rollouts responses per prompt, a no-grad forward, a
+EM-RL (Agarwal et al., arXiv 2505.15134): on-policy RL whose only reward is the model's confidence
+(--reward token: -sum_t H_t, sequence: log pi(y|x), self-certainty: Intuitor's), or a control
+(majority, random, format). Each step: --n-rollouts responses per prompt, a no-grad forward, a
 leave-one-out baseline, the update.
 
     python em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl                  # 1 GPU
     torchrun --nproc_per_node=8 em_rl.py --model Qwen/Qwen2.5-Math-7B --data numina.jsonl
-    python tests/tiny_model.py /tmp/tiny && python em_rl.py --model /tmp/tiny \
-        --data tests/data/gsm8k.jsonl --batch-size 4 --max-new-tokens 48 --steps 3    # CPU
+    python tests/tiny_model.py /tmp/tiny && python em_rl.py --model /tmp/tiny --data \
+        tests/data/gsm8k.jsonl --batch-size 4 --max-new-tokens 48 --steps 3             # CPU
 
 The paper vs its released code (verl), which made the tables and gives the defaults:
-  paper                    released = default                          flag
-  reward: sum over tokens  mean over the response's tokens             --reward-agg sum
-  REINFORCE (RLOO)         PPO-clip 0.2, 4 mini-batches, 1 epoch        --update reinforce
-  no entropy term          verl's +0.001 entropy bonus (raises H)       --entropy-bonus 0
-  (1/N) sum_i A_i sum_t    mean of micro-batch (8/GPU) token means      --loss-agg seq-mean-token-sum
-  early stop (validation)  one epoch: floor(prompts / 512) steps        --steps
-  4096-token sequences     prompts > 1024 tokens dropped; 3072 new      --max-prompt-length
-Left out: vLLM, packing. Outputs: step_<N>/ (rollout steps of --ppo-minibatches updates), log.jsonl.
+  paper                   released = default                        flag
+  reward: sum of tokens   mean over the response's tokens           --reward-agg sum
+  REINFORCE (RLOO)        PPO-clip 0.2, 4 mini-batches, 1 epoch     --update reinforce
+  no entropy term         verl's +0.001 entropy bonus (raises H)    --entropy-bonus 0
+  (1/N) sum_i A_i sum_t   mean of micro-batch (8/GPU) token means   --loss-agg seq-mean-token-sum
+  early stop (val. set)   one epoch: floor(prompts / 512) steps     --steps
+  4096-token sequences    prompts > 1024 tokens dropped; 3072 new   --max-prompt-length
+Left out: vLLM, packing. Outputs: step_<N>/ (N: rollout steps), log.jsonl.
 """
 import argparse, json, math, os, statistics, types, zlib
 from collections import Counter
@@ -36,18 +36,18 @@ EM_REWARDS, CONTROLS = ("token", "sequence", "self-certainty"), ("majority", "ra
 
 
 def logit_stats(logits, targets):
-    """Per position at T=1: log pi(target), -sum_v pi_v log pi_v, KL(U || pi) (self-certainty)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # fp32: bf16 is too coarse to rank
+    """Per position at T=1: log pi(target), entropy, KL(U || pi) (self-certainty)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # fp32: bf16 is too coarse
     entropy = -(logp.exp() * logp).sum(-1)
     certainty = -math.log(logp.shape[-1]) - logp.mean(-1)
     return logp.gather(-1, targets[:, None])[:, 0], entropy, certainty
 
 
 def em_rewards(logp, entropy, certainty, row, n_rows, kind, agg):
-    """One reward per response from its tokens' stats (row[i]: the response of token i)."""
+    """A reward per response from its tokens' stats (row[i]: token i's response)."""
     per_token = {"sequence": logp, "token": -entropy, "self-certainty": certainty}[kind].detach()
     total = per_token.new_zeros(n_rows).index_add_(0, row, per_token)
-    if agg == "sum":  # the paper's formulas (a sum of negative terms also rewards being SHORT)
+    if agg == "sum":  # the paper's (a sum of negative terms also rewards being SHORT)
         return total
     return total / torch.bincount(row, minlength=n_rows).clamp(min=1)
 
@@ -68,11 +68,11 @@ def control_rewards(problems, texts, kind, n, generator):
 
 
 def group_advantages(rewards, n, baseline):
-    """Rewards of consecutive groups of n responses to one prompt -> one advantage each."""
+    """Rewards of consecutive groups of n responses to a prompt -> advantages."""
     r = rewards.view(-1, n)
-    if baseline == "rloo":  # leave-one-out: r_i - mean of the other n-1 (no critic)
+    if baseline == "rloo":  # leave-one-out: r_i - mean of the other n-1
         return (r - (r.sum(1, keepdim=True) - r) / (n - 1)).flatten()
-    # GRPO: z-score in the group (unbiased std, as verl); eps keeps equal rewards at 0
+    # GRPO: z-score (unbiased std, as verl); eps keeps equal rewards at 0
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()
 # ---- end method ----
 
@@ -86,34 +86,29 @@ def k3_kl(ref_logp, logp):
 
 def policy_loss(logp, old_logp, adv, args):
     """Per-token policy-gradient term (the caller aggregates it: --loss-agg)."""
-    if args.update == "reinforce":  # the paper: REINFORCE with RLOO, on-policy
+    if args.update == "reinforce":  # the paper's, on-policy
         return -adv * logp
-    ratio = torch.exp(logp - old_logp)  # 1 on the first mini-batch, then off-policy
+    ratio = torch.exp(logp - old_logp)  # 1 on the first mini-batch
     clipped = ratio.clamp(1 - args.clip_ratio, 1 + args.clip_ratio)
-    return -torch.min(ratio * adv, clipped * adv)  # pessimistic: no gain past the clip
+    return -torch.min(ratio * adv, clipped * adv)  # no gain past the clip
 
 
 def response_stats(model, ids, attn, resp, chunk=1024, grad=False):
-    """logit_stats and row at every response token, from ONE forward; the vocab projection in
-    chunks of positions (checkpointed with grad): no fp32 [tokens x V] at once."""
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as in generate
+    """logit_stats and row at every response token, from ONE forward; the vocab projection by
+    chunks (checkpointed with grad): no fp32 [tokens x V] at once."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # count real tokens only, as generate does
     h = model.model(input_ids=ids, attention_mask=attn, position_ids=pos,
                     use_cache=False).last_hidden_state
     sel = resp[:, 1:]  # shift by one: the state at t predicts token t+1
     h, targets, row = h[:, :-1][sel], ids[:, 1:][sel], sel.nonzero()[:, 0]
-    out = [checkpoint(head_stats, model.lm_head, h[i:i + chunk], targets[i:i + chunk],
-                      use_reentrant=False) if grad else
-           head_stats(model.lm_head, h[i:i + chunk], targets[i:i + chunk])
-           for i in range(0, len(h), chunk)]
+    stats = lambda h, t: logit_stats(model.lm_head(h), t)
+    out = [checkpoint(stats, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False) if grad
+           else stats(h[i:i + chunk], targets[i:i + chunk]) for i in range(0, len(h), chunk)]
     return (*(torch.cat(x) for x in zip(*out)), row)
 
 
-def head_stats(lm_head, h, targets):
-    return logit_stats(lm_head(h), targets)
-
-
 def pearson(x, y):
-    """Pearson correlation (point-biserial for 0/1); nan when a side is constant."""
+    """Pearson correlation; nan when a side is constant."""
     try:
         return statistics.correlation([float(v) for v in x], [float(v) for v in y])
     except statistics.StatisticsError:
@@ -126,12 +121,12 @@ def chunks(xs, size):
 
 
 def sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step, ctx):
-    """A record per response (i, prompt_ids, ids, text, truncated); a prompt's n: one call."""
-    model.eval()  # (HF drops the KV cache under gradient checkpointing in train mode)
+    """A record per response; a prompt's n responses come from one generate call."""
+    model.eval()  # (HF drops the KV cache with gradient checkpointing in train mode)
     out, per_call = [], max(1, args.rollout_batch_size // args.n_rollouts)
     for c in range(0, len(idx), per_call):
         group = [i for i in idx[c:c + per_call] for _ in range(args.n_rollouts)]
-        # a bf16 model decodes without autocast (it would keep it off the continuous engine)
+        # a bf16 model decodes without autocast (it keeps it off the continuous engine)
         with ctx if model.dtype != torch.bfloat16 else nullcontext():
             outs = ev.generate_batch(model, tok, [texts[i] for i in group], args.max_new_tokens,
                                      args.temperature, engine=args.engine, seed=zlib.crc32(
@@ -145,8 +140,8 @@ def batch_of(rolls, pad_id, device):
 
 
 def score(model, ref, rolls, pad_id, args, ctx):
-    """ONE no-grad forward per micro-batch: old/reference log-probs and entropies into each
-    record; returns the EM rewards (None for a control)."""
+    """ONE no-grad forward per micro-batch: log-probs (old, reference), entropies into the
+    records; returns the EM rewards."""
     rewards, device = [], next(model.parameters()).device
     for mb in chunks(rolls, args.micro_batch_size):
         batch, sizes = batch_of(mb, pad_id, device), [len(r["ids"]) for r in mb]
@@ -162,10 +157,9 @@ def score(model, ref, rolls, pad_id, args, ctx):
 
 
 def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
-    """--ppo-minibatches updates (1 for reinforce). --loss-agg micro-token-mean (verl): the
-    per-token loss is each micro-batch's token mean / the rank's micro-batches (FSDP averages the
-    ranks); token-mean / seq-mean-token-sum: / the mini-batch's tokens / responses, all ranks.
-    Returns sums of (loss, kl, clipped tokens, tokens) and the last grad norm."""
+    """--ppo-minibatches updates (reinforce: 1). micro-token-mean (verl): each micro-batch's token
+    mean / the rank's micro-batches (FSDP averages ranks); token-mean / seq-mean-token-sum: / the
+    mini-batch's tokens / responses, all ranks. -> (loss, kl, clipped, tokens) sums, grad norm."""
     sums = torch.zeros(4, dtype=torch.float64, device=adv.device)  # on the device: no sync
     model.train()
     for mb in torch.arange(len(rolls)).tensor_split(args.ppo_minibatches
@@ -174,14 +168,14 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
         count = torch.tensor(float(sum(len(rolls[s]["ids"]) for s in mb)
                                    if args.loss_agg == "token-mean" else len(mb)), device=adv.device)
         if world > 1 and args.loss_agg != "micro-token-mean":
-            dist.all_reduce(count)  # sync point: the mini-batch's token/response count, all ranks
+            dist.all_reduce(count)  # sync point: the count over all ranks
         micro = chunks(mb, args.micro_batch_size)
         for seqs in micro:
             part = [rolls[s] for s in seqs]
             with ctx:
                 lp, ent, _, row = model.response_stats(*batch_of(part, pad_id, adv.device),
                                                        args.logit_chunk, True)
-            old, a = torch.cat([r["old_lp"] for r in part]), adv[seqs][row]  # a token: its A
+            old, a = torch.cat([r["old_lp"] for r in part]), adv[seqs][row]
             loss = policy_loss(lp, old, a, args) - args.entropy_bonus * ent  # a BONUS, as verl
             kl = (k3_kl(torch.cat([r["ref_lp"] for r in part]), lp)
                   if part[0]["ref_lp"] is not None else torch.zeros_like(lp))
@@ -189,23 +183,22 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
             scale = (1 / (len(lp) * len(micro)) if args.loss_agg == "micro-token-mean"
                      else world / count)  # * world undoes FSDP's averaging
             (loss.sum() * scale).backward()
-            ratio = (lp - old).exp()  # clipped: past 1 + eps with A > 0 or 1 - eps with A < 0
+            ratio = (lp - old).exp()  # clipped: past 1 + eps for A > 0, 1 - eps for A < 0
             clipped = (ratio - ratio.clamp(1 - args.clip_ratio, 1 + args.clip_ratio)) * a > 0
             sums += torch.stack([loss.sum().detach(), kl.sum().detach(), clipped.sum(),
                                  lp.new_tensor(len(lp))])
         timer.mark("fwd_bwd")
-        grad_norm = opt.step(args.grad_clip, timer)  # clip, AdamW, grads set to None
+        grad_norm = opt.step(args.grad_clip, timer)  # clip, AdamW, grads to None
     return sums, grad_norm
 
 
 def step_log(recs, n, first_len):
-    """A step's metrics from a record per response; with answers, accuracy (also of each group's
-    top-reward response) and the reward's correlation with correctness."""
+    """A step's metrics from the records; with answers, accuracy (also of each group's best-reward
+    response), the reward's correlation with correctness."""
     N, L = len(recs), sum(r["length"] for r in recs)
-    log = dict(reward=sum(r["reward"] for r in recs) / N, length=L / N,
-               entropy=sum(r["entropy_sum"] for r in recs) / L, length_vs_step1=L / N / first_len,
-               truncated=sum(r["truncated"] for r in recs) / N,
-               repetition_rate=sum(r["loops"] for r in recs) / N)
+    mean = lambda key: sum(r[key] for r in recs) / N
+    log = dict(reward=mean("reward"), length=L / N, entropy=sum(r["entropy_sum"] for r in recs) / L,
+               length_vs_step1=L / N / first_len, truncated=mean("truncated"), repetition_rate=mean("loops"))
     ok = [r["correct"] for r in recs]
     if None not in ok:
         centered = [c - sum(ok[j - j % n:j - j % n + n]) / n for j, c in enumerate(ok)]
@@ -216,71 +209,60 @@ def step_log(recs, n, first_len):
     return log
 
 
-def eval_metrics(model, tok, eval_set, args, rank, world, ctx):
-    """Greedy eval, split over the ranks: {eval_<metric>}."""
-    with ctx:
-        m = ev.evaluate_on_ranks(model, tok, eval_set, rank, world, template=args.template,
-                                 max_new_tokens=args.eval_max_new_tokens, engine=args.engine,
-                                 name=args.eval_benchmark)[0]
-    return {f"eval_{k}": v for k, v in m.items()}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="EM-RL: RL with the model's confidence as reward.")
+    arg = p.add_argument
     # --- model and data
-    p.add_argument("--model", required=True, help="hub id or local folder of a causal LM")
-    p.add_argument("--data", required=True, help="prompts: file, benchmark or hub id (answers: logs)")
-    p.add_argument("--problem-key", help="problem column (default: problem/question/...)")
-    p.add_argument("--answer-key", help="answer column (default: answer/solution/...)")
-    p.add_argument("--limit", type=ev.pos_int, help="the first N prompts")
-    p.add_argument("--max-prompt-length", type=ev.pos_int, default=1024, help="drop longer ones")
-    p.add_argument("--template", default="agarwal", choices=list(ev.TEMPLATES), help="prompts")
+    arg("--model", required=True, help="hub id or local folder of a causal LM")
+    arg("--data", required=True, help="prompts: file, benchmark or hub id (answers: logs)")
+    arg("--problem-key", help="problem column (default: problem/question/...)")
+    arg("--answer-key", help="answer column (default: answer/...)")
+    arg("--limit", type=ev.pos_int, help="the first N prompts")
+    arg("--max-prompt-length", type=ev.pos_int, default=1024, help="drop longer")
+    arg("--template", default="agarwal", choices=list(ev.TEMPLATES), help="prompts")
     # --- rollouts
-    p.add_argument("--batch-size", type=ev.pos_int, default=512, help="prompts per step, all ranks")
-    p.add_argument("--n-rollouts", type=ev.number(int, 2), default=4, help="responses per prompt")
-    p.add_argument("--max-new-tokens", type=ev.pos_int, default=3072, help="response budget")
-    p.add_argument("--temperature", type=ev.pos_float, default=1.0, help="(not 1: off-policy)")
-    p.add_argument("--rollout-batch-size", type=ev.pos_int, default=64, help="per generate call")
-    p.add_argument("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
+    arg("--batch-size", type=ev.pos_int, default=512, help="prompts per step, all ranks")
+    arg("--n-rollouts", type=ev.number(int, 2), default=4, help="responses per prompt")
+    arg("--max-new-tokens", type=ev.pos_int, default=3072, help="response budget")
+    arg("--temperature", type=ev.pos_float, default=1.0, help="(else off-policy)")
+    arg("--rollout-batch-size", type=ev.pos_int, default=64, help="per generate")
+    arg("--engine", default="auto", choices=ev.ENGINES, help="for generation")
     # --- reward, advantage, update
-    p.add_argument("--reward", default="token", choices=EM_REWARDS + CONTROLS, help="EM, or a control")
-    p.add_argument("--reward-agg", default="mean", choices=["mean", "sum"], help="over tokens")
-    p.add_argument("--baseline", default="rloo", choices=["rloo", "grpo"], help="or z-scores")
-    p.add_argument("--update", default="ppo-clip", choices=["ppo-clip", "reinforce"], help="or the paper's")
-    p.add_argument("--loss-agg", default="micro-token-mean", choices=[
+    arg("--reward", default="token", choices=EM_REWARDS + CONTROLS, help="EM, or a control")
+    arg("--reward-agg", default="mean", choices=["mean", "sum"], help="over tokens")
+    arg("--baseline", default="rloo", choices=["rloo", "grpo"], help="or z-scores")
+    arg("--update", default="ppo-clip", choices=["ppo-clip", "reinforce"], help="or the paper's")
+    arg("--loss-agg", default="micro-token-mean", choices=[
         "micro-token-mean", "token-mean", "seq-mean-token-sum"], help="see update()")
-    p.add_argument("--clip-ratio", type=ev.pos_float, default=0.2, help="PPO clip epsilon")
-    p.add_argument("--ppo-minibatches", type=ev.pos_int, default=4, help="updates per step")
-    p.add_argument("--kl-coef", type=ev.nonneg_float, default=0.001, help="k3 KL to the start")
-    p.add_argument("--entropy-bonus", type=ev.finite_float, default=0.001, help="RAISES entropy")
-    p.add_argument("--lr", type=ev.pos_float, default=1e-6, help="AdamW learning rate, constant")
-    p.add_argument("--weight-decay", type=ev.nonneg_float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=ev.pos_float, default=1.0, help="max global gradient norm")
-    p.add_argument("--steps", type=ev.pos_int, help="rollout steps (default: one epoch)")
-    p.add_argument("--micro-batch-size", type=ev.pos_int, default=8, help="per fwd/bwd per rank")
-    p.add_argument("--logit-chunk", type=ev.pos_int, default=1024, help="positions per chunk")
-    p.add_argument("--seed", type=ev.seed_int, default=0, help="data order and sampling seed")
+    arg("--clip-ratio", type=ev.pos_float, default=0.2, help="PPO clip epsilon")
+    arg("--ppo-minibatches", type=ev.pos_int, default=4, help="updates per step")
+    arg("--kl-coef", type=ev.nonneg_float, default=0.001, help="k3 KL to the start")
+    arg("--entropy-bonus", type=ev.finite_float, default=0.001, help="RAISES entropy")
+    arg("--lr", type=ev.pos_float, default=1e-6, help="AdamW learning rate, constant")
+    arg("--weight-decay", type=ev.nonneg_float, default=0.01, help="AdamW weight decay")
+    arg("--grad-clip", type=ev.pos_float, default=1.0, help="max global gradient norm")
+    arg("--steps", type=ev.pos_int, help="rollout steps (default: one epoch)")
+    arg("--micro-batch-size", type=ev.pos_int, default=8, help="per fwd/bwd per rank")
+    arg("--logit-chunk", type=ev.pos_int, default=1024, help="positions per chunk")
+    arg("--seed", type=ev.seed_int, default=0, help="data order and sampling seed")
     # --- system, output, evaluation
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="default: on with CUDA")
-    p.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, help="fp32 "
-                   "master + AdamW on the CPU (default: the GPU if they fit)")
-    p.add_argument("--out", default="checkpoints/em_rl", help="output folder")
-    p.add_argument("--save-steps", type=ev.step_list, default="", help="steps to save (+ the last)")
-    p.add_argument("--log-rollouts", action="store_true", help="responses to rollouts.jsonl")
-    p.add_argument("--eval-every", type=ev.nonneg_int, default=0, help="greedy eval every N steps")
-    p.add_argument("--eval-benchmark", default="math500", help="benchmark name or file")
-    p.add_argument("--eval-limit", type=ev.pos_int, default=100, help="its first N problems")
-    p.add_argument("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="eval budget")
-    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local benchmark "
-                   "files (default $EM_DATA_DIR, else the Hub)")
-    p.add_argument("--allow-code-execution", action="store_true", help="run the model's programs")
-    p.add_argument("--code-workers", type=ev.pos_int, help="programs graded in parallel")
+    arg("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="(on with CUDA)")
+    arg("--offload-optimizer", action=argparse.BooleanOptionalAction, help="AdamW on the CPU")
+    arg("--out", default="checkpoints/em_rl", help="output folder")
+    arg("--save-steps", type=ev.step_list, default="", help="to save (+ the last)")
+    arg("--log-rollouts", action="store_true", help="to rollouts.jsonl")
+    arg("--eval-every", type=ev.nonneg_int, default=0, help="greedy eval every N")
+    arg("--eval-benchmark", default="math500", help="benchmark name or file")
+    arg("--eval-limit", type=ev.pos_int, default=100, help="its first N problems")
+    arg("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="its budget")
+    arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local benchmark files")
+    arg("--allow-code-execution", action="store_true", help="run the model's programs")
+    arg("--code-workers", type=ev.pos_int, help="programs run in parallel")
     return ev.cli_main(train, p.parse_args(argv), resumes=False)
 
 
 def train(args):
-    # ---------------------------------------------------------------- setup
+    # ------------------------------------------------------------ setup
     save_steps, world = set(args.save_steps), int(os.environ.get("WORLD_SIZE", 1))
     if args.steps and max(save_steps, default=0) > args.steps:
         raise ev.EvalError(f"--save-steps {max(save_steps)} is past --steps {args.steps}")
@@ -288,7 +270,7 @@ def train(args):
         raise ev.EvalError(f"--batch-size {args.batch_size} must split over the {world} ranks, "
                            "with at least --ppo-minibatches responses per rank")
     cuda = torch.cuda.is_available()
-    fp32_master = args.offload_optimizer or (cuda and world == 1)  # bf16 model + fp32 master
+    fp32_master = args.offload_optimizer or (cuda and world == 1)  # bf16 model, fp32 master
     if fp32_master and world > 1:
         raise ev.EvalError("--offload-optimizer is for one process; torchrun shards with FSDP2")
     ev.check_out_dir(args.out)  # before the model loads
@@ -296,7 +278,7 @@ def train(args):
     master, n, device = rank == 0, args.n_rollouts, torch.device("cuda" if cuda else "cpu")
     ctx = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
 
-    # ---------------------------------------------------------------- data
+    # ------------------------------------------------------------ data
     problems = ev.load_benchmark(args.data, args.data_dir, args.problem_key, args.answer_key,
                                  limit=args.limit, require_answer=False)
     eval_set = ev.load_benchmark(args.eval_benchmark, args.data_dir,
@@ -304,8 +286,8 @@ def train(args):
     if any(p.get("kind") == "code" for p in problems + eval_set):
         ev.require_code_consent(args.allow_code_execution)  # before the model loads
 
-    # ---------------------------------------------------------------- model
-    # fp32 master weights (README, "Memory"); 1 GPU: bf16 policy and reference; CPU: fp32
+    # ------------------------------------------------------------ model
+    # fp32 master weights (README, "Memory"); 1 GPU: a bf16 policy and reference
     model, tok = ev.load_model(args.model, "bfloat16" if fp32_master else "float32")
     texts = [ev.build_prompt(tok, q, args.template) for q in problems]
     prompt_ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
@@ -325,28 +307,26 @@ def train(args):
     if max(map(len, prompt_ids)) + args.max_new_tokens > context and master:
         print(f"warning: a prompt + --max-new-tokens exceeds the model's context of {context}")
     ref = ev.load_model(args.model, "bfloat16" if cuda else "float32")[0].eval().requires_grad_(
-        False) if args.kl_coef > 0 else None  # bf16 on CUDA as the policy's compute
+        False) if args.kl_coef > 0 else None
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and cuda):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.response_stats = types.MethodType(response_stats, model)  # FSDP: a forward method
-    if world > 1:  # FSDP2 (on CPU/gloo too, which is how the tests run it)
+    model.response_stats = types.MethodType(response_stats, model)  # FSDP: a forward
+    if world > 1:  # FSDP2 (on CPU/gloo too: the tests)
         ev.shard_model(model, "response_stats", cuda)
     params = [q for q in model.parameters() if q.requires_grad]
     where = ev.master_placement(params, args.offload_optimizer, master) if fp32_master else None
     opt = ev.MasterAdamW(params, where, lr=args.lr, weight_decay=args.weight_decay)
 
-    # ---------------------------------------------------------------- loop
+    # ------------------------------------------------------------ loop
     log_file = ev.open_log(args.out, "rollouts.jsonl") if master else None
     per_rank, order, first_len, updates, said = args.batch_size // world, [], None, 0, set()
-    if args.eval_every:  # the base model's score, for comparison
-        base = eval_metrics(model, tok, eval_set, args, rank, world, ctx)
+    if args.eval_every:  # the base model's score
+        base = ev.evaluate_on_ranks(model, tok, eval_set, args, args.template, rank, world, ctx)
         if master:
             ev.log_step(log_file, {"step": 0, **base})
     for step in tqdm(range(1, args.steps + 1), desc="em_rl", disable=not master, dynamic_ncols=True):
         timer = ev.PhaseTimer(cuda)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        # prompts: a seeded permutation per epoch, the same on all ranks; each takes a slice
+        # a seeded permutation per epoch, the same on all ranks; each rank takes a slice
         while len(order) < step * args.batch_size:
             order += torch.randperm(len(problems), generator=torch.Generator().manual_seed(
                 args.seed + len(order))).tolist()
@@ -356,7 +336,7 @@ def train(args):
         ev.set_gathered(model, False)
         timer.mark("rollout")
         rewards = score(model, ref, rolls, tok.pad_token_id, args, ctx)
-        if args.reward in CONTROLS:  # random: seeded per (seed, rank, step), reproducible
+        if args.reward in CONTROLS:  # random: seeded per (seed, rank, step)
             gen = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}/{rank}/{step}/r".encode()))
             rewards = control_rewards([problems[r["i"]] for r in rolls], [r["text"] for r in rolls],
                                       args.reward, n, gen).to(device)
@@ -365,20 +345,17 @@ def train(args):
         sums, grad_norm = update(model, opt, rolls, adv, tok.pad_token_id, args, world, timer, ctx)
         updates += args.ppo_minibatches if args.update == "ppo-clip" else 1
         sec = timer.seconds()
-        # -- logs: a record per response, all ranks; graded where there is an answer (code: tests)
-        gradable = [j for j, r in enumerate(rolls) if problems[r["i"]]["answer"] is not None
-                    or problems[r["i"]].get("kind") == "code"]
-        graded = dict(zip(gradable, ev.grade_batch([problems[rolls[j]["i"]] for j in gradable],
-                                                   [rolls[j]["text"] for j in gradable],
-                                                   workers=args.code_workers)))
-        ent_sums = torch.stack([r["entropy"].sum() for r in rolls]).tolist()  # one host sync
+        # -- logs: a record per response, all ranks
+        graded = ev.grade_batch([problems[r["i"]] for r in rolls], [r["text"] for r in rolls],
+                                workers=args.code_workers)  # code: in parallel
+        ent_sums = torch.stack([r["entropy"].sum() for r in rolls]).tolist()  # one sync
         recs = ev.gather_lists([{
             "reward": rw, "advantage": a, "length": len(r["ids"]), "truncated": r["truncated"],
-            "entropy_sum": e, "loops": ev.loops(r["text"]), "correct": graded.get(j, [None])[0],
+            "entropy_sum": e, "loops": ev.loops(r["text"]), "correct": None if why == ev.NO_GOLD else ok,
             **({"step": step, "rank": rank, "prompt_index": r["i"], "prompt": texts[r["i"]],
                 "response": r["text"], "ids": r["ids"]} if args.log_rollouts else {})}
-            for j, (r, rw, a, e) in enumerate(zip(rolls, rewards.tolist(), adv.tolist(), ent_sums))], world)
-        if master and args.log_rollouts:  # in rank order (groups of n stay together)
+            for r, rw, a, e, (ok, why) in zip(rolls, rewards.tolist(), adv.tolist(), ent_sums, graded)], world)
+        if master and args.log_rollouts:  # rank order: groups of n stay together
             with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in recs)
         if world > 1:
@@ -390,17 +367,17 @@ def train(args):
                    rollout_tok_s=sum(r["length"] for r in recs) / sec["rollout_s"],
                    train_tok_s=world * sum(len(r["prompt_ids"]) + len(r["ids"]) for r in rolls) / (
                        sec["step_s"] - sec["rollout_s"] - sec["score_s"]), **sec, **ev.memory_gb(cuda))
-        if master:  # truncation (EOS never scored), loops, length collapse: each said once
+        if master:  # cut before EOS, loops, length collapse: each said once
             ev.warn_once(said, step, log["truncated"], log["length"], first_len, log["repetition_rate"],
                          args.max_new_tokens)
         ev.check_finite(step, loss=log["loss"], grad_norm=log["grad_norm"])  # before any save
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            log.update(eval_metrics(model, tok, eval_set, args, rank, world, ctx))
+            log.update(ev.evaluate_on_ranks(model, tok, eval_set, args, args.template, rank, world, ctx))
         if step in save_steps:
             ev.save_checkpoint(model, tok, os.path.join(args.out, f"step_{step}"), {
                 "args": vars(args), "seed": args.seed, "step": step, "optimizer_updates": updates},
                 rank, world)
-            log["checkpoint"] = f"step_{step}"  # the log lists the checkpoints that exist
+            log["checkpoint"] = f"step_{step}"  # the log lists the checkpoints
         if master:
             ev.log_step(log_file, log)
     ev.end_distributed()

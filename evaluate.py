@@ -19,6 +19,7 @@ files) | training helpers for em_ft.py and em_rl.py (master_placement, MasterAda
 """
 import argparse, errno, functools, itertools, json, math, os, re, shutil, sys, threading, time, zlib
 from collections import Counter
+from contextlib import nullcontext
 from importlib.metadata import version
 
 # The lowest versions the test suite passes on (requirements.txt says why; CI runs the suite on them): an older
@@ -1614,6 +1615,9 @@ def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=
     return [(r["passed"], r["status"]) for r in run_programs(jobs, limits, memory_mb, workers, labels=labels)]
 
 
+NO_GOLD = "failed: no gold answer"  # grade_batch's status of a math problem without an answer (a training prompt)
+
+
 def grade_batch(problems, responses, workers=None, answer_fallback=False, kk_strict_format=True, **code_options):
     """Grade any mix of problems -> [(correct, status)], in order, dispatching on problem["kind"] (default "math"):
     math through grade_answer(extract_answer(...)) (status "passed", "failed" or "error: grader"), logic through
@@ -1633,7 +1637,7 @@ def grade_batch(problems, responses, workers=None, answer_fallback=False, kk_str
         elif kind == "math":
             correct, error = grade_answer(extract_answer(response, answer_fallback), p["answer"])
             out[i] = (correct, "passed" if correct else "error: grader" if error else
-                      "failed: no gold answer" if p["answer"] is None else "failed")
+                      NO_GOLD if p["answer"] is None else "failed")
         elif kind != "code":
             raise EvalError(f"{p.get('id')}: unknown problem kind {kind!r} (math, code or logic)")
     return out
@@ -2126,7 +2130,9 @@ class PhaseTimer:
     """Seconds per phase of an update: mark(name) ends phase `name` (marks of one name add up), after the current
     CUDA stream's work (the loop syncs at these points anyway)."""
 
-    def __init__(self, cuda):
+    def __init__(self, cuda):  # (the update's peak GPU memory starts here too)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         self.cuda, self.last, self.s = cuda, time.perf_counter(), {}
 
     def mark(self, name):
@@ -2182,14 +2188,17 @@ def gather_lists(objs, world):
     return [x for part in parts for x in part]
 
 
-def evaluate_on_ranks(model, tokenizer, problems, rank, world, **kwargs):
-    """evaluate_model, each rank on its share (FSDP weights held gathered): (metrics, samples) of all ranks."""
+def evaluate_on_ranks(model, tokenizer, problems, args, template, rank, world, ctx=None):
+    """A training script's --eval-*: greedy evaluate_model, each rank on its share (FSDP weights held gathered) ->
+    {"eval_<metric>": value} of all ranks' samples, and eval_<benchmark>: their pass@1."""
     set_gathered(model, True)
-    mine = problems[rank::world]
-    samples = evaluate_model(model, tokenizer, mine, progress=rank == 0, **kwargs)[1] if mine else []
+    with ctx or nullcontext():
+        samples = evaluate_model(model, tokenizer, problems[rank::world], template, args.eval_max_new_tokens,
+                                 batch_size=args.rollout_batch_size, seed=args.seed, name=args.eval_benchmark,
+                                 progress=rank == 0, engine=args.engine)[1] if problems[rank::world] else []
     set_gathered(model, False)
-    samples = gather_lists(samples, world)
-    return compute_metrics(samples, 1), samples
+    m = compute_metrics(gather_lists(samples, world), 1)
+    return {f"eval_{args.eval_benchmark}": m["pass@1"], **{f"eval_{k}": v for k, v in m.items()}}
 
 
 def save_checkpoint(model, tokenizer, path, meta, rank, world):

@@ -117,39 +117,40 @@ def read_partial(paths, sig):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Rank candidate prompts by how torn the model is.")
+    arg = p.add_argument
     # --- model and pool
-    p.add_argument("--model", required=True, help="hub id or local folder of the model EM trains")
-    p.add_argument("--data", required=True, help="candidate pool: .json/.jsonl/.parquet or hub id")
-    p.add_argument("--problem-key", help="problem column (default: problem/question/...)")
-    p.add_argument("--answer-key", help="answer column (default: answer/final_answer/...)")
-    p.add_argument("--limit", type=ev.pos_int, help="first N candidates of the pool")
-    p.add_argument("--strip-suffix", action=argparse.BooleanOptionalAction, default=True,
-                   help="remove a trailing \"Let's think step by step ... \\boxed{}.\"")
+    arg("--model", required=True, help="hub id or local folder of the model EM trains")
+    arg("--data", required=True, help="candidate pool: .json/.jsonl/.parquet or hub id")
+    arg("--problem-key", help="problem column (default: problem/question/...)")
+    arg("--answer-key", help="answer column (default: answer/final_answer/...)")
+    arg("--limit", type=ev.pos_int, help="first N candidates of the pool")
+    arg("--strip-suffix", action=argparse.BooleanOptionalAction, default=True,
+        help="remove a trailing \"Let's think step by step ... \\boxed{}.\"")
     # --- scoring
-    p.add_argument("--score", default="variance", choices=["variance", "disagreement", "entropy"],
-                   help="variance: p(1-p), needs answers; disagreement / entropy: label-free")
-    p.add_argument("--k", type=ev.number(int, 2), default=16, help="samples per candidate")
-    p.add_argument("--entropy-temperature", type=ev.pos_float, default=1.0, help="softmax T of "
-                   "--score entropy (0.5 = One-shot EM's loss)")
+    arg("--score", default="variance", choices=["variance", "disagreement", "entropy"],
+        help="variance: p(1-p), needs answers; disagreement / entropy: label-free")
+    arg("--k", type=ev.number(int, 2), default=16, help="samples per candidate")
+    arg("--entropy-temperature", type=ev.pos_float, default=1.0, help="softmax T of "
+        "--score entropy (0.5 = One-shot EM's loss)")
     # --- sampling (One-Shot RLVR's rollouts; One-shot EM trains at 0.5 / top_p 0.95)
-    p.add_argument("--template", default="chat", choices=list(ev.TEMPLATES), help="prompt format")
-    p.add_argument("--temperature", type=ev.pos_float, default=0.6, help="sampling temperature")
-    p.add_argument("--top-p", type=ev.unit_float, default=1.0, help="nucleus sampling")
-    p.add_argument("--max-new-tokens", type=ev.pos_int, default=1024, help="truncated = wrong")
-    p.add_argument("--seed", type=ev.seed_int, default=0, help="per batch: seed, rank, index")
+    arg("--template", default="chat", choices=list(ev.TEMPLATES), help="prompt format")
+    arg("--temperature", type=ev.pos_float, default=0.6, help="sampling temperature")
+    arg("--top-p", type=ev.unit_float, default=1.0, help="nucleus sampling")
+    arg("--max-new-tokens", type=ev.pos_int, default=1024, help="truncated = wrong")
+    arg("--seed", type=ev.seed_int, default=0, help="per batch: seed, rank, index")
     # --- output and system
-    p.add_argument("--out", default="prompt.jsonl", help="the top prompts (em_ft.py --data reads "
-                   "it); beside it <stem>.ranked.jsonl, <stem>.run.json, <out>.partial.jsonl")
-    p.add_argument("--top", type=ev.pos_int, default=1, help="top candidates into --out")
-    p.add_argument("--keep-samples", type=ev.nonneg_int, default=2, help="responses kept each")
-    p.add_argument("--batch-size", type=ev.pos_int, default=64, help="per generate call")
-    p.add_argument("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or "
-                   "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run's samples")
-    p.add_argument("--allow-code-execution", action="store_true", help="consent to run the model's "
-                   "programs (a pool of code problems, graded by their tests)")
-    p.add_argument("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
+    arg("--out", default="prompt.jsonl", help="the top prompts (em_ft.py --data reads "
+        "it); beside it <stem>.ranked.jsonl, <stem>.run.json, <out>.partial.jsonl")
+    arg("--top", type=ev.pos_int, default=1, help="top candidates into --out")
+    arg("--keep-samples", type=ev.nonneg_int, default=2, help="responses kept each")
+    arg("--batch-size", type=ev.pos_int, default=64, help="per generate call")
+    arg("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
+    arg("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or "
+        "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
+    arg("--overwrite", action="store_true", help="discard an earlier run's samples")
+    arg("--allow-code-execution", action="store_true", help="consent to run the model's "
+        "programs (a pool of code problems, graded by their tests)")
+    arg("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
     ev.cli_main(run, p.parse_args(argv), resumes=True)
 
 
