@@ -226,7 +226,9 @@ def train(args):
         print(f"dropped {len(prompts) - len(keep)} prompts: longer than the context - new tokens")
     prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and cuda):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # the new name where it exists (the old one warns from transformers 5.25)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
+            {"use_reentrant": False})
     model.response_entropy = types.MethodType(response_entropy, model)  # FSDP: a forward method
     if fsdp:
         ev.shard_model(model, "response_entropy", cuda)

@@ -21,10 +21,9 @@ Released code (made Table 3) vs here:
   autograd + torch.optim.Adam, break per step     closed form, on-device stop     -
   EM-INF: the model's generation_config, T set    the same for every mode         --sampling-config
   plain, adaptive: vLLM, only T set               `clean`: no top-k/top-p/penalty --sampling-config
-Defaults are the released script's (3 steps, lr 0.1, threshold 0.3, kl_weight 0.05, T 0.1, 4096
-tokens; adaptive: ratio 0.85, tau in [0.01, 1]); the paper's text: 5-15 steps, ratio 0.4-0.6.
-Left out: self-consistency, resuming. Outputs: results.json (accuracy, entropy before/after the
-update, tokens/s per mode and benchmark, protocol), samples.jsonl.
+Defaults are the released script's (3 steps, ratio 0.85); the paper's text says 5-15 steps,
+ratio 0.4-0.6. Left out: self-consistency, resuming. Outputs: results.json (accuracy, entropy
+before/after the update, tokens/s per mode and benchmark), samples.jsonl.
 """
 import argparse, functools, math, os, time
 

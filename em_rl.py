@@ -108,7 +108,7 @@ def response_stats(model, ids, attn, resp, chunk=1024, grad=False):
 
 
 def pearson(x, y):
-    """Pearson correlation; nan when a side is constant."""
+    """nan when a side is constant."""
     try:
         return statistics.correlation([float(v) for v in x], [float(v) for v in y])
     except statistics.StatisticsError:
@@ -122,7 +122,7 @@ def chunks(xs, size):
 
 def sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step, ctx):
     """A record per response; a prompt's n responses come from one generate call."""
-    model.eval()  # (HF drops the KV cache with gradient checkpointing in train mode)
+    model.eval()  # (in train mode with checkpointing HF drops the KV cache)
     out, per_call = [], max(1, args.rollout_batch_size // args.n_rollouts)
     for c in range(0, len(idx), per_call):
         group = [i for i in idx[c:c + per_call] for _ in range(args.n_rollouts)]
@@ -160,7 +160,7 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
     """--ppo-minibatches updates (reinforce: 1). micro-token-mean (verl): each micro-batch's token
     mean / the rank's micro-batches (FSDP averages ranks); token-mean / seq-mean-token-sum: / the
     mini-batch's tokens / responses, all ranks. -> (loss, kl, clipped, tokens) sums, grad norm."""
-    sums = torch.zeros(4, dtype=torch.float64, device=adv.device)  # on the device: no sync
+    sums = torch.zeros(4, dtype=torch.float64, device=adv.device)  # no host sync
     model.train()
     for mb in torch.arange(len(rolls)).tensor_split(args.ppo_minibatches
                                                     if args.update == "ppo-clip" else 1):
@@ -194,7 +194,7 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
 
 def step_log(recs, n, first_len):
     """A step's metrics from the records; with answers, accuracy (also of each group's best-reward
-    response), the reward's correlation with correctness."""
+    response), and correlations with correctness."""
     N, L = len(recs), sum(r["length"] for r in recs)
     mean = lambda key: sum(r[key] for r in recs) / N
     log = dict(reward=mean("reward"), length=L / N, entropy=sum(r["entropy_sum"] for r in recs) / L,
@@ -287,7 +287,7 @@ def train(args):
         ev.require_code_consent(args.allow_code_execution)  # before the model loads
 
     # ------------------------------------------------------------ model
-    # fp32 master weights (README, "Memory"); 1 GPU: a bf16 policy and reference
+    # 1 GPU: bf16 policy + fp32 master (README, "Memory"), bf16 reference
     model, tok = ev.load_model(args.model, "bfloat16" if fp32_master else "float32")
     texts = [ev.build_prompt(tok, q, args.template) for q in problems]
     prompt_ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
@@ -309,9 +309,11 @@ def train(args):
     ref = ev.load_model(args.model, "bfloat16" if cuda else "float32")[0].eval().requires_grad_(
         False) if args.kl_coef > 0 else None
     if args.gradient_checkpointing or (args.gradient_checkpointing is None and cuda):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # (the old name warns from transformers 5.25)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
+            {"use_reentrant": False})
     model.response_stats = types.MethodType(response_stats, model)  # FSDP: a forward
-    if world > 1:  # FSDP2 (on CPU/gloo too: the tests)
+    if world > 1:  # FSDP2 (gloo on CPU too)
         ev.shard_model(model, "response_stats", cuda)
     params = [q for q in model.parameters() if q.requires_grad]
     where = ev.master_placement(params, args.offload_optimizer, master) if fp32_master else None
@@ -326,7 +328,7 @@ def train(args):
             ev.log_step(log_file, {"step": 0, **base})
     for step in tqdm(range(1, args.steps + 1), desc="em_rl", disable=not master, dynamic_ncols=True):
         timer = ev.PhaseTimer(cuda)
-        # a seeded permutation per epoch, the same on all ranks; each rank takes a slice
+        # a seeded permutation per epoch, the same on all ranks; a slice per rank
         while len(order) < step * args.batch_size:
             order += torch.randperm(len(problems), generator=torch.Generator().manual_seed(
                 args.seed + len(order))).tolist()
@@ -367,10 +369,10 @@ def train(args):
                    rollout_tok_s=sum(r["length"] for r in recs) / sec["rollout_s"],
                    train_tok_s=world * sum(len(r["prompt_ids"]) + len(r["ids"]) for r in rolls) / (
                        sec["step_s"] - sec["rollout_s"] - sec["score_s"]), **sec, **ev.memory_gb(cuda))
-        if master:  # cut before EOS, loops, length collapse: each said once
+        if master:  # each kind of collapse said once
             ev.warn_once(said, step, log["truncated"], log["length"], first_len, log["repetition_rate"],
                          args.max_new_tokens)
-        ev.check_finite(step, loss=log["loss"], grad_norm=log["grad_norm"])  # before any save
+        ev.check_finite(step, loss=log["loss"], grad_norm=log["grad_norm"])  # before saving
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             log.update(ev.evaluate_on_ranks(model, tok, eval_set, args, args.template, rank, world, ctx))
         if step in save_steps:

@@ -17,8 +17,7 @@ Ranking: score, then p closest to 1/2, then pool order; a tie at the top is repo
     python tests/tiny_model.py /tmp/tiny && python select_prompt.py --model /tmp/tiny --data \\
         tests/data/dsr_sub.parquet --k 4 --max-new-tokens 64 --out /tmp/sel/prompt.jsonl   # CPU
 
-Defaults: T 0.6 (One-Shot RLVR's rollouts), k 16, 1024 tokens, the `chat` template (em_ft.py's
-training format); --strip-suffix removes DeepScaleR's "Let's think step by step..." (pi1's form).
+Defaults: T 0.6 (One-Shot RLVR's rollouts), k 16, the `chat` template (em_ft.py's format).
 Outputs: --out (the top --top), <stem>.ranked.jsonl (all), <stem>.run.json. Resumable: finished
 candidates go to <out>.partial.jsonl; a rerun with another --score re-ranks without sampling.
 Left out: vLLM; One-Shot RLVR's RL-based ranking; math-verify equivalence inside disagreement.

@@ -168,7 +168,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(eos_model_dir):
     grads, calls = {}, {}
     for on in (False, True):
         if on:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)(
+                {"use_reentrant": False})
         model.train()
         model.zero_grad()
         runs.clear()
