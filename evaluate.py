@@ -24,7 +24,7 @@ from importlib.metadata import version
 
 # The lowest versions the test suite passes on (requirements.txt says why; CI runs the suite on them): an older
 # install stops here with one line, not later with a traceback from deep inside a library.
-FLOORS = {"torch": "2.6", "transformers": "5.21", "datasets": "3.0", "math-verify": "0.8", "tqdm": "4.66.3"}
+FLOORS = {"torch": "2.9", "transformers": "5.21", "datasets": "3.0", "math-verify": "0.8", "tqdm": "4.66.3"}
 
 
 def _check_floors():

@@ -402,8 +402,7 @@ def test_dependency_floors_match_requirements_and_an_older_install_is_one_line()
     assert dict(re.findall(r"^([\w-]+)>=([\d.]+)$", reqs, flags=re.M)) == ev.FLOORS
     pins = dict(re.findall(r"^([\w-]+)==([\d.]+)$", open(os.path.join(ROOT, "requirements-min.txt")).read(),
                            flags=re.M))
-    assert {k: v for k, v in ev.FLOORS.items() if k != "torch"} == {k: ".".join(v.split(".")[:len(
-        ev.FLOORS[k].split("."))]) for k, v in pins.items()}
+    assert ev.FLOORS == {k: ".".join(v.split(".")[:len(ev.FLOORS[k].split("."))]) for k, v in pins.items()}
     old = ("import importlib.metadata as m; real = m.version; "
            "m.version = lambda n: '5.20.1' if n == 'transformers' else real(n); import runpy; "
            "runpy.run_path('em_ft.py', run_name='__main__')")
