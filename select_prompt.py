@@ -9,7 +9,9 @@ its prompt pi1 came from One-Shot RLVR's ranking, the std of per-epoch accuracy 
   --score disagreement  label-free: 1 - (count of the most common normalized \\boxed answer) / k;
                         no box is one bucket of its own (0 when all agree, 1 - 1/k when all differ)
   --score entropy       label-free: mean token entropy of the k samples at --entropy-temperature
-Ranking: score, then p closest to 1/2, then pool order; a tie at the top is reported.
+Ranking: score, then p closest to 1/2, then pool order; a tie at the top is reported. A code or KK
+pool is a benchmark name (`--data humaneval --data-dir DIR`): their tests or roles give p, and
+disagreement compares programs or <answer>s.
 
     python select_prompt.py --model Qwen/Qwen2.5-Math-7B --data dsr_sub.parquet --k 16 \\
         --out prompt.jsonl && python em_ft.py --model Qwen/Qwen2.5-Math-7B --data prompt.jsonl
@@ -119,7 +121,8 @@ def main(argv=None):
     arg = p.add_argument
     # --- model and pool
     arg("--model", required=True, help="hub id or local folder of the model EM trains")
-    arg("--data", required=True, help="candidate pool: .json/.jsonl/.parquet or hub id")
+    arg("--data", required=True, help="candidate pool: .json/.jsonl/.parquet, benchmark or hub id")
+    arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local benchmark files")
     arg("--problem-key", help="problem column (default: problem/question/...)")
     arg("--answer-key", help="answer column (default: answer/final_answer/...)")
     arg("--limit", type=ev.pos_int, help="first N candidates of the pool")
@@ -159,7 +162,7 @@ def run(args):
     rank, world = ev.init_distributed("gloo", timeout=datetime.timedelta(hours=48))
 
     # --- the pool
-    pool = ev.load_benchmark(args.data, problem_key=args.problem_key, answer_key=args.answer_key,
+    pool = ev.load_benchmark(args.data, args.data_dir, problem_key=args.problem_key, answer_key=args.answer_key,
                              limit=args.limit, require_answer=False)
     for c in pool:
         c["problem"] = strip_suffix(c["problem"]) if args.strip_suffix else c["problem"]
@@ -226,7 +229,7 @@ def run(args):
             if i in pending and all(pending[i]):  # all k samples in: grade and save the candidate
                 s, c = pending.pop(i), pool[i]
                 answers = [ev.extract_answer(x["text"]) if c.get("kind", "math") == "math" else
-                           ev.extract_code(x["text"]).strip() for x in s]  # code: the program, for disagreement
+                           ev.final_answer(c, x["text"]) for x in s]  # code: the program; logic: <answer>
                 graded = c["answer"] is not None or c.get("kind") == "code" and args.score == "variance"
                 rec = {"id": c["id"], "responses": [x["text"] for x in s], "answers": answers,
                        "correct": [ok for ok, _ in ev.grade_batch([c] * len(s), [x["text"] for x in s],
@@ -282,9 +285,10 @@ def run(args):
                   "a larger --max-new-tokens (truncated samples have no answer), "
                   if trunc > 0.2 else "") + f"more --k, or another --score ({others})")
     boxed = sum(a is not None for c in pool for a in done[c["id"]]["answers"]) / (len(pool) * args.k)
-    print(f"boxed answers in {100 * boxed:.0f}% of samples" + (
+    all_math = all(c.get("kind", "math") == "math" for c in pool)
+    print(f"{'boxed' if all_math else 'final'} answers in {100 * boxed:.0f}% of samples" + (
         " -- the scores need them; if the model can box answers, ask it to: --template qwen-math "
-        "or --no-strip-suffix" if boxed < 0.5 else ""))
+        "or --no-strip-suffix" if boxed < 0.5 and all_math else ""))
     print(f"wrote {args.out} (top {min(args.top, len(rows))}) and {stem}.ranked.jsonl "
           f"({len(rows)} candidates)")
 

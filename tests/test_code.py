@@ -578,3 +578,43 @@ def test_grade_file_grades_saved_responses(data_dir, tmp_path):
     path.write_text(json.dumps({"benchmark": "kk", "id": "no-such-id", "response": "x"}) + "\n")
     assert_one_line_error(run_cli("evaluate.py", "--grade", str(path), "--data-dir", data_dir, "--out",
                                   str(tmp_path / "bad")), "no problem with id 'no-such-id'")
+
+
+def test_every_script_takes_code_and_logic_prompts(tiny_model_dir, tiny, data_dir, tmp_path):
+    """em_ft trains on KK prompts, em_inf runs LeetCode and KK, select_prompt ranks HumanEval and KK pools (by name,
+    from --data-dir): each builds the protocol's own prompt and grades the kind's way."""
+    tok = tiny[1]
+    kk, lc = ev.load_benchmark("kk", data_dir, limit=2), ev.load_benchmark("leetcode", data_dir, limit=2)
+    proc = run_cli("em_ft.py", "--model", tiny_model_dir, "--data", "kk", "--data-dir", data_dir, "--max-steps", "1",
+                   "--batch-size", "2", "--max-new-tokens", "6", "--log-rollouts", "--out", str(tmp_path / "ft"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rollouts = [json.loads(line) for line in (tmp_path / "ft" / "rollouts.jsonl").read_text().splitlines()]
+    kk_prompts = {ev.build_prompt(tok, p) for p in ev.load_benchmark("kk", data_dir)}  # Logic-RL's
+    assert len(rollouts) == 2 and all(r["prompt"] in kk_prompts and r["prompt"].endswith("<think>") for r in rollouts)
+    proc = run_cli("em_inf.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "leetcode,kk",
+                   "--limit", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "inf"), "--allow-code-execution")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = [json.loads(line) for line in (tmp_path / "inf" / "samples.jsonl").read_text().splitlines()]
+    problems = {(b, p["id"]): p for b, ps in (("leetcode", lc), ("kk", kk)) for p in ps}
+    assert sorted((s["benchmark"], s["id"]) for s in samples) == sorted(problems)
+    for s in samples:
+        p = problems[s["benchmark"], s["id"]]
+        assert s["kind"] == p["kind"] and s["prompt"] == ev.build_prompt(tok, p)
+        assert s["correct"] == ev.grade_batch([p], [s["response"]])[0][0]
+    assert set(json.loads((tmp_path / "inf" / "results.json").read_text())["protocol"]["code"]) == {"leetcode", "kk"}
+    for name, score in (("humaneval", "variance"), ("kk", "disagreement")):
+        out = tmp_path / f"{name}.jsonl"
+        proc = run_cli("select_prompt.py", "--model", tiny_model_dir, "--data", name, "--data-dir", data_dir,
+                       "--limit", "2", "--k", "2", "--keep-samples", "2", "--max-new-tokens", "6", "--score", score,
+                       "--out", str(out), "--allow-code-execution")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        ranked = [json.loads(line) for line in (tmp_path / f"{name}.ranked.jsonl").read_text().splitlines()]
+        pool = {p["id"]: p for p in ev.load_benchmark(name, data_dir, limit=2)}
+        assert sorted(r["id"] for r in ranked) == sorted(pool)
+        for r in ranked:  # its counts, recomputed from the samples it kept
+            if score == "variance":
+                assert r["n_correct"] == sum(ok for ok, _ in ev.grade_batch([pool[r["id"]]] * 2, r["samples"]))
+            else:
+                answers = [ev.final_answer(pool[r["id"]], x) for x in r["samples"]]
+                assert r["score"] == 1 - max(map(answers.count, answers)) / 2
+        assert "final answers in" in proc.stdout and "--template qwen-math" not in proc.stdout
