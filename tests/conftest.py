@@ -48,6 +48,16 @@ PROMPTS = ["What is 2+3?", "Compute the sum of 12345 and 678, then divide the re
            "Let us think step by step about the interval [-2, 7] and the point (3, pi/2)."]
 
 
+@pytest.fixture(autouse=True)
+def repo_left_as_found():
+    """Tests write under their tmp_path only: a script run without --out would leave its default output folder
+    (eval_out/, checkpoints/, em_ft_out/, prompt.jsonl) in the user's clone."""
+    before = set(os.listdir(ROOT))
+    yield
+    new = set(os.listdir(ROOT)) - before - {".pytest_cache", "__pycache__"}
+    assert not new, f"the test wrote {sorted(new)} into the repo"
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     """tests/data: a few real rows of each benchmark file, under the same file names as the whole files."""

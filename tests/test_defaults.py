@@ -47,10 +47,11 @@ EM_INF = {  # the released script: 3 Adam steps, lr 0.1, threshold 0.3, KL weigh
     "engine": "auto", "dtype": None, "compile": False, "out": None, "allow_code_execution": False,
     "code_workers": None}
 SELECT = {  # One-shot EM's rule p(1-p) over k = 16 samples at One-Shot RLVR's T 0.6, em_ft's training format
-    "model": "M", "data": "D", "problem_key": None, "answer_key": None, "limit": None, "strip_suffix": True,
-    "score": "variance", "k": 16, "entropy_temperature": 1.0, "template": "chat", "temperature": 0.6, "top_p": 1.0,
-    "max_new_tokens": 1024, "seed": 0, "out": "prompt.jsonl", "top": 1, "keep_samples": 2, "batch_size": 64,
-    "engine": "auto", "dtype": None, "overwrite": False, "allow_code_execution": False, "code_workers": None}
+    "model": "M", "data": "D", "data_dir": None, "problem_key": None, "answer_key": None, "limit": None,
+    "strip_suffix": True, "score": "variance", "k": 16, "entropy_temperature": 1.0, "template": "chat",
+    "temperature": 0.6, "top_p": 1.0, "max_new_tokens": 1024, "seed": 0, "out": "prompt.jsonl", "top": 1,
+    "keep_samples": 2, "batch_size": 64, "engine": "auto", "dtype": None, "overwrite": False,
+    "allow_code_execution": False, "code_workers": None}
 EVALUATE = {  # both papers' headline protocol: the Qwen2.5-Math CoT prompt, zero-shot, greedy, 3072 new tokens
     "model": "M", "benchmarks": "math500", "data": None, "data_dir": None, "problem_key": None, "answer_key": None,
     "limit": None, "template": "qwen-math", "max_new_tokens": 3072, "temperature": 0.0, "top_p": 1.0, "n": 1,

@@ -415,9 +415,9 @@ def test_torchrun_two_ranks_gather_every_problem_in_order(tiny_model_dir, data_d
     (["--threshold", "-1"], "--threshold"),
     (["--threshold", "7"], "log V"),  # the tiny model's vocabulary is ~500 tokens: log V ~ 6.2
 ])
-def test_cli_bad_flags_one_line(tiny_model_dir, data_dir, flags, needle):
+def test_cli_bad_flags_one_line(tiny_model_dir, data_dir, flags, needle, tmp_path):
     proc = run_cli("em_inf.py", "--model", tiny_model_dir, "--data-dir", data_dir, "--benchmarks", "math500",
-                   "--limit", "1", *flags)
+                   "--limit", "1", "--out", str(tmp_path / "out"), *flags)
     assert_one_line_error(proc, needle)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "error: " in errors[0] and needle in errors[0], proc.stderr  # ours or argparse's

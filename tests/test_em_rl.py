@@ -473,7 +473,8 @@ def test_one_epoch_default_and_prompt_length_filter(tiny_model_dir, tmp_path, ca
 
 
 def test_bad_inputs_give_one_line(tiny_model_dir, data_dir, tmp_path, capsys):
-    proc = run_cli("em_rl.py", "--model", str(tmp_path / "nope"), "--data", os.path.join(data_dir, "gsm8k.jsonl"))
+    proc = run_cli("em_rl.py", "--model", str(tmp_path / "nope"), "--data", os.path.join(data_dir, "gsm8k.jsonl"),
+                   "--out", str(tmp_path / "out"))
     assert_one_line_error(proc, "error:", "model path does not exist")
     with pytest.raises(SystemExit):  # --model has no default (as in the other scripts)
         em_rl.main(["--data", os.path.join(data_dir, "gsm8k.jsonl")])

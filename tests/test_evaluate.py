@@ -430,7 +430,8 @@ def test_cli_bad_inputs(tiny_model_dir, data_dir, tmp_path, extra, needle):
 def test_folder_that_is_not_a_model(tiny_model_dir, data_dir, tmp_path):
     import shutil
     shutil.copytree(tiny_model_dir, tmp_path / "run" / "step_2")  # --model run instead of run/step_2
-    proc = run_cli("evaluate.py", "--model", str(tmp_path / "run"), "--data-dir", data_dir, "--limit", "1")
+    proc = run_cli("evaluate.py", "--model", str(tmp_path / "run"), "--data-dir", data_dir, "--limit", "1",
+                   "--out", str(tmp_path / "out"))
     assert_one_line_error(proc, "not a model", "step_2")
 
 
@@ -448,12 +449,14 @@ def test_rewritten_checkpoint_is_not_resumed(tiny_model_dir, data_dir, tmp_path)
 def test_cli_file_without_columns_and_empty(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "x", "label": "1"}) + "\n")
-    assert_one_line_error(run_cli("evaluate.py", "--model", tiny_model_dir, "--data", str(bad)), "no problem column")
+    out = ("--out", str(tmp_path / "out"))
+    proc = run_cli("evaluate.py", "--model", tiny_model_dir, "--data", str(bad), *out)
+    assert_one_line_error(proc, "no problem column")
     empty = tmp_path / "empty.parquet"
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"problem": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), empty)
-    assert_one_line_error(run_cli("evaluate.py", "--model", tiny_model_dir, "--data", str(empty)), "empty")
+    assert_one_line_error(run_cli("evaluate.py", "--model", tiny_model_dir, "--data", str(empty), *out), "empty")
 
 
 def test_prompt_longer_than_context(tiny, tmp_path):
