@@ -380,9 +380,10 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
 
 def cut_at_stop(row, stops, tokenizer, strings=None):
     """generate_batch's record of one row of new tokens (static rows are padded after their stop): up to the first
-    stop token, or the token that completes the first stop string."""
+    stop token, or the token that completes the first stop string, whichever comes first (a row that stopped at a
+    string is padded with pad = a stop token in a batch, and must give the record it gives alone)."""
     end = next((j for j, t in enumerate(row) if t in stops), None)
-    text = tokenizer.decode(row) if strings and end is None else ""
+    text = tokenizer.decode(row[:end]) if strings else ""
     if hits := [text.find(s) + len(s) for s in strings or () if s in text]:  # the shortest prefix that holds it
         lo, hi = 1, len(row)
         while lo < hi:
@@ -1717,6 +1718,16 @@ def compute_metrics(samples, n):
 
 
 # ----------------------------------------------------------------------------- evaluation
+def sample_record(name, problem, sample, response, graded, fallback, length, truncated):
+    """A line of samples.jsonl (a generation run's and --grade's alike); graded: grade_batch's (correct, status)."""
+    kind, (correct, status) = problem.get("kind", "math"), graded
+    return {"benchmark": name, "id": problem["id"], "sample": sample, "kind": kind, "response": response,
+            "format": answer_format(problem, response),
+            "extracted": extract_answer(response, fallback) if kind == "math" else None, "gold": problem["answer"],
+            "correct": correct, "status": status, "grade_error": status.startswith("error"), "length": length,
+            "truncated": truncated}
+
+
 def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072, temperature=0.0,
                    top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None, on_batch=None, progress=True,
                    logits_processor=None, top_k=0, logit_stats=False, answer_fallback=False, engine="auto",
@@ -1757,14 +1768,9 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
                               top_k=top_k, engine=engine, stop_strings=STOP_STRINGS.get(template))
         fresh, graded = [], grade_batch([jobs[i][0] for i in batch], [o["text"] for o in outs],
                                         answer_fallback=answer_fallback, **(code_options or {}))  # in parallel
-        for i, k, o, (correct, status) in zip(batch, keys, outs, graded):
-            p = jobs[i][0]
-            fresh.append({"benchmark": name, "id": p["id"], "sample": k[1], "kind": p.get("kind", "math"),
-                          "prompt": prompts[k[0]], "response": o["text"], "format": answer_format(p, o["text"]),
-                          "extracted": extract_answer(o["text"], answer_fallback) if p.get("kind", "math") == "math"
-                          else None, "gold": p["answer"], "correct": correct, "status": status,
-                          "grade_error": status.startswith("error"), "length": len(o["ids"]),
-                          "truncated": o["truncated"]})
+        for i, k, o, g in zip(batch, keys, outs, graded):
+            fresh.append({**sample_record(name, jobs[i][0], k[1], o["text"], g, answer_fallback, len(o["ids"]),
+                                          o["truncated"]), "prompt": prompts[k[0]]})
             new_tokens += len(o["ids"])
         samples += fresh
         if on_batch:
@@ -2437,12 +2443,9 @@ def grade_file(args):
             require_code_consent(args.allow_code_execution)
         graded = grade_batch(todo, [r["response"] for r in mine], answer_fallback=args.answer_fallback,
                              workers=args.code_workers, memory_mb=args.code_memory_mb, timeout=args.code_timeout)
-        batch = [{"benchmark": name, "id": p["id"], "sample": r.get("sample", 0), "kind": p.get("kind", "math"),
-                  "response": r["response"], "format": answer_format(p, r["response"]), "extracted":
-                  extract_answer(r["response"], args.answer_fallback) if p.get("kind", "math") == "math" else None,
-                  "gold": p["answer"], "correct": ok, "status": status, "grade_error": status.startswith("error"),
-                  "length": len(r["response"]), "truncated": bool(r.get("truncated", False))}
-                 for r, p, (ok, status) in zip(mine, todo, graded)]
+        batch = [sample_record(name, p, r.get("sample", 0), r["response"], g, args.answer_fallback,
+                               len(r["response"]), bool(r.get("truncated", False)))
+                 for r, p, g in zip(mine, todo, graded)]
         results[name] = compute_metrics(batch, max(Counter(s["id"] for s in batch).values()))
         if code_protocol(todo):
             protocols[name] = code_protocol(todo)

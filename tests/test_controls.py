@@ -130,3 +130,7 @@ def test_few_shot_template_stops_at_its_string(tiny):
     cut = ev.generate_batch(model, tok, [prompt], 24, 1.0, seed=3, engine="static", stop_strings=[stop])[0]
     assert not cut["truncated"] and len(cut["ids"]) <= 10 and tok.decode(cut["ids"]).endswith(stop)
     assert cut["ids"] == free["ids"][:len(cut["ids"])]  # the same tokens up to the stop
+    # in a batch the row is padded after its string with pad = a stop token: the same record as alone
+    stops = ev.stop_token_ids(tok, model)
+    assert tok.pad_token_id in stops
+    assert ev.cut_at_stop(cut["ids"] + [tok.pad_token_id] * 3, stops, tok, [stop]) == cut
