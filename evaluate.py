@@ -150,6 +150,8 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
     for n, row in enumerate(rows):
         if not isinstance(row, dict):
             raise EvalError(f"{where}: row {n} is {_kind(row)}, not an object with named fields")
+    if all(r.get("kind") in ("code", "logic") and r.get("protocol") in CODE_PROTOCOLS for r in rows):
+        return [{**r, "id": str(r["id"])} for r in rows][:limit]  # whole code/logic problems (select_prompt's pick)
     columns = sorted(rows[0])
     # a column counts if any row has it (the first row may be the one with a null)
     pkey = problem_key or next((k for k in PROBLEM_KEYS if any(_get(r, k) is not None for r in rows)), None)
@@ -618,8 +620,8 @@ OCE_IMPORTS = EM_PT_IMPORTS[:-1]
 # OpenCodeEval's stop strings for chat models (benchmark/base.py PYTHON_STOP): generation ended at the first one.
 OCE_STOP = ("\nif __name__", "\ndef main(", "\nprint(")
 # name -> the released protocol. sampling: what the released scripts generated with (max_total = prompt + output,
-# vLLM's max_model_len). stop: strings the released generation stopped at; grading cuts the response there, which is
-# what stopping would have produced. timeout: seconds per program (LiveCodeBench: per test).
+# vLLM's max_model_len). stop: strings the released generation stopped at; evaluate_model stops there too, and grading
+# cuts any response there (--grade files). timeout: seconds per program (LiveCodeBench: per test).
 CODE_PROTOCOLS = {
     # Agarwal et al. T2/T3 LeetCode: EM_PT eval/Coding/leetcode/evaluate_leetcode.py; EM-INF scripts sample at 0.1
     "leetcode": {"kind": "code", "system": EURUS_SYSTEM, "extract": "em_pt", "timeout": 10.0,
@@ -1748,6 +1750,12 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     if context and max(lengths) + max_new_tokens > context and progress:
         print(f"warning: {name}: prompt ({max(lengths)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
               f"model's context of {context}; long responses run past the trained positions")
+    # generation stops where the protocol's did: the template's strings, or a code protocol's (grading cuts there)
+    strings = {tuple(CODE_PROTOCOLS[p["protocol"]].get("stop", ()) if p.get("kind", "math") != "math" else
+                     STOP_STRINGS.get(template, ())) for p in problems}
+    if len(strings) > 1:
+        raise EvalError(f"{name}: problems of protocols with different stop strings in one run")
+    strings = list(strings.pop()) or None
     stats = LogitStats(stop_token_ids(tokenizer, model), temperature, top_k) if logit_stats else None
     processors = list(logits_processor or []) + ([stats] if stats else [])  # stats see what gets sampled
     was_training = model.training
@@ -1765,7 +1773,7 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
         # A seed per (seed, benchmark, batch): sampling is the same whether or not earlier batches were skipped.
         outs = generate_batch(model, tokenizer, [prompts[k[0]] for k in keys], max_new_tokens, temperature, top_p,
                               seed=zlib.crc32(f"{seed}/{name}/{b}".encode()), logits_processor=processors or None,
-                              top_k=top_k, engine=engine, stop_strings=STOP_STRINGS.get(template))
+                              top_k=top_k, engine=engine, stop_strings=strings)
         fresh, graded = [], grade_batch([jobs[i][0] for i in batch], [o["text"] for o in outs],
                                         answer_fallback=answer_fallback, **(code_options or {}))  # in parallel
         for i, k, o, g in zip(batch, keys, outs, graded):
@@ -2187,11 +2195,12 @@ def gather_lists(objs, world):
 def evaluate_on_ranks(model, tokenizer, problems, args, template, rank, world, ctx=None):
     """A training script's --eval-*: greedy evaluate_model, each rank on its share (FSDP weights held gathered) ->
     {"eval_<metric>": value} of all ranks' samples, and eval_<benchmark>: their pass@1."""
+    share, code = problems[rank::world], {"workers": getattr(args, "code_workers", None)}  # (em_rl has the flag)
     set_gathered(model, True)
     with ctx or nullcontext():
-        samples = evaluate_model(model, tokenizer, problems[rank::world], template, args.eval_max_new_tokens,
+        samples = evaluate_model(model, tokenizer, share, template, args.eval_max_new_tokens,
                                  batch_size=args.rollout_batch_size, seed=args.seed, name=args.eval_benchmark,
-                                 progress=rank == 0, engine=args.engine)[1] if problems[rank::world] else []
+                                 progress=rank == 0, engine=args.engine, code_options=code)[1] if share else []
     set_gathered(model, False)
     m = compute_metrics(gather_lists(samples, world), 1)
     return {f"eval_{args.eval_benchmark}": m["pass@1"], **{f"eval_{k}": v for k, v in m.items()}}

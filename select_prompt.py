@@ -268,7 +268,8 @@ def run(args):
         row["rank"] = r + 1
         del row["index"]
     ev.write_json_atomic(stem + ".ranked.jsonl", rows, lines=True)
-    ev.write_json_atomic(args.out, rows[:args.top], lines=True)
+    by_id = {c["id"]: c for c in pool}  # a code/logic pick keeps its whole problem: em_ft.py --data builds its prompt
+    ev.write_json_atomic(args.out, [{**by_id[r["id"]], **r} for r in rows[:args.top]], lines=True)
     tied = tie_at_top(rows)
     ev.write_json_atomic(stem + ".run.json", {"args": vars(args), "versions": ev.package_versions(),
                                               "candidates": len(pool), "tied_at_top": tied,

@@ -618,3 +618,25 @@ def test_every_script_takes_code_and_logic_prompts(tiny_model_dir, tiny, data_di
                 answers = [ev.final_answer(pool[r["id"]], x) for x in r["samples"]]
                 assert r["score"] == 1 - max(map(answers.count, answers)) / 2
         assert "final answers in" in proc.stdout and "--template qwen-math" not in proc.stdout
+        # the pick is a whole problem: em_ft.py --data reads it back with its protocol's prompt and tests
+        picked = ev.load_benchmark(str(out), require_answer=False)
+        assert len(picked) == 1 and {k: v for k, v in picked[0].items() if k in pool[picked[0]["id"]]} == \
+            pool[picked[0]["id"]]
+        assert ev.build_prompt(tok, picked[0], "chat") == ev.build_prompt(tok, pool[picked[0]["id"]])
+
+
+def test_code_benchmark_generation_stops_at_the_protocol_string(tiny, data_dir, monkeypatch):
+    """evaluate_model stops a code response where the released generation stopped (the protocol's stop strings), so
+    its length and truncation are those of the text that is graded."""
+    model, tok = tiny
+    problem = ev.load_benchmark("humaneval", data_dir, limit=1)
+    run = dict(max_new_tokens=24, temperature=1.0, batch_size=1, progress=False)  # sampled: the same seed per batch
+    free = ev.evaluate_model(model, tok, problem, **run)[1][0]
+    assert free["truncated"] and free["length"] == 24
+    ids = tok(free["response"], add_special_tokens=False).input_ids
+    stop = tok.decode(ids[8:10])  # a string the response reaches near its 10th token, as the protocol's stop
+    assert 0 < free["response"].find(stop)
+    monkeypatch.setitem(ev.CODE_PROTOCOLS["humaneval"], "stop", (stop,))
+    cut = ev.evaluate_model(model, tok, problem, **run)[1][0]
+    assert not cut["truncated"] and cut["length"] < 24 and cut["response"].endswith(stop)
+    assert free["response"].startswith(cut["response"]) and cut["correct"] == free["correct"] is False
