@@ -809,12 +809,12 @@ def _code_user_message(problem, protocol):
     raise EvalError(f"unknown code protocol {protocol!r}: use one of {', '.join(CODE_PROTOCOLS)}")
 
 
-def build_code_prompt(tokenizer, problem, protocol=None, kk_template="released"):
+def build_code_prompt(tokenizer, problem, kk_template="released"):
     """The full prompt of a code/logic problem, as its protocol built it: the system prompt (None: the model's default,
     OpenCodeEval's user-only chat), the user turn, the tokenizer's chat template, and KK's "<think>" pre-fill.
     kk_template="released" writes Logic-RL's literal ChatML string (whatever the model, as released, with its extra
     newline before each <|im_end|>); "chat" uses the tokenizer's template instead."""
-    protocol = protocol or problem["protocol"]
+    protocol = problem["protocol"]
     user = _code_user_message(problem, protocol)
     spec = CODE_PROTOCOLS[protocol]
     if protocol == "kk" and kk_template == "released":
@@ -1618,7 +1618,7 @@ def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=
 NO_GOLD = "failed: no gold answer"  # grade_batch's status of a math problem without an answer (a training prompt)
 
 
-def grade_batch(problems, responses, workers=None, answer_fallback=False, kk_strict_format=True, **code_options):
+def grade_batch(problems, responses, workers=None, answer_fallback=False, **code_options):
     """Grade any mix of problems -> [(correct, status)], in order, dispatching on problem["kind"] (default "math"):
     math through grade_answer(extract_answer(...)) (status "passed", "failed" or "error: grader"), logic through
     grade_kk, code through grade_code_batch (every code response of the call in parallel; code_options go there)."""
@@ -1633,7 +1633,7 @@ def grade_batch(problems, responses, workers=None, answer_fallback=False, kk_str
     for i, (p, response) in enumerate(zip(problems, responses)):
         kind = p.get("kind", "math")
         if kind == "logic":
-            out[i] = grade_kk(response, p, kk_strict_format)
+            out[i] = grade_kk(response, p)
         elif kind == "math":
             correct, error = grade_answer(extract_answer(response, answer_fallback), p["answer"])
             out[i] = (correct, "passed" if correct else "error: grader" if error else
@@ -2415,17 +2415,23 @@ def run(args):
                   f"{ls['skew_topk_k']} at T={ls['skew_topk_temperature']} {ls['skew_topk_pooled']:.3f}, "
                   f"entropy {ls['entropy']:.3f} over {ls['tokens']} tokens")
     sink.close()
-    if len(results) > 1:  # over the benchmarks that all have the metric
+    write_results(out, results, all_samples, {
+        **protocol, "system_prompt": TEMPLATES[args.template][0], "user_template": TEMPLATES[args.template][1],
+        "code": {k: code_protocol(v) for k, v in data.items() if code_protocol(v)}}, t0, args,
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+
+
+def write_results(out, results, samples, protocol, t0, args, **extra):
+    """samples.jsonl (exactly one line per benchmark, id, sample), results.json (metrics, with their average over
+    the benchmarks that all have them), and the table on the console."""
+    if len(results) > 1:
         keys = [k for k in results[next(iter(results))] if k.startswith(("pass@", "maj@", "format", "mean_length"))
                 and all(r.get(k) is not None for r in results.values())]
         results["average"] = {k: sum(r[k] for r in results.values()) / len(results) for k in keys}
-    write_json_atomic(samples_file, all_samples, lines=True)  # exactly one line per (benchmark, id, sample)
-    write_json_atomic(os.path.join(out, "results.json"), {
-        "metrics": results, "protocol": {**protocol, "system_prompt": TEMPLATES[args.template][0],
-                                         "user_template": TEMPLATES[args.template][1],
-                                         "code": {k: code_protocol(v) for k, v in data.items() if code_protocol(v)}},
-        "versions": package_versions(), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-        else "cpu", "wall_s": time.time() - t0, "args": vars(args)})
+    write_json_atomic(os.path.join(out, "samples.jsonl"), samples, lines=True)
+    write_json_atomic(os.path.join(out, "results.json"), {"metrics": results, "protocol": protocol, **extra,
+                                                          "versions": package_versions(),
+                                                          "wall_s": time.time() - t0, "args": vars(args)})
     print(markdown_table(results))
     print(f"wrote {out}/results.json and {out}/samples.jsonl")
 
@@ -2459,13 +2465,8 @@ def grade_file(args):
         if code_protocol(todo):
             protocols[name] = code_protocol(todo)
         samples += batch
-    write_json_atomic(os.path.join(out, "samples.jsonl"), samples, lines=True)
-    write_json_atomic(os.path.join(out, "results.json"), {
-        "metrics": results, "protocol": {"graded_file": args.grade, "answer_fallback": args.answer_fallback,
-                                         "length_unit": "characters", "code": protocols},
-        "versions": package_versions(), "wall_s": time.time() - t0, "args": vars(args)})
-    print(markdown_table(results))
-    print(f"wrote {out}/results.json and {out}/samples.jsonl")
+    write_results(out, results, samples, {"graded_file": args.grade, "answer_fallback": args.answer_fallback,
+                                          "length_unit": "characters", "code": protocols}, t0, args)
 
 
 if __name__ == "__main__":

@@ -574,7 +574,8 @@ def test_grade_file_grades_saved_responses(data_dir, tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert [(s["benchmark"], s["id"], s["correct"]) for s in samples] == [(b, i, ok) for b, i, _, ok in rows]
     metrics = json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]
-    assert {k: m["pass@1"] for k, m in metrics.items()} == {"humaneval": 50.0, "kk": 50.0, "gsm8k": 50.0}
+    assert {k: m["pass@1"] for k, m in metrics.items()} == {"humaneval": 50.0, "kk": 50.0, "gsm8k": 50.0,
+                                                            "average": 50.0}  # as a generation run's
     path.write_text(json.dumps({"benchmark": "kk", "id": "no-such-id", "response": "x"}) + "\n")
     assert_one_line_error(run_cli("evaluate.py", "--grade", str(path), "--data-dir", data_dir, "--out",
                                   str(tmp_path / "bad")), "no problem with id 'no-such-id'")
