@@ -150,8 +150,8 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
     for n, row in enumerate(rows):
         if not isinstance(row, dict):
             raise EvalError(f"{where}: row {n} is {_kind(row)}, not an object with named fields")
-    if all(r.get("kind") in ("code", "logic") and r.get("protocol") in CODE_PROTOCOLS for r in rows):
-        return [{**r, "id": str(r["id"])} for r in rows][:limit]  # whole code/logic problems (select_prompt's pick)
+    if whole := whole_code_problems(rows, where):  # select_prompt's pick of a code or KK pool
+        return whole[:limit]
     columns = sorted(rows[0])
     # a column counts if any row has it (the first row may be the one with a null)
     pkey = problem_key or next((k for k in PROBLEM_KEYS if any(_get(r, k) is not None for r in rows)), None)
@@ -772,6 +772,23 @@ def load_code_benchmark(name, data_dir=None, limit=None):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise EvalError(f"{where}: the id {dup!r} appears twice")
     return out[:limit] if limit else out
+
+
+# What grading and the prompt read of a code/logic problem, beside id and problem.
+PROBLEM_FIELDS = {"leetcode": ("tests",), "livecodebench": ("public_tests", "private_tests"),
+                  "humaneval": ("tests", "entry_point"), "humaneval-em_pt": ("tests", "entry_point"),
+                  "mbpp": ("tests", "test_imports", "entry_point"), "kk": ("answer",)}
+
+
+def whole_code_problems(rows, where):
+    """Rows that are whole code/logic problem dicts (a protocol and its kind: select_prompt writes its pick of a code
+    or KK pool so) -> those problems, checked; None for any other rows."""
+    if not all(isinstance(r.get("protocol"), str) and CODE_PROTOCOLS.get(r["protocol"], {}).get("kind", 0) ==
+               r.get("kind") for r in rows):
+        return None
+    for n, r in enumerate(rows):
+        _need(r, ("id", "problem", *PROBLEM_FIELDS[r["protocol"]]), where, n)
+    return [{**r, "id": str(r["id"])} for r in rows]
 
 
 def _refine(text):  # OpenCodeEval utils.refine_text: tabs -> 4 spaces, newlines unified, stripped + one newline

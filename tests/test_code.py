@@ -624,6 +624,12 @@ def test_every_script_takes_code_and_logic_prompts(tiny_model_dir, tiny, data_di
         assert len(picked) == 1 and {k: v for k, v in picked[0].items() if k in pool[picked[0]["id"]]} == \
             pool[picked[0]["id"]]
         assert ev.build_prompt(tok, picked[0], "chat") == ev.build_prompt(tok, pool[picked[0]["id"]])
+        said = picked[0]["samples"][:1]
+        assert ev.grade_batch(picked, said) == ev.grade_batch([pool[picked[0]["id"]]], said)
+    broken = tmp_path / "broken.jsonl"  # a KK problem without its gold: one line naming the row, not a KeyError
+    broken.write_text(json.dumps({k: v for k, v in picked[0].items() if k != "answer"}) + "\n")
+    with pytest.raises(ev.EvalError, match="broken.jsonl: row 0 has no answer"):
+        ev.load_benchmark(str(broken))
 
 
 def test_code_benchmark_generation_stops_at_the_protocol_string(tiny, data_dir, monkeypatch):
