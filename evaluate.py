@@ -96,6 +96,25 @@ def _read_rows(path):
     return data
 
 
+def _rows(source, hub, name, hint):
+    """(rows, where): a local file's rows, else load_dataset(**hub)'s; checked to be non-empty named-field rows."""
+    if source:
+        rows = _read_rows(source)
+    else:
+        import datasets
+        try:
+            rows = datasets.load_dataset(**hub).to_list()
+        except Exception as e:  # offline, no such dataset, split or revision: one line, not a traceback
+            raise EvalError(f"cannot load {name} from the Hugging Face Hub ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:200]}); {hint}") from None
+    if not rows:
+        raise EvalError(f"{name}: the dataset is empty")
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise EvalError(f"{source or hub['path']}: row {n} is {_kind(row)}, not an object with named fields")
+    return rows, source or hub["path"]
+
+
 def _gold(value, key):
     """The gold answer as a string; None when the row has none (null, empty, Minerva solution without a box)."""
     if value is None:
@@ -129,27 +148,14 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
         fname, hub_id, config, hub_split = BENCHMARKS[name_or_path]
         source = os.path.join(data_dir, fname) if data_dir else None
     elif name_or_path.endswith((".json", ".jsonl", ".parquet")):
-        source, hub_id = name_or_path, None
+        source, hub_id, config, hub_split = name_or_path, None, None, None
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) and not os.path.exists(name_or_path):
         source, hub_id, config, hub_split = None, name_or_path, None, "train"
     else:
         raise EvalError(f"unknown benchmark {name_or_path!r}: use one of {', '.join([*BENCHMARKS, *CODE_BENCHMARKS])}, "
                         "a .json/.jsonl/.parquet file, or a hub dataset id (org/name)")
-    if source:
-        rows = _read_rows(source)
-    else:
-        import datasets
-        try:
-            rows = datasets.load_dataset(hub_id, config, split=split or hub_split).to_list()
-        except Exception as e:  # offline, no such dataset, no such split: one line, not a traceback
-            raise EvalError(f"cannot load {hub_id} from the Hugging Face Hub ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}); pass a local file or --data-dir") from None
-    where = source or hub_id
-    if not rows:
-        raise EvalError(f"{name_or_path}: the dataset is empty")
-    for n, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise EvalError(f"{where}: row {n} is {_kind(row)}, not an object with named fields")
+    rows, where = _rows(source, {"path": hub_id, "name": config, "split": split or hub_split}, name_or_path,
+                        "pass a local file or --data-dir")
     if whole := whole_code_problems(rows, where):  # select_prompt's pick of a code or KK pool
         return whole[:limit]
     columns = sorted(rows[0])
@@ -708,22 +714,10 @@ def load_code_benchmark(name, data_dir=None, limit=None):
     source = os.path.join(data_dir, fname) if data_dir else None
     if source and not os.path.exists(source) and name != "livecodebench":  # LiveCodeBench may be Hub-only
         raise EvalError(f"{name}: no {fname} in {data_dir}")
-    if source and os.path.exists(source):
-        rows = _read_rows(source)
-    else:
-        import datasets
-        try:
-            rows = datasets.load_dataset(**hub).to_list()
-        except Exception as e:  # offline, no such dataset/revision: one line, not a traceback
-            raise EvalError(f"cannot load {name} from the Hugging Face Hub ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:200]}); pass --data-dir with {fname}") from None
-    where = source if source and os.path.exists(source) else hub["path"]
-    if not rows:
-        raise EvalError(f"{name}: the dataset is empty")
+    rows, where = _rows(source if source and os.path.exists(source) else None, hub, name,
+                        f"pass --data-dir with {fname}")
     out = []
     for n, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise EvalError(f"{where}: row {n} is {_kind(row)}, not an object with named fields")
         p = {"kind": CODE_PROTOCOLS[protocol]["kind"], "benchmark": name, "protocol": protocol, "answer": None}
         if protocol == "leetcode":
             _need(row, ("task_id", "prompt_sft", "test"), where, n)

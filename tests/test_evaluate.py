@@ -85,6 +85,16 @@ def test_loader_bad_inputs(tmp_path):
     (tmp_path / "noans.jsonl").write_text(json.dumps({"problem": "hi"}) + "\n")
     with pytest.raises(ev.EvalError, match="no answer column"):
         ev.load_benchmark(str(tmp_path / "noans.jsonl"))
+    (tmp_path / "list.jsonl").write_text("[1]\n")
+    with pytest.raises(ev.EvalError, match="list.jsonl: row 0 is a list, not an object"):
+        ev.load_benchmark(str(tmp_path / "list.jsonl"))
+
+
+def test_benchmark_not_on_disk_and_hub_unreachable_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("EM_DATA_DIR", raising=False)  # (run_cli runs offline: HF_HUB_OFFLINE=1)
+    for name, hint in (("amc23", "pass a local file or --data-dir"), ("kk", "pass --data-dir with kk.jsonl")):
+        assert_one_line_error(run_cli("evaluate.py", "--model", "unused", "--benchmarks", name, "--out",
+                                      str(tmp_path)), f"cannot load {name} from the Hugging Face Hub", hint)
 
 
 # ----------------------------------------------------------------------------- extraction and grading
