@@ -6,6 +6,7 @@ import json
 import os
 import re
 import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -278,6 +279,26 @@ def test_time_limit_off_the_main_thread(tmp_path, monkeypatch):
         assert ev._idle_workers != [worker]
     finally:
         _retire_idle_workers()  # no worker with the hang is left for later tests
+
+
+def test_worker_past_the_backstop_is_killed_and_replaced(tmp_path, monkeypatch):
+    """A hang the child's alarm cannot end (as sympy stuck in C code): the parent kills the worker at its backstop
+    (3 time limits + 10 s), the answer counts as a grading error, and the next answer gets a fresh worker."""
+    (tmp_path / "sitecustomize.py").write_text(HANG_SOURCE.replace("time.sleep(600)", "import signal\n"
+                                               "        signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+                                               "        time.sleep(600)"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    _retire_idle_workers()
+    try:
+        assert _in_thread(ev.grade_answer, "\\frac{1}{2}", "0.5") == (True, False)  # starts a worker
+        (worker,) = ev._idle_workers
+        t0 = time.time()
+        assert _in_thread(ev.grade_answer, HANG_ANSWER, "42", 1) == (False, True)
+        assert 13 <= time.time() - t0 < 120 and worker.poll() is not None and ev._idle_workers == []  # killed
+        assert _in_thread(ev.grade_answer, "\\frac{3}{4}", "0.75") == (True, False)  # a new worker
+        assert ev._idle_workers and ev._idle_workers != [worker]
+    finally:
+        _retire_idle_workers()
 
 
 # constructed pairs and their verdicts: (correct, grading error)
