@@ -768,10 +768,10 @@ def load_code_benchmark(name, data_dir=None, limit=None):
     return out[:limit] if limit else out
 
 
-# What grading and the prompt read of a code/logic problem, beside id and problem.
-PROBLEM_FIELDS = {"leetcode": ("tests",), "livecodebench": ("public_tests", "private_tests"),
-                  "humaneval": ("tests", "entry_point"), "humaneval-em_pt": ("tests", "entry_point"),
-                  "mbpp": ("tests", "test_imports", "entry_point"), "kk": ("answer",)}
+# What grading and the prompt read of a code/logic problem, beside id and problem: field -> type.
+PROBLEM_FIELDS = {"leetcode": {"tests": str}, "livecodebench": {"public_tests": list, "private_tests": (str, list)},
+                  "humaneval": {"tests": str, "entry_point": str}, "humaneval-em_pt": {"tests": str, "entry_point": str},
+                  "mbpp": {"tests": list, "test_imports": list, "entry_point": str}, "kk": {"answer": str}}
 
 
 def whole_code_problems(rows, where):
@@ -781,7 +781,10 @@ def whole_code_problems(rows, where):
                r.get("kind") for r in rows):
         return None
     for n, r in enumerate(rows):
-        _need(r, ("id", "problem", *PROBLEM_FIELDS[r["protocol"]]), where, n)
+        fields = {"problem": str, **PROBLEM_FIELDS[r["protocol"]]}
+        _need(r, ("id", *fields), where, n)
+        if bad := [k for k, t in fields.items() if not isinstance(r[k], t)]:
+            raise EvalError(f"{where}: row {n}: {bad[0]} is {_kind(r[bad[0]])}, not what {r['protocol']} reads")
     return [{**r, "id": str(r["id"])} for r in rows]
 
 

@@ -630,6 +630,9 @@ def test_every_script_takes_code_and_logic_prompts(tiny_model_dir, tiny, data_di
     broken.write_text(json.dumps({k: v for k, v in picked[0].items() if k != "answer"}) + "\n")
     with pytest.raises(ev.EvalError, match="broken.jsonl: row 0 has no answer"):
         ev.load_benchmark(str(broken))
+    broken.write_text(json.dumps({**picked[0], "answer": 7}) + "\n")
+    with pytest.raises(ev.EvalError, match="broken.jsonl: row 0: answer is an int, not what kk reads"):
+        ev.load_benchmark(str(broken))
 
 
 def test_code_benchmark_generation_stops_at_the_protocol_string(tiny, data_dir, monkeypatch):
@@ -647,3 +650,14 @@ def test_code_benchmark_generation_stops_at_the_protocol_string(tiny, data_dir, 
     cut = ev.evaluate_model(model, tok, problem, **run)[1][0]
     assert not cut["truncated"] and cut["length"] < 24 and cut["response"].endswith(stop)
     assert free["response"].startswith(cut["response"]) and cut["correct"] == free["correct"] is False
+
+
+def test_every_code_and_logic_problem_reads_back_whole(data_dir, tmp_path):
+    """A file of problems as load_benchmark returns them (select_prompt's pick) loads back unchanged, for every
+    code and logic benchmark: PROBLEM_FIELDS names what each protocol's loader gives."""
+    for name in ev.CODE_BENCHMARKS:
+        problems = ev.load_benchmark(name, data_dir)
+        path = tmp_path / f"{name}.jsonl"
+        ev.write_json_atomic(str(path), problems, lines=True)
+        assert ev.load_benchmark(str(path)) == problems, name
+        assert ev.load_benchmark(str(path), limit=1) == problems[:1], name
