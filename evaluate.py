@@ -358,8 +358,9 @@ def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limit
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
                    repetition_penalty=1.0, logits_processor=None, top_k=0, engine="auto", stop_strings=None):
-    """Per prompt {"ids", "text", "truncated"}: the completion up to and including the first stop token (truncated:
-    none within the budget), from one left-padded KV-cached `generate` call (static) or continuous_generate."""
+    """Per prompt {"ids", "text", "truncated"}: the completion up to and including the first stop token or the token
+    that completes a stop string in it (truncated: neither within the budget), from one left-padded KV-cached
+    `generate` call (static) or continuous_generate."""
     from transformers import GenerationConfig
     stops = stop_token_ids(tokenizer, model)
     # A full config, not the model's: Qwen instruct models ship top_k/repetition_penalty defaults that would change
@@ -369,11 +370,11 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
                               else None, top_p=top_p if sample else None, top_k=top_k if sample else None,
                               repetition_penalty=repetition_penalty, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
-                              use_cache=True, stop_strings=stop_strings)
-    if pick_engine(model, config, logits_processor, engine) == "continuous":
+                              use_cache=True)
+    if pick_engine(model, config, logits_processor, engine) == "continuous":  # stop strings: its rows are cut after
         rows = continuous_generate(model, [tokenizer(p, add_special_tokens=False).input_ids for p in prompts],
                                    config, seed)
-        return [cut_at_stop(row, stops, tokenizer) for row in rows]
+        return [cut_at_stop(row, stops, tokenizer, stop_strings) for row in rows]
     tokenizer.padding_side = "left"  # decoder-only batching: the last prompt token must sit at the right edge
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
                     return_token_type_ids=False).to(model.device)  # (transformers < 4.57 refuses them in generate)
@@ -381,9 +382,26 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
         torch.manual_seed(seed)
     # synced_gpus=False: under torchrun the scripts hold gathered weights while generating, so ranks decode on their
     # own; transformers' default for FSDP models (an all_reduce per step) deadlocks on uneven numbers of calls.
+    width = enc["input_ids"].shape[1]
     out = model.generate(**enc, generation_config=config, logits_processor=logits_processor, synced_gpus=False,
-                         tokenizer=tokenizer)  # (stop_strings need it)
-    return [cut_at_stop(row, stops, tokenizer, stop_strings) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+                         stopping_criteria=[StopInResponse(tokenizer, stop_strings, width)] if stop_strings else None)
+    return [cut_at_stop(row, stops, tokenizer, stop_strings) for row in out[:, width:].tolist()]
+
+
+class StopInResponse:
+    """generate's stop-string check (StopStringCriteria) on the response only, as the released vLLM runs stopped:
+    generate's own also matches a string that begins in the prompt ("\n\nProblem:" after "Solution:\n")."""
+
+    def __init__(self, tokenizer, strings, start):
+        from transformers import StopStringCriteria
+        self.check, self.tokenizer, self.strings, self.start = StopStringCriteria(tokenizer, strings), tokenizer, \
+            strings, start
+
+    def __call__(self, input_ids, scores, **kwargs):
+        hit = self.check(input_ids, scores)
+        for i in hit.nonzero().flatten().tolist():  # a match is rare: only those rows are decoded
+            hit[i] = any(s in self.tokenizer.decode(input_ids[i, self.start:]) for s in self.strings)
+        return hit
 
 
 def cut_at_stop(row, stops, tokenizer, strings=None):

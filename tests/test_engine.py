@@ -52,6 +52,13 @@ def test_greedy_continuous_equals_static_sample_for_sample(eos_tiny):
         assert not any(t in stops for t in o["ids"][:-1])
         assert o["truncated"] == (o["ids"][-1] not in stops) and len(o["ids"]) <= 24
     assert model.training is False and model.config._attn_implementation == "sdpa"
+    # stop strings (few-shot, code protocols): continuous batching has none, its rows are cut at them afterwards;
+    # in the response only, as vLLM (the prompts end in "\n": generate's own check would stop after two "\n")
+    cut = ev.generate_batch(model, tok, prompts, 24, engine="static", stop_strings=["\n\n\n"])
+    assert ev.generate_batch(model, tok, prompts, 24, engine="continuous", stop_strings=["\n\n\n"]) == cut
+    for o, whole in zip(cut, static):  # responses are runs of "\n": cut after the third, or as before if shorter
+        assert o == (whole if whole["text"].count("\n") < 3 else {"ids": whole["ids"][:3], "text": "\n\n\n",
+                                                                   "truncated": False})
 
 
 def test_auto_falls_back_to_static_for_what_continuous_batching_drops(eos_tiny, capsys):
