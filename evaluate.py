@@ -105,7 +105,8 @@ def _rows(source, hub, name, hint):
         try:
             rows = datasets.load_dataset(**hub).to_list()
         except Exception as e:  # offline, no such dataset, split or revision: one line, not a traceback
-            raise EvalError(f"cannot load {name} from the Hugging Face Hub ({type(e).__name__}: "
+            raise EvalError(f"cannot load {name}{'' if name == hub['path'] else ' (' + hub['path'] + ')'} from "
+                            f"the Hugging Face Hub ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:200]}); {hint}") from None
     if not rows:
         raise EvalError(f"{name}: the dataset is empty")
@@ -772,7 +773,7 @@ def load_code_benchmark(name, data_dir=None, limit=None):
             p.update(id=str(row["question_id"]), problem=row["question_content"],
                      starter_code=row.get("starter_code") or "", public_tests=public,
                      private_tests=row["private_test_cases"], fn_name=meta.get("func_name"),
-                     difficulty=row.get("difficulty"), contest_date=row.get("contest_date"))
+                     difficulty=row.get("difficulty"), contest_date=row.get("contest_date") and str(row["contest_date"]))  # (the Hub's: a datetime)
         else:  # kk
             _need(row, ("quiz", "solution_text_format"), where, n)
             names = row.get("names") or []
@@ -801,9 +802,12 @@ def whole_code_problems(rows, where):
     for n, r in enumerate(rows):
         fields = {"problem": str, **PROBLEM_FIELDS[r["protocol"]]}
         _need(r, ("id", *fields), where, n)
-        if bad := [k for k, t in fields.items() if not isinstance(r[k], t)]:
+        if bad := [k for k, t in fields.items() if not isinstance(r[k], t) or k == "problem" and not r[k].strip()]:
             raise EvalError(f"{where}: row {n}: {bad[0]} is {_kind(r[bad[0]])}, not what {r['protocol']} reads")
-    return [{**r, "id": str(r["id"])} for r in rows]
+    ids = [str(r["id"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        raise EvalError(f"{where}: the id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
+    return [{**r, "id": i} for r, i in zip(rows, ids)]
 
 
 def _refine(text):  # OpenCodeEval utils.refine_text: tabs -> 4 spaces, newlines unified, stripped + one newline
@@ -2022,11 +2026,16 @@ def package_versions():
 def write_json_atomic(path, obj, lines=False):
     """obj as JSON (lines: a list as JSON lines) to a temp file, then renamed: never a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in obj) if lines else json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in obj) if lines else json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C, a value JSON cannot hold: no temp file is left behind either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ------------------------------------------------------------------ training helpers (em_ft.py, em_rl.py)

@@ -630,8 +630,13 @@ def test_every_script_takes_code_and_logic_prompts(tiny_model_dir, tiny, data_di
     broken.write_text(json.dumps({k: v for k, v in picked[0].items() if k != "answer"}) + "\n")
     with pytest.raises(ev.EvalError, match="broken.jsonl: row 0 has no answer"):
         ev.load_benchmark(str(broken))
-    broken.write_text(json.dumps({**picked[0], "answer": 7}) + "\n")
-    with pytest.raises(ev.EvalError, match="broken.jsonl: row 0: answer is an int, not what kk reads"):
+    for bad, why in (({"answer": 7}, "row 0: answer is an int, not what kk reads"),
+                     ({"problem": " "}, "row 0: problem is empty, not what kk reads")):
+        broken.write_text(json.dumps({**picked[0], **bad}) + "\n")
+        with pytest.raises(ev.EvalError, match=f"broken.jsonl: {why}"):
+            ev.load_benchmark(str(broken))
+    broken.write_text(json.dumps(picked[0]) + "\n" + json.dumps(picked[0]) + "\n")
+    with pytest.raises(ev.EvalError, match="broken.jsonl: the id .* appears twice"):
         ev.load_benchmark(str(broken))
 
 
@@ -661,3 +666,37 @@ def test_every_code_and_logic_problem_reads_back_whole(data_dir, tmp_path):
         ev.write_json_atomic(str(path), problems, lines=True)
         assert ev.load_benchmark(str(path)) == problems, name
         assert ev.load_benchmark(str(path), limit=1) == problems[:1], name
+
+
+def test_hub_loaded_rows_are_json(monkeypatch, tmp_path):
+    """Through datasets (the Hub path; here its json loader on our excerpt) LiveCodeBench's contest_date is a datetime:
+    the problems must still be JSON (select_prompt writes its pick whole)."""
+    protocol, fname, _ = ev.CODE_BENCHMARKS["livecodebench"]
+    monkeypatch.setitem(ev.CODE_BENCHMARKS, "livecodebench", (protocol, fname, {
+        "path": "json", "split": "train", "data_files": os.path.join(HERE, fname), "cache_dir": str(tmp_path)}))
+    hub, local = ev.load_benchmark("livecodebench"), ev.load_benchmark("livecodebench", HERE)
+    assert [p["id"] for p in hub] == [p["id"] for p in local] and json.loads(json.dumps(hub))
+    assert all(isinstance(p["contest_date"], str) for p in hub)
+
+
+def test_write_json_atomic_leaves_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "out.json"
+    ev.write_json_atomic(str(path), {"a": 1})
+    with pytest.raises(TypeError):
+        ev.write_json_atomic(str(path), {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_training_eval_runs_programs_with_the_scripts_workers(tiny, data_dir, monkeypatch):
+    """em_rl's --code-workers reaches its --eval-* grading (evaluate_on_ranks); em_ft has no flag: the default."""
+    import argparse
+    seen, real = [], ev.run_programs
+    monkeypatch.setattr(ev, "run_programs", lambda *a, **kw: seen.append(a[3] if len(a) > 3 else kw.get("workers"))
+                        or real(*a, **kw))
+    args = argparse.Namespace(eval_max_new_tokens=4, rollout_batch_size=2, seed=0, eval_benchmark="humaneval",
+                              engine="static", code_workers=3)
+    problems = ev.load_benchmark("humaneval", data_dir, limit=2)
+    m = ev.evaluate_on_ranks(tiny[0], tiny[1], problems, args, "chat", 0, 1)
+    del args.code_workers
+    ev.evaluate_on_ranks(tiny[0], tiny[1], problems, args, "chat", 0, 1)
+    assert seen == [3, None] and m["eval_humaneval"] == 0.0 and m["eval_problems"] == 2
