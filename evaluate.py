@@ -332,10 +332,8 @@ def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limit
     manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb)
     done = {}
     try:
-        if limits is None:
-            ids = manager.add_requests(inputs, max_new_tokens=config.max_new_tokens)
-        else:
-            ids = [manager.add_request(x, f"row{i}", n) for i, (x, n) in enumerate(zip(inputs, limits))]
+        ids = [manager.add_request(x, f"row{i}", n)
+               for i, (x, n) in enumerate(zip(inputs, limits or [config.max_new_tokens] * len(inputs)))]
         manager.start()
         while len(done) < len(ids):
             r = manager.get_result(timeout=1)
@@ -1654,6 +1652,16 @@ def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=
 NO_GOLD = "failed: no gold answer"  # grade_batch's status of a math problem without an answer (a training prompt)
 
 
+def code_protocol(problems):
+    """What results.json records of a code/logic benchmark's released protocol (None for math)."""
+    if not problems or problems[0].get("kind", "math") == "math":
+        return None
+    spec = CODE_PROTOCOLS[problems[0]["protocol"]]
+    return {"protocol": problems[0]["protocol"], **{k: v for k, v in spec.items() if k != "system"},
+            "system_prompt": spec["system"], "pass": "every test ran and passed" if spec["kind"] == "code" else
+            "every named person's role right (Logic-RL's grader)"}
+
+
 def grade_batch(problems, responses, workers=None, answer_fallback=False, **code_options):
     """Grade any mix of problems -> [(correct, status)], in order, dispatching on problem["kind"] (default "math"):
     math through grade_answer(extract_answer(...)) (status "passed", "failed" or "error: grader"), logic through
@@ -2375,16 +2383,6 @@ def main(argv=None):
     p.add_argument("--code-timeout", type=pos_float, help="seconds per program (LiveCodeBench: per test); default: "
                    "the released protocol's (LeetCode 10, MBPP/HumanEval 3, LiveCodeBench 6)")
     cli_main(run, p.parse_args(argv), resumes=True)
-
-
-def code_protocol(problems):
-    """What results.json records of a code/logic benchmark's released protocol (None for math)."""
-    if not problems or problems[0].get("kind", "math") == "math":
-        return None
-    spec = CODE_PROTOCOLS[problems[0]["protocol"]]
-    return {"protocol": problems[0]["protocol"], **{k: v for k, v in spec.items() if k != "system"},
-            "system_prompt": spec["system"], "pass": "every test ran and passed" if spec["kind"] == "code" else
-            "every named person's role right (Logic-RL's grader)"}
 
 
 def run(args):
