@@ -771,7 +771,8 @@ def load_code_benchmark(name, data_dir=None, limit=None):
             p.update(id=str(row["question_id"]), problem=row["question_content"],
                      starter_code=row.get("starter_code") or "", public_tests=public,
                      private_tests=row["private_test_cases"], fn_name=meta.get("func_name"),
-                     difficulty=row.get("difficulty"), contest_date=row.get("contest_date") and str(row["contest_date"]))  # (the Hub's: a datetime)
+                     difficulty=row.get("difficulty"),  # contest_date: text (the Hub's loader gives a datetime)
+                     contest_date=row.get("contest_date") and str(row["contest_date"]))
         else:  # kk
             _need(row, ("quiz", "solution_text_format"), where, n)
             names = row.get("names") or []
@@ -787,8 +788,9 @@ def load_code_benchmark(name, data_dir=None, limit=None):
 
 # What grading and the prompt read of a code/logic problem, beside id and problem: field -> type.
 PROBLEM_FIELDS = {"leetcode": {"tests": str}, "livecodebench": {"public_tests": list, "private_tests": (str, list)},
-                  "humaneval": {"tests": str, "entry_point": str}, "humaneval-em_pt": {"tests": str, "entry_point": str},
-                  "mbpp": {"tests": list, "test_imports": list, "entry_point": str}, "kk": {"answer": str}}
+                  "humaneval": {"tests": str, "entry_point": str}, "mbpp": {"tests": list, "test_imports": list,
+                                                                           "entry_point": str}, "kk": {"answer": str}}
+PROBLEM_FIELDS["humaneval-em_pt"] = PROBLEM_FIELDS["humaneval"]
 
 
 def whole_code_problems(rows, where):
