@@ -398,7 +398,8 @@ class StopInResponse:
 
     def __call__(self, input_ids, scores, **kwargs):
         hit = self.check(input_ids, scores)
-        for i in hit.nonzero().flatten().tolist():  # a match is rare: only those rows are decoded
+        # a match is rare: only those rows are decoded (the sync costs ~nothing: generate syncs every step anyway)
+        for i in hit.nonzero().flatten().tolist():
             hit[i] = any(s in self.tokenizer.decode(input_ids[i, self.start:]) for s in self.strings)
         return hit
 
