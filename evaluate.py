@@ -398,8 +398,9 @@ class StopInResponse:
 
     def __call__(self, input_ids, scores, **kwargs):
         hit = self.check(input_ids, scores)
-        # a match is rare: only those rows are decoded (the sync costs ~nothing: generate syncs every step anyway)
-        for i in hit.nonzero().flatten().tolist():
+        if input_ids.shape[1] - self.start >= self.check.maximum_token_len:  # it reads no prompt token: no host sync
+            return hit
+        for i in hit.nonzero().flatten().tolist():  # the first few steps: decode the rows it stopped
             hit[i] = any(s in self.tokenizer.decode(input_ids[i, self.start:]) for s in self.strings)
         return hit
 
