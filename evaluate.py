@@ -295,7 +295,7 @@ def continuous_blockers(model, config, logits_processor=None):
     return reasons
 
 
-def pick_engine(model, config, logits_processor=None, engine="auto"):
+def pick_engine(model, config, logits_processor=None, engine="auto", stop_strings=None):
     """"continuous" or "static" (auto: static with the reason printed once, and on a CPU, where continuous batching
     measured slower); --engine continuous on a request it cannot serve is an error."""
     if engine not in ENGINES:
@@ -305,6 +305,8 @@ def pick_engine(model, config, logits_processor=None, engine="auto"):
     reasons = continuous_blockers(model, config, logits_processor)
     if reasons and engine == "continuous":
         raise EvalError("--engine continuous cannot run this request exactly: " + "; ".join(reasons))
+    if stop_strings and engine == "auto":  # it has none: rows are cut after, but a base model decodes on to the budget
+        reasons.append("stop strings (it would decode past them)")
     note = ("continuous batching would not apply: " + "; ".join(reasons) if reasons else
             "auto on the CPU, where continuous batching measured slower; --engine continuous to use it"
             if engine == "auto" and model.device.type == "cpu" else "")
@@ -370,7 +372,7 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
                               repetition_penalty=repetition_penalty, eos_token_id=stops,
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
                               use_cache=True)
-    if pick_engine(model, config, logits_processor, engine) == "continuous":  # stop strings: its rows are cut after
+    if pick_engine(model, config, logits_processor, engine, stop_strings) == "continuous":  # strings: cut after
         rows = continuous_generate(model, [tokenizer(p, add_special_tokens=False).input_ids for p in prompts],
                                    config, seed)
         return [cut_at_stop(row, stops, tokenizer, stop_strings) for row in rows]

@@ -80,6 +80,10 @@ def test_auto_falls_back_to_static_for_what_continuous_batching_drops(eos_tiny, 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "autocast" in ev.continuous_blockers(model, config_for(tok, model))[0]
     assert ev.pick_engine(model, config_for(tok, model), engine="static") == "static"
+    # stop strings: auto stays static (continuous would decode past them); forced, its rows are cut after them
+    assert ev.pick_engine(model, config_for(tok, model), stop_strings=["###"]) == "static"
+    assert "stop strings (it would decode past them)" in capsys.readouterr().out
+    assert ev.pick_engine(model, config_for(tok, model), engine="continuous", stop_strings=["###"]) == "continuous"
     # auto on a CPU model: static (measured faster there), said once
     assert ev.pick_engine(model, config_for(tok, model)) == "static"
     assert ev.pick_engine(model, config_for(tok, model)) == "static"
