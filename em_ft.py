@@ -25,10 +25,10 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import evaluate as ev
+import training
 
 # One-shot EM's prompt pi_1 (row 124 of the DeepScaleR subset; gold 12.8, never used by EM).
 PI1 = ("The pressure \\( P \\) exerted by wind on a sail varies jointly as the area \\( A \\) of "
@@ -49,6 +49,9 @@ RECIPES = {
 
 
 # ---- method: entropy minimization (One-shot EM / EM-FT); copy this block ----
+from torch.utils.checkpoint import checkpoint
+
+
 def token_entropy(h, lm_head, T):
     """Entropy of softmax(lm_head(h) / T) for a chunk of positions: [n, hidden] -> [n], in fp32."""
     logp = torch.log_softmax(lm_head(h).float() / T, dim=-1)
@@ -56,7 +59,9 @@ def token_entropy(h, lm_head, T):
 
 
 def response_entropy(model, ids, attn, resp, T, chunk):
-    """Per row: the sum of token entropies over its response positions, and its response length."""
+    """Per row: the sum of token entropies over its response positions, and its response length.
+    ids, attn: left-padded prompt + response rows; resp: True at response tokens, EOS included
+    (pads after it never: training.pack builds such a batch)."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: count from each row's first token
     h = model.model(input_ids=ids, attention_mask=attn, position_ids=pos,
                     use_cache=False).last_hidden_state
@@ -73,8 +78,10 @@ def response_entropy(model, ids, attn, resp, T, chunk):
 
 def em_loss(ent_sum, n_tok, loss_norm, tokens, responses, micro_batches):
     """The loss to backward for one micro-batch (ent_sum: its summed token entropies, n_tok: its
-    response tokens), normalized by counts of the WHOLE update (all micro-batches, all ranks), so
-    the micro-batches' losses add up to the update's loss however it is split."""
+    response tokens), normalized by counts of the WHOLE update: tokens, responses and
+    micro_batches summed over all micro-batches and all ranks, so the micro-batches' losses add up
+    to the update's loss however it is split (data parallel averages gradients over ranks:
+    backward loss * world to keep their sum)."""
     if loss_norm == "token-mean":  # One-shot EM: every generated token weighs the same
         return ent_sum / tokens
     if loss_norm == "trajectory-sum":  # EM-FT: sum_t H_t per response ~ H(y|x); mean over responses
@@ -108,7 +115,7 @@ def accumulate_gradients(model, rows, pad_id, args, tokens, responses, world=1, 
     micro = ([range(i, min(i + b, n)) for i in range(0, n, b)] if args.loss_norm == "micro-token-mean"
              else ev.length_sorted_batches([len(p) + len(r) for p, r in rows], b))
     for idx in micro:
-        ids, attn, resp = ev.pack([rows[i] for i in idx], pad_id, device)
+        ids, attn, resp = training.pack([rows[i] for i in idx], pad_id, device)
         with ctx:
             ent, n_tok = model.response_entropy(ids, attn, resp, args.loss_temperature,
                                                 args.entropy_chunk)
@@ -120,7 +127,7 @@ def accumulate_gradients(model, rows, pad_id, args, tokens, responses, world=1, 
 
 def run_eval(model, tokenizer, eval_set, args, step, rank, world, log):
     """Greedy eval, each rank on its share; rank 0 logs the metrics of all samples."""
-    m = ev.evaluate_on_ranks(model, tokenizer, eval_set, args, args.eval_template, rank, world)
+    m = training.evaluate_on_ranks(model, tokenizer, eval_set, args, rank, world)
     if rank == 0:
         tqdm.write(f"eval step {step}: {args.eval_benchmark} pass@1 {m['eval_pass@1']:.1f}")
         print(json.dumps({"step": step, **m}), file=log, flush=True)
@@ -168,12 +175,13 @@ def main(argv=None):
         "copies of the benchmark files (default $EM_DATA_DIR, else the Hub)")
     arg("--allow-code-execution", action="store_true", help="consent to run the model's "
         "programs (a code --eval-benchmark)")
+    arg("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
     arg("--stop-entropy", type=ev.nonneg_float, help="stop once the entropy is < X")
     arg("--stop-entropy-drop", type=ev.unit_float, help="stop once it fell by this share")
     # --- checkpoints and system
     arg("--out", default="em_ft_out", help="output folder")
     arg("--log-rollouts", action="store_true", help="rollouts to <out>/rollouts.jsonl")
-    arg("--save-steps", type=ev.step_list, default="", help="updates to save (+ the last)")
+    arg("--save-steps", type=training.step_list, default="", help="updates to save (+ the last)")
     arg("--offload-optimizer", action=argparse.BooleanOptionalAction, help="fp32 master "
         "+ AdamW on the CPU (default, 1 GPU: on the GPU if they fit)")
     arg("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
@@ -207,8 +215,7 @@ def train(args):
         if args.data else [{"problem": PI1}]  # code prompt sets: --template eurus-code (or a code benchmark)
     eval_set = ev.load_benchmark(args.eval_benchmark, args.data_dir,
                                  limit=args.eval_limit) if args.eval_every else []
-    if any(p.get("kind") == "code" for p in eval_set):
-        ev.require_code_consent(args.allow_code_execution)  # before the model loads
+    ev.require_code_consent(eval_set, args.allow_code_execution)  # before the model loads
 
     # ------------------------------------------------------------ model
     # bf16 keeps 8 significant bits: lr-sized updates (2e-5 on |w| ~ 1e-2) mostly round to nothing
@@ -231,12 +238,13 @@ def train(args):
             {"use_reentrant": False})
     model.response_entropy = types.MethodType(response_entropy, model)  # FSDP: a forward method
     if fsdp:
-        ev.shard_model(model, "response_entropy", cuda)
+        training.shard_model(model, "response_entropy", cuda)
 
     # ------------------------------------------------------------ optimizer
     params = [q for q in model.parameters() if q.requires_grad]
-    where = ev.master_placement(params, args.offload_optimizer, rank == 0) if fp32_master else None
-    optimizer = ev.MasterAdamW(params, where, lr=args.lr, betas=args.betas, eps=args.eps,
+    where = (training.master_placement(params, args.offload_optimizer, rank == 0) if fp32_master
+             else None)
+    optimizer = training.MasterAdamW(params, where, lr=args.lr, betas=args.betas, eps=args.eps,
                                weight_decay=args.weight_decay)
 
     # ------------------------------------------------------------ loop
@@ -244,19 +252,19 @@ def train(args):
     order = itertools.chain.from_iterable(rng.sample(range(len(prompts)), len(prompts))
                                           for _ in itertools.count())
     per_rank = args.batch_size // world
-    log = ev.open_log(args.out, "rollouts.jsonl") if rank == 0 else None
+    log = training.open_log(args.out, "rollouts.jsonl") if rank == 0 else None
     if args.eval_every:
         run_eval(model, tokenizer, eval_set, args, 0, rank, world, log)
     first_entropy, first_len, said = None, None, set()
     for step in tqdm(range(1, args.max_steps + 1), desc="em_ft", disable=rank != 0, dynamic_ncols=True):
-        timer = ev.PhaseTimer(cuda)
+        timer = training.PhaseTimer(cuda)
         batch = list(itertools.islice(order, args.batch_size))[rank * per_rank:][:per_rank]
         # each rank samples its share with its own seed; FSDP: weights stay gathered while decoding
-        ev.set_gathered(model, True)
+        training.set_gathered(model, True)
         outs = sample_rollouts(model, tokenizer, [prompts[i] for i in batch],
                                [len(prompt_ids[i]) for i in batch], args,
                                seed=args.seed + rank + world * (step - 1))
-        ev.set_gathered(model, False)
+        training.set_gathered(model, False)
         rows = [(prompt_ids[i], o["ids"]) for i, o in zip(batch, outs)]
         timer.mark("rollout")
         if args.log_rollouts:  # every rollout of the update, gathered on rank 0 in rank order
@@ -277,12 +285,13 @@ def train(args):
         n_tok, n_traj, n_trunc, n_seq_tok, n_loops = counts.tolist()
         first_len = first_len or n_tok / n_traj
         if rank == 0:  # truncation (EOS never scored), loops, length collapse: each said once
-            ev.warn_once(said, step, n_trunc / n_traj, n_tok / n_traj, first_len, n_loops / n_traj,
+            training.warn_once(said, step, n_trunc / n_traj, n_tok / n_traj, first_len, n_loops / n_traj,
                          args.max_new_tokens)
         ent_loss = accumulate_gradients(model, rows, tokenizer.pad_token_id, args, n_tok, n_traj,
                                         world, ctx)
         timer.mark("fwd_bwd")
-        norm = optimizer.step(args.grad_clip, timer)  # clip, AdamW, grads set to None
+        norm = optimizer.step(args.grad_clip)  # clip, AdamW, grads set to None
+        timer.mark("optimizer")
         ent_loss = torch.tensor(ent_loss, dtype=torch.float64)
         if fsdp:
             dist.all_reduce(ent_loss)
@@ -293,17 +302,17 @@ def train(args):
                  "repetition_rate": n_loops / n_traj,
                  "rollout_tok_s": n_tok / sec["rollout_s"],
                  "train_tok_s": n_seq_tok / (sec["step_s"] - sec["rollout_s"]), **sec,
-                 **ev.memory_gb(cuda)}
+                 **training.memory_gb(cuda)}
         if rank == 0:
-            ev.log_step(log, stats)
-        ev.check_finite(step, loss=loss, grad_norm=stats["grad_norm"])  # before anything is saved
+            training.log_step(log, stats)
+        training.check_finite(step, loss=loss, grad_norm=stats["grad_norm"])  # before anything is saved
         first_entropy = entropy if first_entropy is None else first_entropy
         stop = (args.stop_entropy is not None and entropy < args.stop_entropy) or (
             args.stop_entropy_drop and entropy <= (1 - args.stop_entropy_drop) * first_entropy)
         if args.eval_every and step % args.eval_every == 0:
             run_eval(model, tokenizer, eval_set, args, step, rank, world, log)
         if step in save_steps or stop:
-            ev.save_checkpoint(model, tokenizer, os.path.join(args.out, f"step_{step}"), {
+            training.save_checkpoint(model, tokenizer, os.path.join(args.out, f"step_{step}"), {
                 "args": vars(args), "seed": args.seed, "step": step}, rank, world)
             if rank == 0:  # the log lists the checkpoints that exist
                 print(json.dumps({"step": step, "checkpoint": f"step_{step}"}), file=log, flush=True)

@@ -33,15 +33,6 @@ from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 import evaluate as ev
 
 
-def token_entropy(logits):
-    """Entropy of softmax(logits) per row, in nats; entr(0) = 0: -inf logits are absent tokens."""
-    return torch.special.entr(torch.softmax(upcast(logits), -1)).sum(-1)
-
-
-def upcast(x):
-    return x if x.dtype == torch.float64 else x.float()  # bf16 -> fp32; fp64 (tests) stays
-
-
 # ---- method: EM-INF logit update (per row, batched; copy this block) ----
 @torch.no_grad()
 def minimize_logit_entropy(logits, n_steps=3, lr=0.1, threshold=0.3, kl_weight=0.05,
@@ -49,7 +40,7 @@ def minimize_logit_entropy(logits, n_steps=3, lr=0.1, threshold=0.3, kl_weight=0
     """Adam on an fp32 copy z of logits [B, V] minimizing H(softmax z) + kl_weight * KL(p0 ||
     softmax z), each row on its own (Adam is elementwise and the loss a sum of per-row terms: a
     row gets what it gets alone). A row stops for good once H < threshold (checked each step)."""
-    z = upcast(logits).clone()
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)  # bf16 -> fp32
     p0 = torch.softmax(z, -1)
     m, v = torch.zeros_like(z), torch.zeros_like(z)
     active = torch.ones_like(z[:, :1], dtype=torch.bool)
@@ -68,6 +59,15 @@ def minimize_logit_entropy(logits, n_steps=3, lr=0.1, threshold=0.3, kl_weight=0
         z.addcdiv_(m * active, v.sqrt().add_(eps * sqrt_bc2), value=-lr * sqrt_bc2 / bc1)
     return z
 # ---- end method ----
+
+
+def upcast(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 -> fp32; fp64 (tests) stays
+
+
+def token_entropy(logits):
+    """Entropy of softmax(logits) per row, in nats; entr(0) = 0: -inf logits are absent tokens."""
+    return torch.special.entr(torch.softmax(upcast(logits), -1)).sum(-1)
 
 
 @torch.no_grad()
@@ -212,8 +212,7 @@ def run(args):
         data[name] = ev.load_benchmark(src, args.data_dir, limit=args.limit)
         if rank == 0 and (missing := sum(p["answer"] is None and p.get("kind") != "code" for p in data[name])):
             print(f"{name}: {missing} problems have no gold answer and are graded wrong")
-    if any(p.get("kind") == "code" for v in data.values() for p in v):
-        ev.require_code_consent(args.allow_code_execution)  # before the model loads
+    ev.require_code_consent([p for v in data.values() for p in v], args.allow_code_execution)
     # --- model
     model, tokenizer = ev.load_model(args.model, args.dtype)
     vocab = model.get_output_embeddings().out_features

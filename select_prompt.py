@@ -50,8 +50,9 @@ def variance_score(n_correct, k):
 
 
 def disagreement_score(answers):
-    """1 - (count of the most common normalized answer) / k; None (no box) is one bucket."""
-    votes = Counter(None if a is None else ev.normalize_answer(a) for a in answers)
+    """1 - (count of the most common final answer) / k; None (no answer) is one bucket. The
+    answers come normalized (a \\boxed answer as maj@k compares them, a program as graded)."""
+    votes = Counter(answers)
     return 1 - max(votes.values()) / len(answers)
 
 
@@ -167,8 +168,8 @@ def run(args):
     for c in pool:
         c["problem"] = strip_suffix(c["problem"]) if args.strip_suffix else c["problem"]
     unlabeled = sum(c["answer"] is None and c.get("kind") != "code" for c in pool)  # code: graded by tests
-    if any(c.get("kind") == "code" for c in pool) and args.score == "variance":
-        ev.require_code_consent(args.allow_code_execution)  # before the model loads
+    if args.score == "variance":  # code: graded by running the model's programs
+        ev.require_code_consent(pool, args.allow_code_execution)  # before the model loads
     if args.score == "variance" and unlabeled:
         raise ev.EvalError(f"{args.data}: {unlabeled} of {len(pool)} candidates have no answer and "
                            "--score variance needs one; use --score disagreement or --score entropy")
@@ -228,8 +229,7 @@ def run(args):
         for i in sorted({jobs[n][0] for n in batch}):
             if i in pending and all(pending[i]):  # all k samples in: grade and save the candidate
                 s, c = pending.pop(i), pool[i]
-                answers = [ev.extract_answer(x["text"]) if c.get("kind", "math") == "math" else
-                           ev.final_answer(c, x["text"]) for x in s]  # code: the program; logic: <answer>
+                answers = [ev.final_answer(c, x["text"]) for x in s]  # a normalized box, program, <answer>
                 graded = c["answer"] is not None or c.get("kind") == "code" and args.score == "variance"
                 rec = {"id": c["id"], "responses": [x["text"] for x in s], "answers": answers,
                        "correct": [ok for ok, _ in ev.grade_batch([c] * len(s), [x["text"] for x in s],

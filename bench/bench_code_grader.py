@@ -12,6 +12,7 @@ import argparse, os, re, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
+import execution  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"),
@@ -21,7 +22,7 @@ parser.add_argument("--benchmarks", default="humaneval,leetcode", help="comma li
 parser.add_argument("--timeout", type=float, default=None, help="seconds per program (default: the protocol's)")
 args = parser.parse_args()
 workers = sorted({os.cpu_count() if w.strip() == "N" else int(w) for w in args.workers.split(",")})
-ev.require_code_consent(True)  # datasets' solutions and fixed programs only
+execution.consent(True)  # datasets' solutions and fixed programs only
 NONE = "class Solution:\n    def __getattr__(self, name):\n        return lambda *args, **kwargs: None"
 
 
@@ -41,7 +42,7 @@ if "leetcode" in args.benchmarks:
     cases.append(("leetcode wrong", rows, [fenced(NONE)] * len(rows)))
     every = [{**p, "tests": re.sub(r"^assert (.*)$", r"\1", p["tests"], flags=re.M)} for p in rows]
     cases.append(("leetcode all-tests", every, [fenced(NONE)] * len(rows)))
-ev.run_programs(["pass"])  # the one-time uid check (as root) stays out of the timings
+execution.run_programs(["pass"])  # the one-time uid check (as root) stays out of the timings
 print(f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}")
 for name, rows, responses in cases:
     base = None

@@ -1,8 +1,8 @@
 """
 Benchmark em_ft.py's training step at the One-shot EM recipe (64 rollouts of the wind-pressure prompt, 512 new
 tokens, T=0.5 / top-p 0.95 / repetition penalty 1.15, loss temperature 0.5, micro-batch 8) on a random-weight
-model: seconds per phase of each update (rollout, fwd_bwd, grad = clip + fp32 grads where AdamW reads them,
-adamw, copyback = master weights back into the model), rollout and train tokens/s, peak GPU memory and host RSS.
+model: seconds per phase of each update (rollout, fwd_bwd, optimizer = clip + AdamW + master weights back into
+the model), rollout and train tokens/s, peak GPU memory and host RSS.
 On the tiny shape it also times the released code's rollouts (use_cache=False, 2 prompts per generate call)
 against em_ft's KV-cached batched rollouts.
 
@@ -20,7 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import em_ft  # noqa: E402
-import evaluate as ev  # noqa: E402
+import training  # noqa: E402
 from evaluate import build_prompt, generate_batch  # noqa: E402
 from tiny_model import SHAPES, build_tokenizer  # noqa: E402
 
@@ -61,7 +61,7 @@ def main():
     model.response_entropy = types.MethodType(em_ft.response_entropy, model)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     params = list(model.parameters())
-    opt = ev.MasterAdamW(params, ev.master_placement(params, args.offload_optimizer) if offload else None, lr=2e-5)
+    opt = training.MasterAdamW(params, training.master_placement(params, args.offload_optimizer) if offload else None, lr=2e-5)
     run = types.SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=0.5, top_p=0.95,
                                 repetition_penalty=1.15, rollout_batch_size=args.rollout_batch_size,
                                 micro_batch_size=args.micro_batch_size, loss_temperature=0.5, entropy_chunk=1024,
@@ -79,7 +79,7 @@ def main():
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        timer = ev.PhaseTimer(cuda)
+        timer = training.PhaseTimer(cuda)
         model.eval()
         outs = []
         for i in range(0, args.batch_size, args.rollout_batch_size):
@@ -92,14 +92,15 @@ def main():
         timer.mark("rollout")
         em_ft.accumulate_gradients(model, rows, tokenizer.pad_token_id, run, n_tok, len(rows), 1, ctx)
         timer.mark("fwd_bwd")
-        opt.step(1.0, timer)
+        opt.step(1.0)
+        timer.mark("optimizer")
         sec = timer.seconds()
         seq_tok = n_tok + len(rows) * len(prompt_ids)
         ours, train_s = n_tok / sec["rollout_s"], sec["step_s"] - sec["rollout_s"]
         res = {"bench": "em_ft", "shape": args.shape, "step": step, "batch_size": args.batch_size,
                "master": str(opt.flat[0].device) if opt.flat else None, **sec, "rollout_tokens": n_tok,
                "rollout_tok_s": ours, "train_tok_s": seq_tok / train_s, "peak_gb": peak_gb(cuda),
-               "host_rss_gb": ev.memory_gb(False)["host_rss_gb"]}
+               "host_rss_gb": training.memory_gb(False)["host_rss_gb"]}
         print(f"step {step}: " + " | ".join(f"{k[:-2]} {v:.2f}s" for k, v in sec.items()) +
               f" || rollouts {n_tok} tok = {ours:.0f} tok/s | train {seq_tok} tok in {train_s:.2f}s = "
               f"{seq_tok / train_s:.0f} tok/s | peak {'GPU' if cuda else 'RSS'} {res['peak_gb']:.2f} GB | "

@@ -5,7 +5,7 @@
     ref      the same forward on the frozen reference model (for the KL)
     train    forward + backward of the PPO-clip/entropy/KL loss with chunked logits, then the optimizer step
              (CUDA: bf16 model, fp32 master weights + AdamW on the GPU if they fit, else on the CPU, as em_rl.py),
-             split into fwd_bwd, grad (clip + fp32 grads where AdamW reads them), adamw, copyback
+             split into fwd_bwd and optimizer (clip + AdamW + master weights back into the model)
 
 It prints tokens/s per phase, the train/rollout ratio, peak GPU memory and host RSS, and the activation memory
 one training micro-batch saves for backward with chunked+checkpointed logits versus full [tokens x vocab] logits.
@@ -14,7 +14,7 @@ one training micro-batch saves for backward with chunked+checkpointed logits ver
     python bench/bench_em_rl.py --model /work/models/smollm2-135m-instruct --batch 8   # a real small model, CPU
     python bench/bench_em_rl.py --shape 7b --batch 64 --new-tokens 1024 --prompt-len 256   # one 80 GB GPU
 """
-import argparse, json, os, resource, sys, time, types
+import argparse, json, os, resource, sys, time
 from contextlib import nullcontext
 
 import torch
@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config, Qw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import em_rl  # noqa: E402
-import evaluate as ev  # noqa: E402
+import training  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from tiny_model import SHAPES  # noqa: E402
 
@@ -91,7 +91,7 @@ def main():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [q for q in model.parameters()]
     mixed = cuda or args.offload_optimizer  # fp32 master weights for the bf16 model (em_rl.py on one GPU)
-    opt = ev.MasterAdamW(params, ev.master_placement(params, args.offload_optimizer) if mixed else None, lr=1e-6)
+    opt = training.MasterAdamW(params, training.master_placement(params, args.offload_optimizer) if mixed else None, lr=1e-6)
     n_params = sum(q.numel() for q in params)
     print(f"shape {args.shape} ({n_params / 1e6:.1f}M params) on {torch.cuda.get_device_name() if cuda else 'cpu'}, "
           f"{dtype}, gradient checkpointing {model.is_gradient_checkpointing}, "
@@ -114,7 +114,7 @@ def main():
         return torch.cat(outs)[:, P:]
     responses, t_roll = timed(rollout)
     mem_roll = peak_gb()
-    batches = [ev.pack(list(zip(prompts[i:i + args.micro_batch_size].tolist(),
+    batches = [training.pack(list(zip(prompts[i:i + args.micro_batch_size].tolist(),
                                 responses[i:i + args.micro_batch_size].tolist())), 0, device)
                for i in range(0, args.batch, args.micro_batch_size)]
 
@@ -126,7 +126,6 @@ def main():
     mem_score = peak_gb()
 
     # train: one PPO mini-batch = the whole batch here (em_rl.py makes --ppo-minibatches of them per rollout batch)
-    loss_args = types.SimpleNamespace(update="ppo-clip", clip_ratio=0.2)
     model.train()
 
     def loss_of(batch, old, chunked=True):
@@ -141,15 +140,16 @@ def main():
                 lp = logp.gather(-1, ids[:, 1:, None])[..., 0][sel]
                 ent, row = -(logp.exp() * logp).sum(-1)[sel], sel.nonzero()[:, 0]
         adv = torch.randn(len(batch[0]), device=device)
-        loss = em_rl.policy_loss(lp, old, adv[row], loss_args) - 0.001 * ent + 0.001 * em_rl.k3_kl(old, lp)
+        loss = em_rl.policy_loss(lp, old, adv[row], "ppo-clip", 0.2) - 0.001 * ent + 0.001 * em_rl.k3_kl(old, lp)
         return loss.sum() / len(lp)
 
     def train():
-        timer = ev.PhaseTimer(cuda)
+        timer = training.PhaseTimer(cuda)
         for b, (old, _, _, _) in zip(batches, stats):
             loss_of(b, old).backward()
         timer.mark("fwd_bwd")
-        opt.step(1.0, timer)
+        opt.step(1.0)
+        timer.mark("optimizer")
         return timer.seconds()
     for _ in range(args.train_steps):
         phases, t_train = timed(train)
@@ -160,7 +160,7 @@ def main():
     print(f"score    {seq_tokens / t_score:10.0f} tok/s       {t_score:7.2f} s   peak {mem_score:.2f} GB")
     print(f"ref      {seq_tokens / t_ref:10.0f} tok/s       {t_ref:7.2f} s")
     print(f"train    {seq_tokens / t_train:10.0f} tok/s       {t_train:7.2f} s   peak {mem_train:.2f} GB "
-          f"(fwd+bwd+optimizer step; host RSS {ev.memory_gb(False)['host_rss_gb']:.2f} GB; fp32 master on "
+          f"(fwd+bwd+optimizer step; host RSS {training.memory_gb(False)['host_rss_gb']:.2f} GB; fp32 master on "
           f"{opt.flat[0].device if opt.flat else None}): " +
           ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in phases.items()))
     total = t_roll + t_score + t_ref + t_train
@@ -171,7 +171,7 @@ def main():
         print("RESULT " + json.dumps({"bench": "em_rl", "shape": args.shape, "batch": args.batch, "prompt_len": P,
                                       "new_tokens": T, "rollout_s": t_roll, "score_s": t_score, "ref_s": t_ref,
                                       "train_s": t_train, **phases, "peak_gb": mem_train,
-                                      "host_rss_gb": ev.memory_gb(False)["host_rss_gb"],
+                                      "host_rss_gb": training.memory_gb(False)["host_rss_gb"],
                                       "master": str(opt.flat[0].device) if opt.flat else None}), flush=True)
     if not args.no_compare:
         b, old = batches[0], stats[0][0]

@@ -4,10 +4,10 @@ on a parameter set of a real shape, default Qwen2.5-0.5B's (494M parameters): se
 
     before   the old em_ft/em_rl offloaded_step: clip, then per group of 16 tensors grads upcast to fp32 CPU copies
              and one foreach AdamW.step over all the master tensors (it skips those without a grad), copy back
-    after    evaluate.MasterAdamW(params, "cpu"): chunks of 2^26 elements, grads upcast and scaled by the clip
-             coefficient (grad), fused AdamW (adamw), master rounded into the model (copyback). Here the "GPU"
-             model is a bf16 CPU copy, so all three run on the CPU; offloaded from a real GPU, grad and copyback
-             run on the GPU and as DMA, overlapped, and the CPU's share of the step is adamw alone.
+    after    training.MasterAdamW(params, "cpu"): chunks of 2^26 elements, grads upcast and scaled by the clip
+             coefficient, fused AdamW, master rounded into the model. Here the "GPU" model is a bf16 CPU
+             copy, so all three run on the CPU; offloaded from a real GPU, the grads and the copy back run on
+             the GPU and as DMA, overlapped, and the CPU's share of the step is AdamW alone.
     adamw    torch.optim.AdamW alone on the fp32 master with fp32 grads: for-loop, foreach, fused implementations
 
 at each --threads value. The first step of each allocates AdamW's state and is not counted.
@@ -21,7 +21,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-import evaluate as ev  # noqa: E402
+import training  # noqa: E402
 from tiny_model import SHAPES  # noqa: E402
 
 SHAPES = {**SHAPES, "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -29,7 +29,7 @@ SHAPES = {**SHAPES, "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hi
 
 
 def legacy_offloaded_step(params, master, optimizer, grad_clip):
-    """em_ft.py / em_rl.py's offloaded_step before evaluate.MasterAdamW (kept here as the 'before' figure)."""
+    """em_ft.py / em_rl.py's offloaded_step before training.MasterAdamW (kept here as the 'before' figure)."""
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     for start in range(0, len(params), 16):
         group = range(start, min(start + 16, len(params)))
@@ -81,13 +81,12 @@ def main():
                         q.grad = g
                     legacy_offloaded_step(model, master, opt, 1.0)
             elif variant == "after":
-                opt, timers = ev.MasterAdamW(model, "cpu", **kw), []
+                opt = training.MasterAdamW(model, "cpu", **kw)
 
                 def step(opt=opt):
                     for q, g in zip(model, grads):
                         q.grad = g
-                    timers.append(ev.PhaseTimer(cuda=False))
-                    opt.step(1.0, timers[-1])
+                    opt.step(1.0)
             else:  # AdamW alone on fp32 tensors that own their fp32 grads
                 master = [q.detach().to(torch.float32, copy=True).requires_grad_() for q in model]
                 for m, g in zip(master, grads):
@@ -98,11 +97,7 @@ def main():
             s = timed(step, args.steps)
             rows.append((threads, variant, s))
             print(f"threads {threads}  {variant:8s} {s:7.3f} s/step  ({n / s / 1e6:6.0f}M params/s; "
-                  f"x{7.616e9 / n:.1f} for a 7B: ~{s * 7.616e9 / n:.0f} s)  rss {ev.memory_gb(False)['host_rss_gb']:.1f} GiB", flush=True)
-            if variant == "after":  # the timed steps' phases (the first, untimed one is timers[0])
-                phases = [t.seconds() for t in timers[1:]]
-                print("    after, per step: " + ", ".join(f"{k[:-2]} {sum(p[k] for p in phases) / len(phases):.3f} s"
-                                                     for k in phases[0]), flush=True)
+                  f"x{7.616e9 / n:.1f} for a 7B: ~{s * 7.616e9 / n:.0f} s)  rss {training.memory_gb(False)['host_rss_gb']:.1f} GiB", flush=True)
             del opt, step
             master = None
             gc.collect()

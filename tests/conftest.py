@@ -168,6 +168,12 @@ def untied_eos_model_dir(untied_model_dir, tmp_path_factory):
     return aim_eos(untied_model_dir, str(tmp_path_factory.mktemp("untied_eos_tiny")))
 
 
+def is_correct(response, gold, fallback=False):
+    """A math response graded as evaluate.py grades it: its extracted answer against the gold."""
+    import evaluate
+    return evaluate.grade_answer(evaluate.extract_answer(response, fallback), gold)[0]
+
+
 def run_cli(*args, timeout=600):
     """Run a repo script as a user would; returns CompletedProcess (text)."""
     import subprocess

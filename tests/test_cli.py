@@ -22,6 +22,7 @@ import pytest
 from conftest import ROOT, assert_one_line_error, run_cli
 
 import evaluate as ev
+import training
 
 MISSING = "/nonexistent/model"
 SCRIPTS = ("evaluate.py", "em_ft.py", "em_rl.py", "em_inf.py", "select_prompt.py")
@@ -286,24 +287,24 @@ def test_non_finite_loss_stops_before_saving(script, flags, tiny_model_dir, data
 
 
 def test_check_finite():
-    ev.check_finite(3, loss=1.5, grad_norm=0.0)
+    training.check_finite(3, loss=1.5, grad_norm=0.0)
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(ev.EvalError, match=r"step 3: grad_norm (nan|inf|-inf) \(not finite\)"):
-            ev.check_finite(3, loss=1.5, grad_norm=bad)
+            training.check_finite(3, loss=1.5, grad_norm=bad)
 
 
 def test_number_types():
     import argparse
     ok = [(ev.pos_int, "3", 3), (ev.nonneg_int, "0", 0), (ev.pos_float, "1e-45", 1e-45), (ev.unit_float, "1", 1.0),
           (ev.unit_open, "0", 0.0), (ev.finite_float, "-2.5", -2.5), (ev.seed_int, str(2 ** 32 - 1), 2 ** 32 - 1),
-          (ev.number(int, 2), "2", 2), (ev.step_list, "3, 1,3", [1, 3]), (ev.step_list, "", [])]
+          (ev.number(int, 2), "2", 2), (training.step_list, "3, 1,3", [1, 3]), (training.step_list, "", [])]
     for parse, text, want in ok:
         assert parse(text) == want and type(parse(text)) is type(want), (text, want)
     bad = [(ev.pos_int, "0"), (ev.pos_int, "1.0"), (ev.pos_int, ""), (ev.nonneg_int, "-1"), (ev.pos_float, "0"),
            (ev.pos_float, "nan"), (ev.pos_float, "inf"), (ev.pos_float, "1e400"), (ev.pos_float, "1e300"),
            (ev.nonneg_float, "-0.1"),
            (ev.unit_float, "0"), (ev.unit_float, "1.0001"), (ev.unit_open, "1"), (ev.finite_float, "-inf"),
-           (ev.seed_int, str(2 ** 32)), (ev.number(int, 2), "1"), (ev.step_list, "0"), (ev.step_list, "1,,x")]
+           (ev.seed_int, str(2 ** 32)), (ev.number(int, 2), "1"), (training.step_list, "0"), (training.step_list, "1,,x")]
     for parse, text in bad:
         with pytest.raises(argparse.ArgumentTypeError, match="must be"):
             parse(text)

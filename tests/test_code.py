@@ -12,6 +12,8 @@ import zlib
 import pytest
 
 import evaluate as ev
+import execution
+import training
 from conftest import assert_one_line_error, run_cli
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -48,7 +50,7 @@ def run_folders():
 
 def namespaces_work():
     """Whether programs get a pid namespace here (the first process of the run is pid 1)."""
-    return ev.run_programs(["import os\nassert os.getpid() == 1"], timeout=10)[0]["passed"]
+    return execution.run_programs(["import os\nassert os.getpid() == 1"], timeout=10)[0]["passed"]
 
 
 # A way past the guard (ctypes reaches libc directly): what a program gets through must still not outlive its run.
@@ -73,14 +75,17 @@ def detach(scrub):  # fork, setsid, fork again: an orphan in a session of its ow
 # ----------------------------------------------------------------------------- the executor
 def test_consent_is_required(monkeypatch):
     monkeypatch.delenv("EM_ALLOW_CODE_EXECUTION")
-    monkeypatch.setattr(ev, "_code_consent", False)
-    for call in (lambda: ev.run_programs(["pass"]), lambda: ev.require_code_consent(False)):
-        with pytest.raises(ev.EvalError) as e:
+    monkeypatch.setattr(execution, "_consent", False)
+    code = [{"kind": "code"}]
+    ev.require_code_consent([{"kind": "math"}])  # nothing to run: nothing to consent to
+    for call, error in ((lambda: execution.run_programs(["pass"]), PermissionError),
+                        (lambda: ev.require_code_consent(code), ev.EvalError)):
+        with pytest.raises(error) as e:
             call()
         assert "--allow-code-execution" in str(e.value) and "EM_ALLOW_CODE_EXECUTION=1" in str(e.value)
         assert "\n" not in str(e.value)
-    ev.require_code_consent(True)  # the CLI flag
-    assert ev.run_programs(["pass"])[0]["passed"]
+    ev.require_code_consent(code, True)  # the CLI flag
+    assert execution.run_programs(["pass"])[0]["passed"]
 
 
 def test_sentinel_pass_rule():
@@ -95,7 +100,7 @@ def test_sentinel_pass_rule():
              "thread_left_running": ("import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()",
                                      True)}
     t0 = time.time()
-    recs = ev.run_programs([p for p, _ in progs.values()], timeout=5)
+    recs = execution.run_programs([p for p, _ in progs.values()], timeout=5)
     assert time.time() - t0 < 30
     for (name, (_, want)), rec in zip(progs.items(), recs):
         assert rec["passed"] is want, (name, rec)
@@ -155,7 +160,7 @@ def test_hostile_programs_are_contained(tmp_path):
     timeout, grace = 2.0, 2.0
     folders = run_folders()
     t0 = time.time()
-    recs = ev.run_programs(list(hostile.values()), timeout=timeout, memory_mb=1024, workers=os.cpu_count(),
+    recs = execution.run_programs(list(hostile.values()), timeout=timeout, memory_mb=1024, workers=os.cpu_count(),
                            labels=[mark] * len(hostile), grace=grace)
     wall = time.time() - t0
     assert wall < 120, wall
@@ -181,14 +186,14 @@ def test_without_namespaces_the_sweep_still_catches_escapes():
     with an empty environment."""
     mark = f"emsweep{os.getpid()}x{time.time_ns()}"
     escape = ESCAPE.replace("MARK", mark).replace("SECONDS", "30")
-    recs = ev.run_programs([escape + "detach(scrub=False)\nassert False",
+    recs = execution.run_programs([escape + "detach(scrub=False)\nassert False",
                             escape + "for _ in range(2):\n    if libc.fork() == 0:\n        libc.setpgid(0, 0)\n"
                                      "        time.sleep(30)\nassert False"],
                            timeout=5, namespaces=False, labels=[mark] * 2)
     assert not any(r["passed"] for r in recs)
     time.sleep(0.2)
     assert leftovers(mark) == []
-    recs = ev.run_programs([escape + "detach(scrub=True)\nassert False"], timeout=5, namespaces=False)
+    recs = execution.run_programs([escape + "detach(scrub=True)\nassert False"], timeout=5, namespaces=False)
     left = leftovers(mark)
     try:
         assert not recs[0]["passed"] and len(left) == 1  # the documented gap
@@ -206,7 +211,7 @@ def test_root_drops_to_an_unprivileged_user(tmp_path):
     victim = tmp_path / "root_only.txt"
     victim.write_text("keep")
     os.chmod(tmp_path, 0o755)
-    recs = ev.run_programs(["import os\nassert os.geteuid() != 0",
+    recs = execution.run_programs(["import os\nassert os.geteuid() != 0",
                             f"import ctypes\nassert ctypes.CDLL(None).unlink({str(victim).encode()!r}) == 0"],
                            timeout=10, python=python)
     if any("programs run as root" in n for n in recs[0]["notes"]):
@@ -216,7 +221,7 @@ def test_root_drops_to_an_unprivileged_user(tmp_path):
 
 
 def test_workers_run_in_parallel():
-    recs = ev.run_programs(["import time\ntime.sleep(1.5)"] * 4, timeout=10, workers=4)
+    recs = execution.run_programs(["import time\ntime.sleep(1.5)"] * 4, timeout=10, workers=4)
     assert all(r["passed"] for r in recs)
     assert max(r["seconds"] for r in recs) < 10
 
@@ -361,7 +366,7 @@ def test_lcb_private_tests_never_unpickle_objects():
     ("1 2\n", "1  2\n", False), ("Yes\n", "yes\n", False), ("", "\n", True), ("3\n4\n", "3\n", False),
 ])
 def test_lcb_stdout_comparison(out, expected, ok):
-    assert ev._lcb_stdout_ok(out, expected) is ok
+    assert execution._lcb_stdout_ok(out, expected) is ok
 
 
 # ----------------------------------------------------------------------------- Knights and Knaves (real rows)
@@ -387,10 +392,9 @@ def test_kk_grader_on_real_rows():
     assert ev.grade_kk(kk_answer(p, ["(1) Zoey is not a knave, she is a knave", "(2) Oliver is a knight"]), p)[0]
     assert ev.grade_kk(kk_answer(p, ["(1) Zoey, unlike Oliver who is a knight, is a knave",
                                      "(2) Oliver is a knight"]), p)[0] is False
-    # format (released: exactly one </think>, <answer>, </answer>, in order); strict_format=False grades the last
+    # format (released: exactly one </think>, <answer>, </answer>, in order): a right last answer fails too
     two = kk_answer(p, ["Zoey is a knight"]) + "<answer> Zoey is a knave, Oliver is a knight </answer>"
     assert ev.grade_kk(two, p) == (False, "failed: format")
-    assert ev.grade_kk(two, p, strict_format=False) == (True, "passed")
     assert ev.grade_kk("no tags: Zoey is a knave, Oliver is a knight", p)[0] is False
     assert ev.grade_kk(kk_answer(p, ["Zoey is a knave"]), p) == (False, "failed: no role for Oliver")
 
@@ -468,14 +472,13 @@ def test_code_prompts(tiny):
     released = ev.build_code_prompt(tok, kk)
     assert released.startswith("<|im_start|>system\nYou are a helpful assistant.") and released.endswith(
         f"<|im_start|>user\n{kk['problem']}\n<|im_end|>\n<|im_start|>assistant\n<think>")
-    assert ev.build_code_prompt(tok, kk, kk_template="chat").endswith("<think>")
     he = ev.load_code_benchmark("humaneval", HERE)[0]
     assert "Please provide a self-contained Python script" in ev.build_code_prompt(tok, he)
 
 
 def test_loader_bad_inputs(tmp_path):
-    with pytest.raises(ev.EvalError, match="unknown code/logic benchmark"):
-        ev.load_code_benchmark("apps", HERE)
+    with pytest.raises(ev.EvalError, match="unknown benchmark 'apps'"):
+        ev.load_benchmark("apps", HERE)
     with pytest.raises(ev.EvalError, match="no humaneval.jsonl in"):
         ev.load_code_benchmark("humaneval", str(tmp_path))
     (tmp_path / "humaneval.jsonl").write_text(json.dumps({"task_id": "X/0", "prompt": "def f():\n"}) + "\n")
@@ -688,15 +691,15 @@ def test_write_json_atomic_leaves_the_old_file_and_no_temp(tmp_path):
 
 
 def test_training_eval_runs_programs_with_the_scripts_workers(tiny, data_dir, monkeypatch):
-    """em_rl's --code-workers reaches its --eval-* grading (evaluate_on_ranks); em_ft has no flag: the default."""
+    """--code-workers reaches the --eval-* grading of em_ft and em_rl (evaluate_on_ranks)."""
     import argparse
-    seen, real = [], ev.run_programs
-    monkeypatch.setattr(ev, "run_programs", lambda *a, **kw: seen.append(a[3] if len(a) > 3 else kw.get("workers"))
-                        or real(*a, **kw))
+    seen, real = [], execution.run_programs
+    monkeypatch.setattr(execution, "run_programs", lambda *a, **kw: seen.append(
+        a[3] if len(a) > 3 else kw.get("workers")) or real(*a, **kw))
     args = argparse.Namespace(eval_max_new_tokens=4, rollout_batch_size=2, seed=0, eval_benchmark="humaneval",
-                              engine="static", code_workers=3)
+                              engine="static", code_workers=3, eval_template="chat")
     problems = ev.load_benchmark("humaneval", data_dir, limit=2)
-    m = ev.evaluate_on_ranks(tiny[0], tiny[1], problems, args, "chat", 0, 1)
-    del args.code_workers
-    ev.evaluate_on_ranks(tiny[0], tiny[1], problems, args, "chat", 0, 1)
+    m = training.evaluate_on_ranks(tiny[0], tiny[1], problems, args, 0, 1)
+    args.code_workers = None
+    training.evaluate_on_ranks(tiny[0], tiny[1], problems, args, 0, 1)
     assert seen == [3, None] and m["eval_humaneval"] == 0.0 and m["eval_problems"] == 2

@@ -9,6 +9,7 @@ from conftest import run_cli, run_torchrun
 
 import em_rl
 import evaluate as ev
+import training
 
 MATH = {"kind": "math", "answer": "12.8", "problem": "wind"}
 CODE = {"kind": "code", "answer": None, "problem": "p", "protocol": "leetcode"}
@@ -70,10 +71,10 @@ def test_collapse_warnings_fire_once_and_not_on_normal_rollouts(capsys):
     normal = "We expand the product, collect the terms and find the root, so x equals 3 and we are done."
     assert not ev.loops(normal) and ev.loops("the answer is " * 30) and ev.loops(normal + " and then" * 40)
     said = set()
-    ev.warn_once(said, 1, 0.1, 200.0, 200.0, 0.0, 512)  # a normal step: nothing
+    training.warn_once(said, 1, 0.1, 200.0, 200.0, 0.0, 512)  # a normal step: nothing
     assert capsys.readouterr().out == ""
     for step in (2, 3):  # half the rollouts loop, the length collapsed, most are cut: each said once
-        ev.warn_once(said, step, 0.9, 50.0, 200.0, 0.5, 512)
+        training.warn_once(said, step, 0.9, 50.0, 200.0, 0.5, 512)
     out = capsys.readouterr().out
     assert out.count("repetition collapse") == out.count("length collapse") == out.count("--max-new-tokens") == 1
     assert "step 2" in out and "step 3" not in out

@@ -16,7 +16,7 @@ ONE_SHOT = {  # Gao et al.'s released recipe: pi_1, 64 rollouts x 512 tokens, T 
     "repetition_penalty": 1.15, "loss_temperature": 0.5, "loss_norm": "token-mean", "lr": 2e-5, "max_steps": 2,
     "eval_template": "qwen-math"}
 EM_FT = {  # Agarwal et al.'s EM-FT: 512 prompts x 1 sample, 3072 new tokens, no loss temperature, sum over a response
-    "template": "agarwal", "batch_size": 512, "max_new_tokens": 3072, "temperature": 1.0, "top_p": 1.0,
+    "template": "agarwal", "eval_template": None, "batch_size": 512, "max_new_tokens": 3072, "temperature": 1.0, "top_p": 1.0,
     "repetition_penalty": 1.0, "loss_temperature": 1.0, "loss_norm": "trajectory-sum", "lr": 1e-6, "max_steps": 40,
     "eval_template": "agarwal"}
 EM_FT_COMMON = {
@@ -24,12 +24,12 @@ EM_FT_COMMON = {
     "weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "grad_clip": 1.0, "micro_batch_size": 8, "seed": 15,
     "eval_every": 0, "eval_benchmark": "math500", "eval_limit": 100, "eval_max_new_tokens": 3072, "data_dir": None,
     "stop_entropy": None, "stop_entropy_drop": None, "out": "em_ft_out", "log_rollouts": False, "save_steps": [],
-    "offload_optimizer": None, "gradient_checkpointing": None, "allow_code_execution": False}
+    "offload_optimizer": None, "gradient_checkpointing": None, "allow_code_execution": False, "code_workers": None}
 EM_RL = {  # verl as released (the published numbers): token-entropy reward, length-normalized, RLOO, PPO-clip 0.2 with
     # 4 mini-batches, k3 KL 0.001 and entropy bonus 0.001, per-micro-batch token means of 8 per GPU, 512 prompts x 4
     # responses x 3072 tokens, prompts over 1024 tokens dropped, lr 1e-6, one epoch
     "model": "M", "data": "D", "problem_key": None, "answer_key": None, "limit": None, "max_prompt_length": 1024,
-    "template": "agarwal", "batch_size": 512, "n_rollouts": 4, "max_new_tokens": 3072, "temperature": 1.0,
+    "template": "agarwal", "eval_template": None, "batch_size": 512, "n_rollouts": 4, "max_new_tokens": 3072, "temperature": 1.0,
     "rollout_batch_size": 64, "engine": "auto", "reward": "token", "reward_agg": "mean", "baseline": "rloo",
     "update": "ppo-clip", "loss_agg": "micro-token-mean", "clip_ratio": 0.2, "ppo_minibatches": 4, "kl_coef": 0.001,
     "entropy_bonus": 0.001, "lr": 1e-6, "weight_decay": 0.01, "grad_clip": 1.0, "steps": None, "micro_batch_size": 8,

@@ -11,6 +11,7 @@ from conftest import PROMPTS, assert_one_line_error, run_cli, run_torchrun
 
 import em_ft
 import evaluate as ev
+import training
 from evaluate import build_prompt, generate_batch, load_model
 
 def bind(model):
@@ -65,7 +66,7 @@ def test_mask_on_left_padded_batch_equals_per_row(eos_model_dir):
     # early EOS in some rows, and one response that ends with the PAD id (eos == pad models): it must be scored
     rows[0] = (rows[0][0], rows[0][1][:3] + [tok.eos_token_id])
     rows[1] = (rows[1][0], rows[1][1][:5] + [tok.pad_token_id])
-    ids, attn, resp = ev.pack(rows, tok.pad_token_id, "cpu")
+    ids, attn, resp = training.pack(rows, tok.pad_token_id, "cpu")
     with torch.no_grad():
         ent, n_tok = model.response_entropy(ids, attn, resp, 0.5, 1024)
         for i, (p, r) in enumerate(rows):
@@ -80,7 +81,7 @@ def test_chunked_entropy_equals_unchunked(tiny):
     model = bind(copy.deepcopy(tiny[0]))
     tok = tiny[1]
     rows = rows_for(tok, model, n=3, max_new=10)
-    ids, attn, resp = ev.pack(rows, tok.pad_token_id, "cpu")
+    ids, attn, resp = training.pack(rows, tok.pad_token_id, "cpu")
     results = []
     for chunk in (3, 10_000):
         model.zero_grad()
@@ -136,7 +137,7 @@ def test_released_per_micro_batch_normalization(eos_model_dir):
     model.zero_grad()
     want, total = 0, 0
     for pair in (rows[0:2], rows[2:4], rows[4:6]):  # (sum of token entropies / tokens) per pair, mean of the 3
-        ids, attn, resp = ev.pack(pair, tok.pad_token_id, "cpu")
+        ids, attn, resp = training.pack(pair, tok.pad_token_id, "cpu")
         logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
         h = torch.cat([direct_entropy(logits[i, :-1][resp[i, 1:]], 0.5) for i in range(len(pair))])  # t scores t+1
         want, total = want + h.sum() / len(h) / 3, total + h.sum().item()
@@ -189,7 +190,7 @@ def mean_sample_entropy(path, prompt, T=1.0):
     outs = generate_batch(model, tok, [q] * 16, 48, 1.0, 0.95, seed=1234, repetition_penalty=1.15)
     rows = [(tok(q, add_special_tokens=False).input_ids, o["ids"]) for o in outs]
     with torch.no_grad():
-        ent, n = model.response_entropy(*ev.pack(rows, tok.pad_token_id, "cpu"), T, 1024)
+        ent, n = model.response_entropy(*training.pack(rows, tok.pad_token_id, "cpu"), T, 1024)
     return ent.sum().item() / n.sum().item()
 
 

@@ -12,6 +12,7 @@ from conftest import assert_one_line_error, run_cli, run_torchrun
 
 import em_rl
 import evaluate as ev
+import training
 
 
 def test_logit_stats_and_rewards_match_direct_formulas():
@@ -84,7 +85,7 @@ def test_ppo_clip_surrogate_and_reinforce_against_direct_formula():
     ratio = torch.tensor([1.1, 1.5, 0.5, 1.5, 0.5, 1.0], dtype=torch.float64)
     adv = torch.tensor([2.0, 1.0, -1.0, -1.0, 1.0, -3.0], dtype=torch.float64)
     logp = ratio.log().requires_grad_()
-    loss = em_rl.policy_loss(logp, old, adv, args)
+    loss = em_rl.policy_loss(logp, old, adv, args.update, args.clip_ratio)
     want = [-min(q * a, min(max(q, 1 - eps), 1 + eps) * a) for q, a in zip(ratio.tolist(), adv.tolist())]
     assert loss.tolist() == pytest.approx(want)
     loss.sum().backward()
@@ -92,7 +93,7 @@ def test_ppo_clip_surrogate_and_reinforce_against_direct_formula():
     for g, q, a, c in zip(logp.grad.tolist(), ratio.tolist(), adv.tolist(), clipped):
         assert g == pytest.approx(0.0 if c else -q * a)  # d(-ratio*A)/dlogp = -ratio*A; clipped branch: no gradient
     args.update = "reinforce"
-    assert em_rl.policy_loss(logp, old, adv, args).tolist() == pytest.approx((-adv * logp).tolist())
+    assert em_rl.policy_loss(logp, old, adv, args.update, eps).tolist() == pytest.approx((-adv * logp).tolist())
 
 
 def test_masking_and_shift_on_left_padded_batch(tiny):
@@ -113,8 +114,7 @@ def test_masking_and_shift_on_left_padded_batch(tiny):
     try:
         lp, ent, cert, row = em_rl.response_stats(model, ids, attn, resp, chunk=2, grad=True)
         adv = torch.tensor([0.7, -1.3])
-        args = types.SimpleNamespace(update="ppo-clip", clip_ratio=0.2)
-        loss = em_rl.policy_loss(lp, lp.detach(), adv[row], args) - 0.1 * ent
+        loss = em_rl.policy_loss(lp, lp.detach(), adv[row], "ppo-clip", 0.2) - 0.1 * ent
         loss.sum().backward()
     finally:
         hook.remove()
@@ -278,7 +278,7 @@ def test_two_process_update_equals_one_process_replay(loss_agg, head, request, t
                            (rewards.tolist(), [e.sum().item() for e in ent.split([len(r["ids"]) for r in recs])]))
     assert log["kl"] == 0 and log["clip_frac"] == 0  # no reference model (--kl-coef 0); REINFORCE: ratio 1
     lp, _, _, row = em_rl.response_stats(model, *batch, grad=True)
-    per_token = em_rl.policy_loss(lp, None, adv[row], types.SimpleNamespace(update="reinforce"))
+    per_token = em_rl.policy_loss(lp, None, adv[row], "reinforce", None)
     if loss_agg == "micro-token-mean":  # verl as released: per rank, micro-batches of 3 responses in order, each its
         # own token mean, / the rank's 3 micro-batches (accumulation); then the mean over the 2 ranks
         sums, counts = torch.zeros(len(recs)).index_add(0, row, per_token), torch.bincount(row).float()
@@ -308,8 +308,8 @@ def assert_adam_step_close(x, y, lr, name):
     assert (x - y.detach()).abs().max() <= 2 * lr + 1e-6, name
 
 
-def pad_batch(prompts, responses, pad_id, device):  # em_rl's batches: evaluate.pack of (prompt, response) rows
-    return ev.pack(list(zip(prompts, responses)), pad_id, device)
+def pad_batch(prompts, responses, pad_id, device):  # em_rl's batches: training.pack of (prompt, response) rows
+    return training.pack(list(zip(prompts, responses)), pad_id, device)
 
 
 def by_hand_loops(text, n=4, tail=64):
@@ -396,7 +396,7 @@ def test_released_micro_batch_loss_with_bonus_and_kl_replayed(head, request, tmp
                 [prompts[i] for i in chunk], [recs[i]["ids"] for i in chunk], tok.pad_token_id, "cpu"), grad=True)
             o, a = torch.cat([old[i] for i in chunk]), adv[chunk][row]
             kl = em_rl.k3_kl(o, lp)
-            per_token = em_rl.policy_loss(lp, o, a, ns) - 0.5 * ent + 0.5 * kl
+            per_token = em_rl.policy_loss(lp, o, a, ns.update, ns.clip_ratio) - 0.5 * ent + 0.5 * kl
             (per_token.sum() / len(lp) / 2).backward()
             ratio = (lp - o).exp()  # PPO's clip is active past 1 +- 0.02 on the side the advantage pushes
             clipped = sum(bool(q > 1.02 and b > 0 or q < 0.98 and b < 0) for q, b in zip(ratio.tolist(), a.tolist()))

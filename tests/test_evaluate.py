@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import evaluate as ev
-from conftest import assert_one_line_error, benchmark_row, run_cli, source_position
+from conftest import assert_one_line_error, benchmark_row, is_correct, run_cli, source_position
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -160,7 +160,7 @@ def _gold(data_dir, bench, index):
     ("\\boxed{18} no wait \\boxed{17}", "gsm8k", 0, False),  # last box counts
 ])
 def test_is_correct_on_real_answers(data_dir, response, bench, index, expected):
-    assert ev.is_correct(response, _gold(data_dir, bench, index)) is expected
+    assert is_correct(response, _gold(data_dir, bench, index)) is expected
 
 
 def test_grader_survives_hostile_answers():
@@ -168,7 +168,7 @@ def test_grader_survives_hostile_answers():
                     "\\boxed{\\boxed{\\boxed{}}",  # unbalanced and nested
                     "\\boxed{10^{10^{10}}}",  # sympy would evaluate forever: math-verify's time limit
                     "\\boxed{" + "\\frac{" * 300 + "1" + "}" * 300 + "}"]:
-        assert ev.is_correct(hostile, "42") is False
+        assert is_correct(hostile, "42") is False
     correct, error = ev.grade_answer("1+" * 25000 + "1", "42")
     assert (correct, error) == (False, True)  # counted wrong, and counted as a grading error
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import evaluate as ev
-from conftest import assert_one_line_error, benchmark_row, run_cli
+from conftest import assert_one_line_error, benchmark_row, is_correct, run_cli
 
 
 def _currency_golds(data_dir):
@@ -38,12 +38,12 @@ def test_currency_golds_grade_the_number(each_data_dir):
         number = re.sub(r"\\\$|\\!|\{,\}|,", "", gold)  # \$32,\!348 -> 32348, \$23{,}000 -> 23000
         value = float(number)
         for pred in (number, f"{value:g}", gold, f"\\${number}"):
-            assert ev.is_correct(f"so she pays \\boxed{{{pred}}}.", gold), (bench, i, gold, pred)
+            assert is_correct(f"so she pays \\boxed{{{pred}}}.", gold), (bench, i, gold, pred)
         for wrong in (f"{value + 1:g}", f"{value * 10:g}", f"\\${value + 1:g}"):
-            assert not ev.is_correct(f"\\boxed{{{wrong}}}", gold), (bench, i, gold, wrong)
+            assert not is_correct(f"\\boxed{{{wrong}}}", gold), (bench, i, gold, wrong)
     dollars36 = next(i for b, i, g in golds if b == "math500" and g == "\\$36")
-    assert ev.is_correct("\\boxed{36}", loaded["math500"][dollars36]["answer"])
-    assert not ev.is_correct("\\boxed{37}", loaded["math500"][dollars36]["answer"])
+    assert is_correct("\\boxed{36}", loaded["math500"][dollars36]["answer"])
+    assert not is_correct("\\boxed{37}", loaded["math500"][dollars36]["answer"])
 
 
 def test_text_wrappers_are_stripped(data_dir):
@@ -51,14 +51,14 @@ def test_text_wrappers_are_stripped(data_dir):
     evelyn = next(p["answer"] for p in math500 if p["answer"] == "\\text{Evelyn}")
     for wrapped in ("\\textbf{Evelyn}", "\\mathrm{Evelyn}", "\\mathbf{Evelyn}", "\\text{ Evelyn }", "Evelyn"):
         assert ev.normalize_answer(wrapped) == ev.normalize_answer(evelyn)
-        assert ev.is_correct(f"\\boxed{{{wrapped}}}", evelyn)
-    assert not ev.is_correct("\\boxed{\\textbf{Bob}}", evelyn)
+        assert is_correct(f"\\boxed{{{wrapped}}}", evelyn)
+    assert not is_correct("\\boxed{\\textbf{Bob}}", evelyn)
     # nested braces inside a wrapper survive; the wrapper's own brace goes
     assert ev.normalize_answer("\\text{\\frac{1}{2}}") == ev.normalize_answer("\\frac{1}{2}") == "\\frac{1}{2}"
     assert ev.normalize_answer("\\mathbf{(C)}\\ 12") == "(C)12"
     inches = next(p["answer"] for p in math500 if p["answer"] == "864 \\mbox{ inches}^2")
-    assert ev.is_correct("\\boxed{864 \\text{ inches}^2}", inches) and ev.is_correct("\\boxed{864}", inches)
-    assert not ev.is_correct("\\boxed{865}", inches)
+    assert is_correct("\\boxed{864 \\text{ inches}^2}", inches) and is_correct("\\boxed{864}", inches)
+    assert not is_correct("\\boxed{865}", inches)
     # majority vote: \textbf{5} and 5 are one answer
     samples = [{"id": "a", "correct": c, "extracted": e, "length": 1, "truncated": False, "grade_error": False,
                 "gold": "5"} for e, c in [("\\textbf{5}", True), ("5", True), ("6", False)]]
@@ -80,10 +80,10 @@ def test_stray_dollar_inside_a_gold_box(each_data_dir):
     assert ev.grade_answer("x_{0} \\cos (\\omega t)", gold)[0] is False
     olymp = ev.load_benchmark("olympiadbench", data_dir)
     union = next(p["answer"] for p in olymp if p["answer"] == "$(-\\infty, 0) \\cup\\{1\\}$.")
-    assert ev.is_correct("\\boxed{(-\\infty,0)\\cup\\{1\\}}", union)  # $...$ then a period
-    assert not ev.is_correct("\\boxed{(-\\infty,0]\\cup\\{1\\}}", union)
+    assert is_correct("\\boxed{(-\\infty,0)\\cup\\{1\\}}", union)  # $...$ then a period
+    assert not is_correct("\\boxed{(-\\infty,0]\\cup\\{1\\}}", union)
     several = next(p["answer"] for p in olymp if p["answer"] == "$69$,$84$")
-    assert ev.is_correct("\\boxed{69, 84}", several) and not ev.is_correct("\\boxed{69, 85}", several)
+    assert is_correct("\\boxed{69, 84}", several) and not is_correct("\\boxed{69, 85}", several)
 
 
 @pytest.mark.parametrize("response,expected", [
@@ -104,8 +104,8 @@ def test_braceless_box(response, expected):
 
 def test_braceless_box_graded(data_dir):
     gold = ev.load_benchmark("gsm8k", data_dir)[0]["answer"]
-    assert ev.is_correct("She makes 9 * 2 = $\\boxed 18$ dollars.", gold)
-    assert not ev.is_correct("She makes $\\boxed 17$ dollars.", gold)
+    assert is_correct("She makes 9 * 2 = $\\boxed 18$ dollars.", gold)
+    assert not is_correct("She makes $\\boxed 17$ dollars.", gold)
 
 
 @pytest.mark.parametrize("response,expected", [
@@ -126,7 +126,7 @@ def test_fallback_order(response, expected):
 def test_minerva_format_graded(data_dir):
     gold = benchmark_row(data_dir, "math500", "test/prealgebra/1655.json")["answer"]  # row 162: \dfrac{17}{50}
     text = "Final Answer: The final answer is $\\frac{17}{50}$. I hope it is correct.\n\nProblem: 3 more"
-    assert ev.is_correct(text, gold, fallback=True) and not ev.is_correct(text, gold)
+    assert is_correct(text, gold, fallback=True) and not is_correct(text, gold)
 
 
 # ----------------------------------------------------------------------------- data rows

@@ -9,6 +9,7 @@ import torch
 
 from conftest import assert_one_line_error, run_cli, run_torchrun, source_position
 import select_prompt as sp
+import evaluate as ev
 from evaluate import load_benchmark
 
 PI1 = ("The pressure \\( P \\) exerted by wind on a sail varies jointly as the area \\( A \\) of the sail and the cube "
@@ -52,7 +53,8 @@ def test_variance_by_hand():
 def test_disagreement_constructed_answers():
     assert sp.disagreement_score(["12.8"] * 16) == 0  # all equal
     assert sp.disagreement_score([str(i) for i in range(16)]) == 1 - 1 / 16  # all different: maximal
-    assert sp.disagreement_score(["\\frac{1}{2}", "\\dfrac{1}{2}", "\\frac{1}{2}.", "0.5"]) == 0.25  # normalized
+    boxed = [ev.final_answer({}, f"\\boxed{{{a}}}") for a in ["\\frac{1}{2}", "\\dfrac{1}{2}", "\\frac{1}{2}.", "0.5"]]
+    assert sp.disagreement_score(boxed) == 0.25  # as final_answer normalizes them
     assert sp.disagreement_score([None, None, "1", "2"]) == 0.5  # "no answer" is one bucket
     assert sp.disagreement_score([None] * 4) == 0
 
@@ -201,7 +203,8 @@ def test_scores_and_ranking_on_fixed_graded_samples(tiny_model_dir, pool, tmp_pa
     graded = {  # id: (correct, answers, entropy sums, lengths)
         "0": ([1, 0, 0, 0], ["12.8", "12.7", "12.7", None], [1, 2, 3, 4], [1, 1, 1, 1]),
         "124": ([1, 1, 0, 0], ["1", "1", "2", "3"], [10, 0, 0, 0], [10, 2, 2, 2]),
-        "1": ([1, 1, 1, 0], ["\\frac{1}{2}", "\\dfrac{1}{2}", "\\frac{1}{2}.", "0.5"], [2, 2, 2, 2], [1, 1, 1, 1]),
+        "1": ([1, 1, 1, 0], [ev.normalize_answer(a) for a in ["\\frac{1}{2}", "\\dfrac{1}{2}", "\\frac{1}{2}.", "0.5"]],
+              [2, 2, 2, 2], [1, 1, 1, 1]),
         "267": ([0, 0, 0, 0], ["a", "b", "c", "d"], [5, 5, 5, 5], [2, 2, 2, 2]),
         "2": ([1, 1, 0, 0], [None] * 4, [0, 0, 0, 0], [1, 1, 1, 1]),
         "3": ([0, 0, 0, 0], ["7"] * 4, [0, 0, 0, 0], [1, 1, 1, 1]),
