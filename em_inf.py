@@ -33,7 +33,7 @@ from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 import evaluate as ev
 
 
-# ---- method: EM-INF logit update (per row, batched; copy this block) ----
+# ---- method: EM-INF logit update (per row, batched); copy this block ----
 @torch.no_grad()
 def minimize_logit_entropy(logits, n_steps=3, lr=0.1, threshold=0.3, kl_weight=0.05,
                            betas=(0.9, 0.999), eps=1e-8):

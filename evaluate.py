@@ -1,29 +1,31 @@
 """
-Math evaluation for em-scripts, and the one module the method scripts (em_ft.py, em_rl.py, em_inf.py,
-select_prompt.py) import. Protocol (both papers' headline one, written into results.json): the Qwen2.5-Math CoT
-prompt (chat template, system "Please reason step by step, and put your final answer within \\boxed{}.", the bare
-problem as user message), zero-shot, greedy, up to 3072 new tokens; answer = the last \\boxed{}, graded by
-math-verify. Sampling (--temperature --top-p --n) adds maj@n and unbiased pass@k.
+Evaluation for em-scripts, and what every script needs. Protocol (both papers' headline one,
+written into results.json): the Qwen2.5-Math CoT prompt (chat template, system "Please reason step
+by step, and put your final answer within \\boxed{}.", the bare problem as user message),
+zero-shot, greedy, up to 3072 new tokens; answer = the last \\boxed{}, graded by math-verify.
+Sampling (--temperature --top-p --n) adds maj@n and unbiased pass@k. Code and logic benchmarks
+run their released protocols (CODE_PROTOCOLS); their programs run in execution.py.
 
-    python evaluate.py --model Qwen/Qwen2.5-Math-7B --benchmarks math500,amc23,minerva,olympiadbench,aime24
+    python evaluate.py --model Qwen/Qwen2.5-Math-7B --benchmarks math500,amc23,minerva,olympiadbench
     python evaluate.py --model ckpt/step_2 --data my.jsonl --problem-key question --answer-key final
-    python evaluate.py --model ckpt/step_2 --benchmarks amc23 --temperature 0.6 --top-p 0.95 --n 8   # maj@8, pass@k
-    python tests/tiny_model.py /tmp/tiny && python evaluate.py --model /tmp/tiny --data-dir tests/data  # CPU
-Offline: --data-dir DIR, a folder with local copies of the benchmark files. Multi-GPU: one process per GPU on
-disjoint --benchmarks. Outputs: results.json, samples.jsonl, run.json in --out; a rerun with the same arguments
-resumes (each batch is seeded from seed, benchmark and batch index).
+    python evaluate.py --model ckpt/step_2 --benchmarks amc23 --temperature 0.6 --n 8   # maj@8, pass@k
+    python tests/tiny_model.py /tmp/tiny && python evaluate.py --model /tmp/tiny --data-dir tests/data
+Offline: --data-dir DIR, a folder with local copies of the benchmark files. Outputs in --out:
+results.json, samples.jsonl, run.json; a rerun with the same arguments resumes (each batch is
+seeded from seed, benchmark and batch index).
 
-Sections: benchmarks (load_benchmark) | prompts | generation (generate_batch, engines, LogitStats) | answers and
-grading | metrics | evaluation (evaluate_model) | what every script needs (argparse types, cli_main, load_model,
-files) | training helpers for em_ft.py and em_rl.py (master_placement, MasterAdamW, PhaseTimer) | the CLI.
+Sections: benchmarks | prompts | generation | answers and grading (math) | code and logic |
+metrics | evaluation (evaluate_model) | what every script needs (argparse types, cli_main,
+load_model, files) | the CLI.
 """
 import argparse, errno, functools, json, math, os, re, sys, threading, time, zlib
 from collections import Counter
 from importlib.metadata import version
 
-# The lowest versions the test suite passes on (requirements.txt says why; CI runs the suite on them): an older
-# install stops here with one line, not later with a traceback from deep inside a library.
-FLOORS = {"torch": "2.9", "transformers": "5.21", "datasets": "3.0", "math-verify": "0.8", "tqdm": "4.66.3"}
+# The lowest versions the test suite passes on (requirements.txt says why; CI runs the suite on
+# them): an older install stops here with one line, not later with a traceback.
+FLOORS = {"torch": "2.9", "transformers": "5.21", "datasets": "3.0", "math-verify": "0.8",
+          "tqdm": "4.66.3"}
 
 
 def _check_floors():
@@ -33,7 +35,7 @@ def _check_floors():
             have = version(name)
         except PackageNotFoundError:
             raise SystemExit(f"error: {name} is not installed: pip install -r requirements.txt") from None
-        if tuple(int(x) for x in re.findall(r"\d+", have)[:3]) < tuple(int(x) for x in floor.split(".")):
+        if tuple(int(x) for x in re.findall(r"\d+", have)[:3]) < tuple(map(int, floor.split("."))):
             raise SystemExit(f"error: {name} {have} is installed; em-scripts needs {name}>={floor}: "
                              f"pip install '{name}>={floor}'")
 
@@ -45,8 +47,9 @@ from tqdm import tqdm  # noqa: E402
 
 import execution  # noqa: E402
 
+
 # ----------------------------------------------------------------------------- benchmarks
-# name -> (local file name, hub id, hub config, hub split). Columns are found by PROBLEM_KEYS / ANSWER_KEYS.
+# name -> (local file name, hub id, hub config, hub split); columns: PROBLEM_KEYS / ANSWER_KEYS.
 BENCHMARKS = {
     "math500": ("math500.jsonl", "HuggingFaceH4/MATH-500", None, "test"),
     "amc23": ("amc23.jsonl", "math-ai/amc23", None, "test"),
@@ -55,8 +58,8 @@ BENCHMARKS = {
     "minerva": ("minerva_math.jsonl", "math-ai/minervamath", None, "test"),
     "olympiadbench": ("olympiadbench.jsonl", "math-ai/olympiadbench", None, "test"),
     "gsm8k": ("gsm8k.jsonl", "openai/gsm8k", "main", "test"),
-    "aimo-amc": ("aimo_amc.jsonl", "AI-MO/aimo-validation-amc", None, "train"),  # Agarwal et al.'s AMC (83)
-    "aimo-aime": ("aimo_aime.jsonl", "AI-MO/aimo-validation-aime", None, "train"),  # Agarwal et al.'s AIME (90)
+    "aimo-amc": ("aimo_amc.jsonl", "AI-MO/aimo-validation-amc", None, "train"),  # Agarwal's AMC (83)
+    "aimo-aime": ("aimo_aime.jsonl", "AI-MO/aimo-validation-aime", None, "train"),  # AIME (90)
 }
 PROBLEM_KEYS = ("problem", "question", "prompt", "input")
 # "solution" last: its gold is the last \boxed{} of a worked solution (Minerva has no answer column).
@@ -64,11 +67,11 @@ ANSWER_KEYS = ("answer", "final_answer", "reward_model.ground_truth", "ground_tr
 
 
 class EvalError(Exception):
-    """Bad user input (unknown benchmark, missing file/column, empty data...): CLIs print it as one line."""
+    """Bad user input (unknown benchmark, missing file or column, empty data...): one line."""
 
 
 def _get(row, key):  # dotted keys reach into nested columns, e.g. "reward_model.ground_truth"
-    return functools.reduce(lambda r, part: r.get(part) if isinstance(r, dict) else None, key.split("."), row)
+    return functools.reduce(lambda r, k: r.get(k) if isinstance(r, dict) else None, key.split("."), row)
 
 
 def _read_rows(path):
@@ -90,7 +93,7 @@ def _read_rows(path):
             data = json.load(f)
     except (ValueError, OSError) as e:
         raise EvalError(f"cannot read {path}: {e}") from None
-    if isinstance(data, dict):  # {"data": [rows]} or {"rows": [rows]}; any other object is the one row
+    if isinstance(data, dict):  # {"data": [rows]} or {"rows": [rows]}; any other object is one row
         data = data.get("data", data.get("rows", [data]))
     if not isinstance(data, list):
         raise EvalError(f"{path}: \"data\"/\"rows\" holds a {type(data).__name__}, not a list of rows")
@@ -98,27 +101,29 @@ def _read_rows(path):
 
 
 def _rows(source, hub, name, hint):
-    """(rows, where): a local file's rows, else load_dataset(**hub)'s; checked to be non-empty named-field rows."""
+    """(rows, where): a local file's rows, else load_dataset(**hub)'s; checked to be non-empty
+    rows of named fields."""
     if source:
         rows = _read_rows(source)
     else:
         import datasets
         try:
             rows = datasets.load_dataset(**hub).to_list()
-        except Exception as e:  # offline, no such dataset, split or revision: one line, not a traceback
-            raise EvalError(f"cannot load {name}{'' if name == hub['path'] else ' (' + hub['path'] + ')'} from "
-                            f"the Hugging Face Hub ({type(e).__name__}: "
+        except Exception as e:  # offline, no such dataset, split or revision: one line
+            where = "" if name == hub["path"] else f" ({hub['path']})"
+            raise EvalError(f"cannot load {name}{where} from the Hugging Face Hub ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:200]}); {hint}") from None
     if not rows:
         raise EvalError(f"{name}: the dataset is empty")
     for n, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise EvalError(f"{source or hub['path']}: row {n} is {_kind(row)}, not an object with named fields")
+            raise EvalError(f"{source or hub['path']}: row {n} is {_kind(row)}, not an object with "
+                            "named fields")
     return rows, source or hub["path"]
 
 
 def _gold(value, key):
-    """The gold answer as a string; None when the row has none (null, empty, Minerva solution without a box)."""
+    """The gold answer as text; None when the row has none (null, empty, a solution without a box)."""
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():  # AMC stores 27 as 27.0
@@ -137,14 +142,15 @@ def _kind(value):  # for error messages: "null", "empty", "a list", "an int"
         "an " if name[0] in "aeiou" else "a ") + name
 
 
-def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=None, split=None, limit=None,
-                   require_answer=True):
-    """[{"id", "problem", "answer"}] of a benchmark name (a file under data_dir, else the Hub), a .json/.jsonl/
-    .parquet file or a hub dataset id. A bad row is an EvalError naming the file and the row (0-based); a missing
-    gold is answer None (graded wrong, counted as no_gold), as is every row without an answer column."""
+def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=None, split=None,
+                   limit=None, require_answer=True):
+    """[{"id", "problem", "answer"}] of a benchmark name (a file under data_dir, else the Hub), a
+    .json/.jsonl/.parquet file or a hub dataset id; code and logic benchmarks: their problem
+    dicts (load_code_benchmark). A bad row is an EvalError naming the file and the row (0-based);
+    a missing gold is answer None (graded wrong, counted as no_gold)."""
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
-    if name_or_path in CODE_BENCHMARKS:  # code and logic: their own loader and protocol
+    if name_or_path in CODE_BENCHMARKS:
         return load_code_benchmark(name_or_path, data_dir, limit)
     if name_or_path in BENCHMARKS:
         fname, hub_id, config, hub_split = BENCHMARKS[name_or_path]
@@ -154,24 +160,27 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) and not os.path.exists(name_or_path):
         source, hub_id, config, hub_split = None, name_or_path, None, "train"
     else:
-        raise EvalError(f"unknown benchmark {name_or_path!r}: use one of {', '.join([*BENCHMARKS, *CODE_BENCHMARKS])}, "
-                        "a .json/.jsonl/.parquet file, or a hub dataset id (org/name)")
-    rows, where = _rows(source, {"path": hub_id, "name": config, "split": split or hub_split}, name_or_path,
-                        "pass a local file or --data-dir")
+        raise EvalError(f"unknown benchmark {name_or_path!r}: use one of "
+                        f"{', '.join([*BENCHMARKS, *CODE_BENCHMARKS])}, a .json/.jsonl/.parquet "
+                        "file, or a hub dataset id (org/name)")
+    rows, where = _rows(source, {"path": hub_id, "name": config, "split": split or hub_split},
+                        name_or_path, "pass a local file or --data-dir")
     if whole := whole_code_problems(rows, where):  # select_prompt's pick of a code or KK pool
         return whole[:limit]
     columns = sorted(rows[0])
     # a column counts if any row has it (the first row may be the one with a null)
-    pkey = problem_key or next((k for k in PROBLEM_KEYS if any(_get(r, k) is not None for r in rows)), None)
-    akey = answer_key or next((k for k in ANSWER_KEYS if any(_get(r, k) is not None for r in rows)), None)
+    pkey = problem_key or next((k for k in PROBLEM_KEYS if any(_get(r, k) is not None for r in rows)),
+                               None)
+    akey = answer_key or next((k for k in ANSWER_KEYS if any(_get(r, k) is not None for r in rows)),
+                              None)
     if pkey is None or all(_get(r, pkey) is None for r in rows):
-        raise EvalError(f"{name_or_path}: no problem column {problem_key or PROBLEM_KEYS} (columns: {columns}); "
-                        "name it with --problem-key")
+        raise EvalError(f"{name_or_path}: no problem column {problem_key or PROBLEM_KEYS} (columns: "
+                        f"{columns}); name it with --problem-key")
     if require_answer and (akey is None or all(_get(r, akey) is None for r in rows)):
-        raise EvalError(f"{name_or_path}: no answer column {answer_key or ANSWER_KEYS} (columns: {columns}); "
-                        "name it with --answer-key")
+        raise EvalError(f"{name_or_path}: no answer column {answer_key or ANSWER_KEYS} (columns: "
+                        f"{columns}); name it with --answer-key")
     ids = [str(r.get("unique_id", r.get("id", i))) for i, r in enumerate(rows)]
-    if len(set(ids)) != len(ids):  # the file's own ids are not unique: fall back to the row index
+    if len(set(ids)) != len(ids):  # the file's own ids are not unique: the row index instead
         ids = [str(i) for i in range(len(rows))]
     out = []
     for n, (i, row) in enumerate(zip(ids, rows)):
@@ -180,11 +189,12 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
             # chat-format prompt (e.g. DeepScaleR): the last user message
             users = [m.get("content") for m in problem if m.get("role") == "user"]
             if not users:
-                raise EvalError(f"{where}: row {n}: the chat-format problem ({pkey!r}) has no user message")
+                raise EvalError(f"{where}: row {n}: the chat-format problem ({pkey!r}) has no user "
+                                "message")
             problem = users[-1]
         if not isinstance(problem, str) or not problem.strip():
             raise EvalError(f"{where}: row {n}: the problem ({pkey!r}) is {_kind(problem)}, not text")
-        if isinstance(answer, (list, tuple)):  # OlympiadBench: a list of answers; the first is the gold
+        if isinstance(answer, (list, tuple)):  # OlympiadBench: a list of answers; the first is gold
             answer = answer[0] if answer else None
         if isinstance(answer, (dict, list, tuple)):
             raise EvalError(f"{where}: row {n}: the answer ({akey!r}) is {_kind(answer)}, not a value")
@@ -194,37 +204,43 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
 
 # ----------------------------------------------------------------------------- prompts
 COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-# The Eurus "action" system prompt (EM_PT eval/Coding/leetcode/evaluate_leetcode.py, make_conv_hf: real newlines).
-EURUS_SYSTEM = ("\nWhen tackling complex reasoning tasks, you have access to the following actions. Use them as needed "
-                "to progress through your thought process.\n\n[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n[SIMPLIFY]\n\n"
-                "[SYNTHESIZE]\n\n[PIVOT]\n\n[OUTPUT]\n\nYou should strictly follow the format below:\n\n"
-                "[ACTION NAME]\n\n# Your action step 1\n\n# Your action step 2\n\n# Your action step 3\n\n...\n\n"
-                "Next action: [NEXT ACTION NAME]\n")
-CODE_SUFFIX = "\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."
-# name -> (system message or None for the model's default, user message, use chat template). Benchmark problems of
-# code and logic carry their released prompt (build_code_prompt); these templates are for prompt sets and math.
+# The Eurus "action" system prompt (EM_PT eval/Coding/leetcode/evaluate_leetcode.py, make_conv_hf)
+EURUS_SYSTEM = (
+    "\nWhen tackling complex reasoning tasks, you have access to the following actions. Use them "
+    "as needed to progress through your thought process.\n\n[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n"
+    "[SIMPLIFY]\n\n[SYNTHESIZE]\n\n[PIVOT]\n\n[OUTPUT]\n\nYou should strictly follow the format "
+    "below:\n\n[ACTION NAME]\n\n# Your action step 1\n\n# Your action step 2\n\n# Your action step "
+    "3\n\n...\n\nNext action: [NEXT ACTION NAME]\n")
+CODE_SUFFIX = ("\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour "
+               "code\n```\nat the end.")
+FEW_SHOT = [  # (problem, solution, answer): worked examples of our own in the Minerva format
+    ("What is $3 \\cdot 4 + 5$?", "Multiplying first, $3 \\cdot 4 = 12$, and $12 + 5 = 17$.", "17"),
+    ("Solve $2x - 7 = 9$ for $x$.", "Adding 7 to both sides gives $2x = 16$, so $x = 8$.", "8"),
+    ("What is the area of a circle of radius 3?", "The area is $\\pi r^2 = 9\\pi$.", "9\\pi"),
+    ("Simplify $\\frac{6}{8} + \\frac{1}{4}$.",
+     "$\\frac{6}{8} = \\frac{3}{4}$ and $\\frac{3}{4} + \\frac{1}{4} = 1$.", "1")]
+# name -> (system message or None for the model's default, user message, use the chat template).
+# Code and logic benchmarks carry their released prompt (build_code_prompt); these are for math
+# and prompt sets.
 TEMPLATES = {
     "qwen-math": (COT_SYSTEM, "{problem}", True),  # Qwen2.5-Math CoT eval protocol (both papers)
-    "agarwal": (COT_SYSTEM, "{problem} Let us think step by step and output the final answer within \\boxed{}",
-                True),  # Agarwal et al.'s training/eval prompt
-    "chat": (None, "{problem}", True),  # bare problem, model's default system prompt (One-shot EM training)
-    "plain": (None, "Question: {problem}\n" + COT_SYSTEM + "\nAnswer:", False),  # base models w/o chat template
-    "eurus-code": (EURUS_SYSTEM, "{problem}" + CODE_SUFFIX, True),  # Agarwal et al.'s coding prompt (Eurus-2 data)
-    # a base model fairly prompted: plain text, 4 worked examples of our own in the Minerva format ("The final
-    # answer is $X$. I hope it is correct.": grade with --answer-fallback), no chat template
-    "few-shot": (None, "".join(f"Problem:\n{q}\n\nSolution:\n{a} Final Answer: The final answer is ${x}$. I hope "
-                               "it is correct.\n\n" for q, a, x in [
-        ("What is $3 \\cdot 4 + 5$?", "Multiplying first, $3 \\cdot 4 = 12$, and $12 + 5 = 17$.", "17"),
-        ("Solve $2x - 7 = 9$ for $x$.", "Adding 7 to both sides gives $2x = 16$, so $x = 8$.", "8"),
-        ("What is the area of a circle of radius 3?", "The area is $\\pi r^2 = 9\\pi$.", "9\\pi"),
-        ("Simplify $\\frac{6}{8} + \\frac{1}{4}$.", "$\\frac{6}{8} = \\frac{3}{4}$ and $\\frac{3}{4} + \\frac{1}{4} = 1$.",
-         "1")]) + "Problem:\n{problem}\n\nSolution:\n", False),
+    "agarwal": (COT_SYSTEM, "{problem} Let us think step by step and output the final answer "
+                "within \\boxed{}", True),  # Agarwal et al.'s training/eval prompt
+    "chat": (None, "{problem}", True),  # bare problem, model's default system (One-shot EM training)
+    "plain": (None, "Question: {problem}\n" + COT_SYSTEM + "\nAnswer:", False),  # no chat template
+    "eurus-code": (EURUS_SYSTEM, "{problem}" + CODE_SUFFIX, True),  # Agarwal et al.'s coding prompt
+    # a base model fairly prompted: plain text, 4 worked examples ending "The final answer is $X$.
+    # I hope it is correct." (grade with --answer-fallback), no chat template
+    "few-shot": (None, "".join(f"Problem:\n{q}\n\nSolution:\n{a} Final Answer: The final answer is "
+                               f"${x}$. I hope it is correct.\n\n" for q, a, x in FEW_SHOT)
+                 + "Problem:\n{problem}\n\nSolution:\n", False),
 }
 STOP_STRINGS = {"few-shot": ["\n\nProblem:"]}  # a base model goes on to write the next problem
 
 
 def build_prompt(tokenizer, problem, template="qwen-math"):
-    """The prompt of a problem (text, or a load_benchmark dict: code and logic benchmarks use their own protocol's)."""
+    """The prompt of a problem (text, or a load_benchmark dict: code and logic benchmarks use
+    their own protocol's)."""
     if isinstance(problem, dict):
         if problem.get("kind", "math") != "math":
             return build_code_prompt(tokenizer, problem)
@@ -238,7 +254,8 @@ def build_prompt(tokenizer, problem, template="qwen-math"):
     if not tokenizer.chat_template:
         raise EvalError(f"template {template!r} needs a chat template and this tokenizer has none; "
                         "use --template plain")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -475,11 +492,12 @@ class LogitStats:
                     self.hist.tolist() if self.hist is not None else [0] * self.HIST[2])]}}
 
 
-# ----------------------------------------------------------------------------- answers and grading
+# ----------------------------------------------------------------------------- answers and grading (math)
 def extract_answer(response, fallback=False):
-    """Content of the last \\boxed{...}/\\fbox{...} (balanced braces) or brace-less `\\boxed 5`; None if none or unclosed.
-    fallback: the Qwen2.5-Math harness's order: Minerva's "The final answer is $X$. I hope it is correct." (before
-    any box), the box, "the answer is X", the last number."""
+    """Content of the last \\boxed{...}/\\fbox{...} (balanced braces) or brace-less `\\boxed 5`;
+    None if none or unclosed. fallback: the Qwen2.5-Math harness's order: Minerva's "The final
+    answer is $X$. I hope it is correct." (before any box), the box, "the answer is X", the last
+    number."""
     if fallback:
         said = re.search(r"final answer is \$(.+?)\$\. I hope", response, flags=re.DOTALL)
         if said:
@@ -495,16 +513,16 @@ def extract_answer(response, fallback=False):
                 if depth == 0:
                     return response[start + 1:j].strip()
         else:  # `\boxed 5$`: LaTeX boxes the next token; models mean the rest of the formula
-            bare = re.match(r"(.*?)(?:\$|\\\]|\\\)|\n|$)", response[start:]).group(1).strip().rstrip(".")
-            if bare:
+            bare = re.match(r"(.*?)(?:\$|\\\]|\\\)|\n|$)", response[start:]).group(1)
+            if bare := bare.strip().rstrip("."):
                 return bare
-        # unbalanced or empty: the last box gives nothing; an earlier box cannot be "the last one" either
+        # unbalanced or empty: the last box gives nothing; an earlier one is not "the last" either
     if not fallback:
         return None
-    said = re.findall(r"answer is:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s|\.?$|\n)", response, flags=re.IGNORECASE)
+    said = re.findall(r"answer is:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s|\.?$|\n)", response, flags=re.I)
     if said:
         return said[-1].strip()
-    numbers = re.findall(r"-?\d*\.?\d+", response.replace(",", ""))  # the harness's pattern, thousands joined
+    numbers = re.findall(r"-?\d*\.?\d+", response.replace(",", ""))  # the harness's pattern
     return re.sub(r"^(-?)\.", r"\g<1>0.", numbers[-1]) if numbers else None
 
 
@@ -534,28 +552,29 @@ def _unwrap(s):
 
 
 def normalize_answer(ans):
-    """Canonical string for the exact-match fast path and majority votes: no spacing, \\left/\\right, $ or currency
-    \\$, text-style wrappers; dfrac/tfrac -> frac; no trailing period; 27.0 -> 27."""
+    """Canonical text for the exact-match fast path and majority votes: no spacing, \\left/\\right,
+    $ or currency \\$, text-style wrappers; dfrac/tfrac -> frac; no final period; 27.0 -> 27."""
     ans = _unwrap(ans.replace("\\$", ""))
-    ans = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\ |\$|\s", "", ans).replace("dfrac", "frac").replace("tfrac", "frac")
+    ans = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\ |\$|\s", "", ans)
+    ans = ans.replace("dfrac", "frac").replace("tfrac", "frac")
     return re.sub(r"^(-?\d+)\.0+$", r"\1", ans.rstrip("."))
 
 
-MAX_ANSWER_CHARS = 1000  # longer "answers" are degenerate output; math-verify on them only burns its timeout
+MAX_ANSWER_CHARS = 1000  # longer "answers" are degenerate; math-verify only burns its time on them
 
 
 def grade_answer(pred, gold, timeout=5):
-    """(correct, error): error when math-verify timed out or raised (counted wrong). Bounded on every thread: its
-    limit is signal.alarm (main thread only), so off the main thread it runs in a worker process."""
+    """(correct, error): error when math-verify timed out or raised (counted wrong). Bounded on
+    every thread: its limit is signal.alarm (main thread only), so off the main thread it runs in
+    a worker process."""
     if pred is None or gold is None:
         return False, False
     if len(pred) > MAX_ANSWER_CHARS:
         return False, True
     if normalize_answer(pred) == normalize_answer(gold):
         return True, False
-    # Bare LaTeX (math-verify reads what lies between $...$): $, currency \$ and a final period go, as the Qwen2.5-Math
-    # harness strips them (a gold "\$36" is 36; a stray $ in a Minerva box no longer cuts it in two); Minerva's
-    # scientific notation ("4.5e33") becomes \times 10^{33}.
+    # Bare LaTeX (math-verify reads what lies between $...$): $, currency \$ and a final period go,
+    # as the Qwen2.5-Math harness strips them; Minerva's "4.5e33" becomes 4.5\times 10^{33}.
     pred, gold = (re.sub(r"^(-?\d+(?:\.\d+)?)e([-+]?\d+)$", r"\1\\times 10^{\2}",
                          a.replace("\\$", "").replace("$", "").strip().rstrip(".")) for a in (pred, gold))
     if threading.current_thread() is threading.main_thread():
@@ -564,8 +583,8 @@ def grade_answer(pred, gold, timeout=5):
 
 
 def _math_verify(pred, gold, timeout):
-    """math-verify on bare LaTeX -> (correct, error), on a main thread (the caller's, or a grading worker's, which
-    runs this function's source: keep it self-contained)."""
+    """math-verify on bare LaTeX -> (correct, error), on a main thread (the caller's, or a grading
+    worker's, which runs this function's source: keep it self-contained)."""
     from math_verify import parse, verify
     try:
         g = parse(f"${gold}$", parsing_timeout=timeout, raise_on_error=True)
@@ -578,8 +597,8 @@ def _math_verify(pred, gold, timeout):
 
 
 _WORKER_LOOP = """
-from math_verify import parse, verify  # imported before "ready": the first answer does not pay for it
-out, sys.stdout = sys.stdout, sys.stderr  # the pipe carries verdicts only; stray prints go to stderr
+from math_verify import parse, verify  # before "ready": the first answer does not pay for it
+out, sys.stdout = sys.stdout, sys.stderr  # the pipe carries verdicts only
 print("ready", file=out, flush=True)
 for line in sys.stdin:
     print(json.dumps(_math_verify(*json.loads(line))), file=out, flush=True)
@@ -588,19 +607,21 @@ _idle_workers, _workers_lock = [], threading.Lock()
 
 
 def _grade_in_worker(pred, gold, timeout):
-    """_math_verify in a reused child process (its main thread runs math-verify's alarm) for callers off the main
-    thread; past 3 time limits + 10 s the child is killed (sympy stuck in C ignores the alarm): an error. POSIX."""
+    """_math_verify in a reused child process (its main thread runs math-verify's alarm), for
+    callers off the main thread; past 3 time limits + 10 s the child is killed (sympy stuck in C
+    ignores the alarm): a grading error."""
     import atexit, inspect, select, subprocess
 
-    def read_line(w, limit):  # the child answers one line per request: nothing is left buffered after readline
-        return (w.stdout.readline() or None) if select.select([w.stdout], [], [], limit)[0] else None  # "": died
+    def read_line(w, limit):  # one line per request: nothing is left buffered after readline
+        return (w.stdout.readline() or None) if select.select([w.stdout], [], [], limit)[0] else None
 
     with _workers_lock:
         w = _idle_workers.pop() if _idle_workers else None
     try:
         if w is None or w.poll() is not None:
-            w = subprocess.Popen([sys.executable, "-c", "import json, sys\n" + inspect.getsource(_math_verify) +
-                                  _WORKER_LOOP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            w = subprocess.Popen([sys.executable, "-c", "import json, sys\n" +
+                                  inspect.getsource(_math_verify) + _WORKER_LOOP],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             atexit.register(w.kill)
             line = read_line(w, 300)  # importing sympy on a loaded machine can take a while
             if line != "ready\n":
@@ -610,83 +631,87 @@ def _grade_in_worker(pred, gold, timeout):
         line = read_line(w, None if timeout is None else 3 * timeout + 10)
         if line is None:
             raise OSError("grading worker timed out or died")
-    except OSError:  # no child, a dead one, or one past the backstop: this answer counts as a grading error
+    except OSError:  # no child, a dead one, or one past the backstop: a grading error
         if w is not None:
             w.kill()
             w.wait()
         return False, True
     with _workers_lock:
         _idle_workers.append(w)
-    correct, error = json.loads(line)
-    return correct, error
+    return tuple(json.loads(line))
 
 
-# ---- code and logic: extraction, contained execution, grading
-# Code benchmarks run model-written programs; Knights-and-Knaves (KK) is graded on text. Each protocol is the released
-# code's (the file it comes from is named at each step), every known quirk kept is named in a comment, and every
-# deliberate difference is a parameter. Running model code needs consent: --allow-code-execution or
-# EM_ALLOW_CODE_EXECUTION=1 (require_code_consent). The executor is containment, not a security sandbox.
+# ----------------------------------------------------------------------------- code and logic
+# Code benchmarks run model-written programs (in execution.py); Knights-and-Knaves (KK) is graded on
+# text. Each protocol is the released code's (the file it comes from is named at each step), every
+# known quirk kept is named in a comment, every deliberate difference is a parameter. Running model
+# code needs consent: --allow-code-execution or EM_ALLOW_CODE_EXECUTION=1 (require_code_consent).
 
-# Logic-RL eval_kk/main_eval_instruct.py (= one-shot-em kk_eval/): the system text, written as a raw ChatML string.
-KK_SYSTEM = ("You are a helpful assistant. The assistant first thinks about the reasoning process in the mind and then "
-             "provides the user with the answer. The reasoning process and answer are enclosed within <think> </think> "
-             "and<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer "
-             "here </answer>.  Now the user asks you to solve a logical reasoning problem. After thinking, when you "
-             "finally reach a conclusion, clearly state the identity of each character within <answer> </answer> "
-             "tags. i.e., <answer> (1) ...\n(2) ... </answer>.")
-# Imports prepended to every program. EM_PT eval/utils/evaluation_leetcode.py IMPORT_HELPER["python"] (LeetCode);
-# OpenCodeEval benchmark/base.py PYTHON_IMPORTS (One-shot EM's MBPP and HumanEval) is the same without the last line.
-EM_PT_IMPORTS = ("import math", "import re", "import sys", "import copy", "import datetime", "import itertools",
-                 "import collections", "import heapq", "import functools", "import hashlib", "import numpy",
-                 "import numpy as np", "import string", "from typing import *", "from collections import *",
-                 "from functools import *")
+# Logic-RL eval_kk/main_eval_instruct.py (= one-shot-em kk_eval/): the system text (raw ChatML).
+KK_SYSTEM = (
+    "You are a helpful assistant. The assistant first thinks about the reasoning process in the "
+    "mind and then provides the user with the answer. The reasoning process and answer are "
+    "enclosed within <think> </think> and<answer> </answer> tags, respectively, i.e., <think> "
+    "reasoning process here </think><answer> answer here </answer>.  Now the user asks you to "
+    "solve a logical reasoning problem. After thinking, when you finally reach a conclusion, "
+    "clearly state the identity of each character within <answer> </answer> tags. i.e., <answer> "
+    "(1) ...\n(2) ... </answer>.")
+# Imports prepended to every program: EM_PT eval/utils/evaluation_leetcode.py IMPORT_HELPER
+# (LeetCode); OpenCodeEval benchmark/base.py PYTHON_IMPORTS (MBPP, HumanEval) lacks the last line.
+EM_PT_IMPORTS = ("import math", "import re", "import sys", "import copy", "import datetime",
+                 "import itertools", "import collections", "import heapq", "import functools",
+                 "import hashlib", "import numpy", "import numpy as np", "import string",
+                 "from typing import *", "from collections import *", "from functools import *")
 OCE_IMPORTS = EM_PT_IMPORTS[:-1]
-# OpenCodeEval's stop strings for chat models (benchmark/base.py PYTHON_STOP): generation ended at the first one.
+# OpenCodeEval's stop strings for chat models (benchmark/base.py PYTHON_STOP)
 OCE_STOP = ("\nif __name__", "\ndef main(", "\nprint(")
-# name -> the released protocol. sampling: what the released scripts generated with (max_total = prompt + output,
-# vLLM's max_model_len). stop: strings the released generation stopped at; evaluate_model stops there too, and grading
-# cuts any response there (--grade files). timeout: seconds per program (LiveCodeBench: per test).
+# name -> the released protocol. sampling: what the released scripts generated with (max_total =
+# prompt + output, vLLM's max_model_len). stop: where the released generation stopped; generation
+# stops there too, and grading cuts any response there (--grade files). timeout: seconds per
+# program (LiveCodeBench: per test).
 CODE_PROTOCOLS = {
-    # Agarwal et al. T2/T3 LeetCode: EM_PT eval/Coding/leetcode/evaluate_leetcode.py; EM-INF scripts sample at 0.1
+    # Agarwal et al. T2/T3 LeetCode: EM_PT eval/Coding/leetcode/evaluate_leetcode.py (EM-INF: T 0.1)
     "leetcode": {"kind": "code", "system": EURUS_SYSTEM, "extract": "em_pt", "timeout": 10.0,
                  "sampling": {"temperature": 0.0, "seed": 42, "max_total": 4096}},
-    # Agarwal et al. T2 LiveCodeBench: EM_PT eval/Coding/livecodebench (LMStyle.Qwen25Math): the Eurus prompt read
-    # from system_prompt_original.md, whose "\n" are literal backslash-n characters (quirk, kept); the chat template
-    # was Qwen2.5-Math-7B-Instruct's whatever the model (here: the tokenizer's own); runner --stop "###" (kept).
+    # Agarwal et al. T2 LiveCodeBench: EM_PT eval/Coding/livecodebench (LMStyle.Qwen25Math): the
+    # Eurus prompt from system_prompt_original.md, whose "\n" are literal backslash-n (quirk, kept);
+    # Qwen2.5-Math-7B-Instruct's chat template whatever the model (here: the tokenizer's own);
+    # the runner's --stop "###" (kept).
     "livecodebench": {"kind": "code", "system": EURUS_SYSTEM.replace("\n", "\\n"), "extract": "em_pt",
                       "stop": ("###",), "timeout": 6.0,
-                      "sampling": {"temperature": 0.2, "top_p": 0.95, "max_new": 4096, "max_total": 4096,
-                                   "seed": 42}},
-    # One-shot EM's HumanEval: one-shot-em code_eval/test-humaneval-ckpt-list.sh + OpenCodeEval/benchmark/HumanEval.py
-    "humaneval": {"kind": "code", "system": None, "extract": "sanitize", "stop": OCE_STOP, "timeout": 3.0,
-                  "sampling": {"temperature": 0.1, "max_new": 4096, "seed": 0}},
-    # EM_PT eval/Coding/human_eval/evaluate_human_eval.py: system_prompt.md holds the math CoT prompt with a literal
-    # double backslash and a final newline (kept); the prompt is prepended twice (prompt + prompt + code: kept).
-    "humaneval-em_pt": {"kind": "code", "system": "Please reason step by step, and put your final answer within "
-                        "\\\\boxed{}.\n", "extract": "em_pt", "timeout": 3.0,
+                      "sampling": {"temperature": 0.2, "top_p": 0.95, "max_new": 4096,
+                                   "max_total": 4096, "seed": 42}},
+    # One-shot EM's HumanEval: code_eval/test-humaneval-ckpt-list.sh + OpenCodeEval HumanEval.py
+    "humaneval": {"kind": "code", "system": None, "extract": "sanitize", "stop": OCE_STOP,
+                  "timeout": 3.0, "sampling": {"temperature": 0.1, "max_new": 4096, "seed": 0}},
+    # EM_PT eval/Coding/human_eval/evaluate_human_eval.py: system_prompt.md holds the math CoT prompt
+    # with a literal double backslash and a final newline (kept); the prompt goes in twice (kept).
+    "humaneval-em_pt": {"kind": "code", "system": "Please reason step by step, and put your final "
+                        "answer within \\\\boxed{}.\n", "extract": "em_pt", "timeout": 3.0,
                         "sampling": {"temperature": 0.0, "max_new": 4096}},
-    # One-shot EM's MBPP: code_eval/test-mbpp-ckpt-list.sh + OpenCodeEval/benchmark/MBPP.py (split "base")
+    # One-shot EM's MBPP: code_eval/test-mbpp-ckpt-list.sh + OpenCodeEval MBPP.py (split "base")
     "mbpp": {"kind": "code", "system": None, "extract": "sanitize", "stop": OCE_STOP, "timeout": 3.0,
              "sampling": {"temperature": 0.0, "max_new": 4096, "seed": 0}},
-    # One-shot EM's KK: kk_eval/eval_kk-ckpt_list.sh (Logic-RL's eval_kk at temperature 0, max_token 3072)
+    # One-shot EM's KK: kk_eval/eval_kk-ckpt_list.sh (Logic-RL's eval_kk at T 0, max_token 3072)
     "kk": {"kind": "logic", "system": KK_SYSTEM, "prefill": "<think>",
            "sampling": {"temperature": 0.0, "top_p": 1.0, "max_total": 3072, "seed": 0}},
 }
-# The 21 MBPP+ v0.1.0 tasks that v0.2.0 dropped (evalplus tools/mbpp/fix_v010.py): mbpp-378 leaves them out.
-MBPP_DROPPED = {783, 746, 640, 595, 582, 574, 461, 442, 438, 431, 407, 400, 396, 295, 249, 229, 164, 143, 117, 115, 83}
-_LCB_FILES = "hf://datasets/livecodebench/code_generation_lite/"
-# name -> (protocol, local file under data_dir, load_dataset arguments for the Hub). LiveCodeBench's Hub loader is a
-# dataset script (datasets >= 4 no longer runs those): release_v2 = its raw test.jsonl + test2.jsonl (~2 GB).
+# The 21 MBPP+ v0.1.0 tasks that v0.2.0 dropped (evalplus tools/mbpp/fix_v010.py): not in mbpp-378
+MBPP_DROPPED = {783, 746, 640, 595, 582, 574, 461, 442, 438, 431, 407, 400, 396, 295, 249, 229, 164,
+                143, 117, 115, 83}
+_LCB = "hf://datasets/livecodebench/code_generation_lite/"
+# name -> (protocol, local file under data_dir, load_dataset arguments for the Hub). LiveCodeBench's
+# Hub loader is a dataset script (datasets >= 4 runs none): release_v2 = test.jsonl + test2.jsonl.
 CODE_BENCHMARKS = {
-    "leetcode": ("leetcode", "leetcode.jsonl",  # DeepSeek-Coder's LeetCode contest set, as EM_PT ships it
-                 {"path": "json", "split": "train", "data_files": "https://raw.githubusercontent.com/chotkrin/"
-                  "EM_PT/main/eval/data/leetcode/leetcode-test.json"}),
-    "livecodebench": ("livecodebench", "livecodebench.jsonl",
-                      {"path": "json", "split": "train", "data_files": [_LCB_FILES + "test.jsonl",
-                                                                        _LCB_FILES + "test2.jsonl"]}),
+    "leetcode": ("leetcode", "leetcode.jsonl",  # DeepSeek-Coder's LeetCode contests, as EM_PT ships it
+                 {"path": "json", "split": "train", "data_files": "https://raw.githubusercontent.com/"
+                  "chotkrin/EM_PT/main/eval/data/leetcode/leetcode-test.json"}),
+    "livecodebench": ("livecodebench", "livecodebench.jsonl", {
+        "path": "json", "split": "train", "data_files": [_LCB + "test.jsonl", _LCB + "test2.jsonl"]}),
     "humaneval": ("humaneval", "humaneval.jsonl", {"path": "openai/openai_humaneval", "split": "test"}),
-    "humaneval-em_pt": ("humaneval-em_pt", "humaneval.jsonl", {"path": "openai/openai_humaneval", "split": "test"}),
-    # MBPP+ v0.1.0 (399 tasks; EM_PT's new_mbpp.json is its base part) and v0.2.0 (378; One-shot EM's numbers)
+    "humaneval-em_pt": ("humaneval-em_pt", "humaneval.jsonl",
+                        {"path": "openai/openai_humaneval", "split": "test"}),
+    # MBPP+ v0.1.0 (399 tasks; EM_PT's new_mbpp.json is its base part), v0.2.0 (378: One-shot EM's)
     "mbpp": ("mbpp", "mbpp.json", {"path": "evalplus/mbppplus", "revision": "v0.1.0", "split": "test"}),
     "mbpp-378": ("mbpp", "mbpp.json", {"path": "evalplus/mbppplus", "split": "test"}),
     "kk": ("kk", "kk.jsonl", {"path": "K-and-K/knights-and-knaves", "split": "train",
@@ -700,7 +725,12 @@ def _need(row, keys, where, n):
         raise EvalError(f"{where}: row {n} has no {', '.join(missing)} (fields: {sorted(row)})")
 
 
-def _parse_quietly(code):  # "invalid escape sequence" warnings in code we only read are not ours to report
+def _unique_ids(ids, where):
+    if len(set(ids)) != len(ids):
+        raise EvalError(f"{where}: the id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
+
+
+def _parse_quietly(code):  # "invalid escape sequence" warnings in code we only read are not ours
     import ast, warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -708,8 +738,8 @@ def _parse_quietly(code):  # "invalid escape sequence" warnings in code we only 
 
 
 def _mbpp_entry_point(code, tests):
-    """The function under test: the first function of the reference code that the first test calls (MBPP+ has an
-    entry_point column, EM_PT's file does not)."""
+    """The function under test: the first function of the reference code that the first test
+    calls (MBPP+ has an entry_point column, EM_PT's file does not)."""
     import ast
     try:
         names = [n.name for n in _parse_quietly(code).body if isinstance(n, ast.FunctionDef)]
@@ -720,39 +750,45 @@ def _mbpp_entry_point(code, tests):
 
 
 def load_code_benchmark(name, data_dir=None, limit=None):
-    """Load a code or logic benchmark (CODE_BENCHMARKS) from data_dir, else from the Hugging Face Hub. Returns problem
-    dicts: id (the dataset's own task_id / question_id / KK id, as text), kind ("code" or "logic"), benchmark,
-    protocol, problem (the text the prompt is built from), answer (KK: the gold roles; code: None) and what grading
-    needs (tests, entry_point, imports...). Bad data is an EvalError naming the row. (load_benchmark checks name
-    and limit.)"""
+    """A code or logic benchmark (CODE_BENCHMARKS) from data_dir, else the Hub, as problem dicts:
+    id (the dataset's own task_id / question_id / KK id, as text), kind ("code" or "logic"),
+    benchmark, protocol, problem (the text the prompt is built from), answer (KK: the gold roles;
+    code: None) and what grading reads (tests, entry_point, imports...). Bad data is an EvalError
+    naming the row. (load_benchmark, the entry point, checks the name and limit.)"""
     protocol, fname, hub = CODE_BENCHMARKS[name]
     source = os.path.join(data_dir, fname) if data_dir else None
-    if source and not os.path.exists(source) and name != "livecodebench":  # LiveCodeBench may be Hub-only
+    if source and not os.path.exists(source) and name != "livecodebench":  # LCB may be Hub-only
         raise EvalError(f"{name}: no {fname} in {data_dir}")
     rows, where = _rows(source if source and os.path.exists(source) else None, hub, name,
                         f"pass --data-dir with {fname}")
     out = []
     for n, row in enumerate(rows):
-        p = {"kind": CODE_PROTOCOLS[protocol]["kind"], "benchmark": name, "protocol": protocol, "answer": None}
+        p = {"kind": CODE_PROTOCOLS[protocol]["kind"], "benchmark": name, "protocol": protocol,
+             "answer": None}
         if protocol == "leetcode":
             _need(row, ("task_id", "prompt_sft", "test"), where, n)
             p.update(id=str(row["task_id"]), problem=row["prompt_sft"], tests=row["test"],
                      difficulty=(row.get("meta") or {}).get("difficulty"))
         elif protocol.startswith("humaneval"):
             _need(row, ("task_id", "prompt", "test", "entry_point"), where, n)
-            p.update(id=str(row["task_id"]), problem=row["prompt"], tests=row["test"], entry_point=row["entry_point"],
-                     reference=row["prompt"] + row["canonical_solution"] if row.get("canonical_solution") else None)
+            solution = row.get("canonical_solution")
+            p.update(id=str(row["task_id"]), problem=row["prompt"], tests=row["test"],
+                     entry_point=row["entry_point"],
+                     reference=row["prompt"] + solution if solution else None)
         elif protocol == "mbpp":
             _need(row, ("task_id", "prompt", "test_list", "code"), where, n)
-            if name == "mbpp-378" and int(re.sub(r"\D", "", str(row["task_id"])) or -1) in MBPP_DROPPED:  # 2, "Mbpp/2"
+            number = int(re.sub(r"\D", "", str(row["task_id"])) or -1)  # 2 or "Mbpp/2"
+            if name == "mbpp-378" and number in MBPP_DROPPED:
                 continue
-            if not isinstance(row["test_list"], list) or not row["test_list"]:
-                raise EvalError(f"{where}: row {n}: test_list is {_kind(row['test_list'])}, not a list of asserts")
-            p.update(id=str(row["task_id"]), problem=row["prompt"], tests=row["test_list"],
+            tests = row["test_list"]
+            if not isinstance(tests, list) or not tests:
+                raise EvalError(f"{where}: row {n}: test_list is {_kind(tests)}, not a list of asserts")
+            p.update(id=str(row["task_id"]), problem=row["prompt"], tests=tests,
                      test_imports=row.get("test_imports") or [], reference=row["code"],
-                     entry_point=row.get("entry_point") or _mbpp_entry_point(row["code"], row["test_list"]))
+                     entry_point=row.get("entry_point") or _mbpp_entry_point(row["code"], tests))
         elif protocol == "livecodebench":
-            _need(row, ("question_id", "question_content", "public_test_cases", "private_test_cases"), where, n)
+            _need(row, ("question_id", "question_content", "public_test_cases",
+                        "private_test_cases"), where, n)
             meta = row.get("metadata") or {}
             try:
                 meta = json.loads(meta) if isinstance(meta, str) else meta
@@ -761,54 +797,55 @@ def load_code_benchmark(name, data_dir=None, limit=None):
                 public = json.loads(public) if isinstance(public, str) else public
             except ValueError as e:
                 raise EvalError(f"{where}: row {n}: public_test_cases/metadata are not JSON ({e})") from None
-            if not isinstance(public, list) or not all(isinstance(t, dict) and {"input", "output"} <= set(t)
-                                                       for t in public):
-                raise EvalError(f"{where}: row {n}: public_test_cases is not a list of {{input, output, testtype}}")
-            # private tests stay as stored (base64 + zlib + pickle): decoded at grading time, without pickle's
-            # ability to call anything (_lcb_private)
+            if not isinstance(public, list) or not all(
+                    isinstance(t, dict) and {"input", "output"} <= set(t) for t in public):
+                raise EvalError(f"{where}: row {n}: public_test_cases is not a list of {{input, "
+                                "output, testtype}")
+            # private tests stay as stored (base64 + zlib + pickle): decoded when graded, without
+            # pickle's power to call anything (_lcb_private); contest_date as text (the Hub's
+            # loader gives a datetime)
             p.update(id=str(row["question_id"]), problem=row["question_content"],
                      starter_code=row.get("starter_code") or "", public_tests=public,
                      private_tests=row["private_test_cases"], fn_name=meta.get("func_name"),
-                     difficulty=row.get("difficulty"),  # contest_date: text (the Hub's loader gives a datetime)
+                     difficulty=row.get("difficulty"),
                      contest_date=row.get("contest_date") and str(row["contest_date"]))
         else:  # kk
             _need(row, ("quiz", "solution_text_format"), where, n)
             names = row.get("names") or []
-            p.update(id=str(row.get("id") or f"{len(names)}ppl-{row.get('index', n)}"), problem=row["quiz"],
-                     answer=row["solution_text_format"], names=names)
+            p.update(id=str(row.get("id") or f"{len(names)}ppl-{row.get('index', n)}"),
+                     problem=row["quiz"], answer=row["solution_text_format"], names=names)
         out.append(p)
-    ids = [p["id"] for p in out]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise EvalError(f"{where}: the id {dup!r} appears twice")
+    _unique_ids([p["id"] for p in out], where)
     return out[:limit] if limit else out
 
 
 # What grading and the prompt read of a code/logic problem, beside id and problem: field -> type.
-PROBLEM_FIELDS = {"leetcode": {"tests": str}, "livecodebench": {"public_tests": list, "private_tests": (str, list)},
-                  "humaneval": {"tests": str, "entry_point": str}, "mbpp": {"tests": list, "test_imports": list,
-                                                                           "entry_point": str}, "kk": {"answer": str}}
+PROBLEM_FIELDS = {"leetcode": {"tests": str},
+                  "livecodebench": {"public_tests": list, "private_tests": (str, list)},
+                  "humaneval": {"tests": str, "entry_point": str},
+                  "mbpp": {"tests": list, "test_imports": list, "entry_point": str},
+                  "kk": {"answer": str}}
 PROBLEM_FIELDS["humaneval-em_pt"] = PROBLEM_FIELDS["humaneval"]
 
 
 def whole_code_problems(rows, where):
-    """Rows that are whole code/logic problem dicts (a protocol and its kind: select_prompt writes its pick of a code
-    or KK pool so) -> those problems, checked; None for any other rows."""
-    if not all(isinstance(r.get("protocol"), str) and CODE_PROTOCOLS.get(r["protocol"], {}).get("kind", 0) ==
-               r.get("kind") for r in rows):
+    """Rows that are whole code/logic problem dicts (a protocol and its kind: select_prompt writes
+    its pick of a code or KK pool so) -> those problems, checked; None for any other rows."""
+    if not all(isinstance(r.get("protocol"), str) and
+               CODE_PROTOCOLS.get(r["protocol"], {}).get("kind", 0) == r.get("kind") for r in rows):
         return None
     for n, r in enumerate(rows):
         fields = {"problem": str, **PROBLEM_FIELDS[r["protocol"]]}
         _need(r, ("id", *fields), where, n)
-        if bad := [k for k, t in fields.items() if not isinstance(r[k], t) or k == "problem" and not r[k].strip()]:
-            raise EvalError(f"{where}: row {n}: {bad[0]} is {_kind(r[bad[0]])}, not what {r['protocol']} reads")
-    ids = [str(r["id"]) for r in rows]
-    if len(set(ids)) != len(ids):
-        raise EvalError(f"{where}: the id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
-    return [{**r, "id": i} for r, i in zip(rows, ids)]
+        if bad := [k for k, t in fields.items()
+                   if not isinstance(r[k], t) or k == "problem" and not r[k].strip()]:
+            raise EvalError(f"{where}: row {n}: {bad[0]} is {_kind(r[bad[0]])}, not what "
+                            f"{r['protocol']} reads")
+    _unique_ids([str(r["id"]) for r in rows], where)
+    return [{**r, "id": str(r["id"])} for r in rows]
 
 
-def _refine(text):  # OpenCodeEval utils.refine_text: tabs -> 4 spaces, newlines unified, stripped + one newline
+def _refine(text):  # OpenCodeEval utils.refine_text: tabs -> 4 spaces, newlines unified, stripped
     return text.replace("\t", "    ").replace("\r\n", "\n").replace("\r", "\n").strip() + "\n"
 
 
@@ -817,67 +854,70 @@ def _code_user_message(problem, protocol):
     text = problem["problem"]
     if protocol == "leetcode":  # prompt_sft already ends with the ```python stub of class Solution
         return text + CODE_SUFFIX
-    if protocol == "livecodebench":  # lcb_runner/prompts/code_generation.py get_generic_question_template_answer
+    if protocol == "livecodebench":  # lcb_runner/prompts/code_generation.py, generic template
         if problem.get("starter_code"):
-            fmt = ("You will use the following starter code to write the solution to the problem and enclose your "
-                   f"code within delimiters.\n```python\n{problem['starter_code']}\n```\n\n")
+            fmt = ("You will use the following starter code to write the solution to the problem and "
+                   f"enclose your code within delimiters.\n```python\n{problem['starter_code']}\n```"
+                   "\n\n")
         else:
-            fmt = ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test "
-                   "on the sample inputs). Enclose your code within delimiters as follows.\n"
-                   "```python\n# YOUR CODE HERE\n```\n\n")
-        return (f"### Question:\n{text}\n\n### Format: {fmt}### Answer: (use the provided format with backticks)\n\n"
-                + CODE_SUFFIX)
-    if protocol == "humaneval":  # test-humaneval-ckpt-list.sh --prompt_prefix/--prompt_suffix, refined twice
-        return _refine("Please provide a self-contained Python script that solves the following problem in a "
-                       f"markdown code block:\n```python\n{_refine(text)}\n```\n")
+            fmt = ("Read the inputs from stdin solve the problem and write the answer to stdout (do "
+                   "not directly test on the sample inputs). Enclose your code within delimiters as "
+                   "follows.\n```python\n# YOUR CODE HERE\n```\n\n")
+        return (f"### Question:\n{text}\n\n### Format: {fmt}### Answer: (use the provided format "
+                "with backticks)\n\n" + CODE_SUFFIX)
+    if protocol == "humaneval":  # test-humaneval-ckpt-list.sh prompt prefix/suffix, refined twice
+        return _refine("Please provide a self-contained Python script that solves the following "
+                       f"problem in a markdown code block:\n```python\n{_refine(text)}\n```\n")
     if protocol == "humaneval-em_pt":
         m = re.search(rf"def\s+({re.escape(problem['entry_point'])}.*?):\s*\n", text)
         signature = m.group(1) if m else problem["entry_point"]
-        return (f"Write Python code to solve the task.\nWrite a Python function `{signature}` to solve the following "
-                f"problem: Present code in ```python```\n```python\n{text}\n```\n" + CODE_SUFFIX)
+        return (f"Write Python code to solve the task.\nWrite a Python function `{signature}` to "
+                f"solve the following problem: Present code in ```python```\n```python\n{text}\n"
+                "```\n" + CODE_SUFFIX)
     if protocol == "mbpp":  # OpenCodeEval benchmark/MBPP.py format_prompt: the first test only
         return _refine(f"You are an expert Python programmer, and here is your task:\n{text}\n"
                        f"Your code should pass the test:\n{problem['tests'][0]}")
-    if protocol == "kk":  # main_eval_instruct.py: the quiz out of its "### Question:" prompt, stripped
+    if protocol == "kk":  # main_eval_instruct.py: the quiz out of its "### Question:" prompt
         return text.strip()
     raise EvalError(f"unknown code protocol {protocol!r}: use one of {', '.join(CODE_PROTOCOLS)}")
 
 
 def build_code_prompt(tokenizer, problem):
-    """The full prompt of a code/logic problem, as its protocol built it: the system prompt (None: the model's default,
-    OpenCodeEval's user-only chat), the user turn, the tokenizer's chat template, and KK's "<think>" pre-fill. KK:
-    Logic-RL's literal ChatML string, whatever the model (as released, with its extra newline before each <|im_end|>)."""
+    """The full prompt of a code/logic problem, as its protocol built it: the system prompt (None:
+    the model's default, OpenCodeEval's user-only chat), the user turn, the tokenizer's chat
+    template, and KK's "<think>" pre-fill. KK: Logic-RL's literal ChatML string whatever the model
+    (as released, with its extra newline before each <|im_end|>)."""
     protocol = problem["protocol"]
-    user = _code_user_message(problem, protocol)
-    spec = CODE_PROTOCOLS[protocol]
+    user, spec = _code_user_message(problem, protocol), CODE_PROTOCOLS[protocol]
     if protocol == "kk":
-        return (f"<|im_start|>system\n{spec['system']}\n<|im_end|>\n<|im_start|>user\n{user}\n<|im_end|>\n"
-                f"<|im_start|>assistant\n{spec['prefill']}")
+        return (f"<|im_start|>system\n{spec['system']}\n<|im_end|>\n<|im_start|>user\n{user}\n"
+                f"<|im_end|>\n<|im_start|>assistant\n{spec['prefill']}")
     if not tokenizer.chat_template:
         raise EvalError(f"protocol {protocol!r} needs a chat template and this tokenizer has none")
-    messages = ([{"role": "system", "content": spec["system"]}] if spec["system"] else []) + \
-        [{"role": "user", "content": user}]
+    messages = ([{"role": "system", "content": spec["system"]}] if spec["system"] else []) + [
+        {"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + \
         spec.get("prefill", "")
 
 
 def _cut_at(text, stops):  # what generation with these stop strings would have returned
-    cut = min([i for i in (text.find(s) for s in stops) if i >= 0], default=len(text))
-    return text[:cut]
+    return text[:min([i for i in (text.find(s) for s in stops) if i >= 0], default=len(text))]
 
 
 def _fenced_blocks(text):
-    """```python ... ``` blocks (OpenCodeEval program_extract: a fence line, IGNORECASE) joined by blank lines."""
-    found = re.findall(r"```python[ \t]*[\r\n]+[ \t]*(.*?)[ \t]*[\r\n]+[ \t]*```", text, flags=re.S | re.I)
-    return "\n\n".join(found)
+    """```python ... ``` blocks (OpenCodeEval program_extract: a fence line, IGNORECASE) joined by
+    blank lines."""
+    return "\n\n".join(re.findall(r"```python[ \t]*[\r\n]+[ \t]*(.*?)[ \t]*[\r\n]+[ \t]*```", text,
+                                  flags=re.S | re.I))
 
 
 def _cannot_start(line):
-    """True when no run of lines that starts with this one can parse, whatever follows: the parser finds the line
-    invalid, not merely incomplete (the flag the interactive prompt uses, Python >= 3.11; before: never True).
-    Skipping those runs keeps the released choice and skips most prose."""
+    """True when no run of lines that starts with this one can parse, whatever follows: the parser
+    finds the line invalid, not merely incomplete (the interactive prompt's flag, Python >= 3.11;
+    before it: never True). Skipping those runs keeps the released choice, faster."""
     import ast, codeop, warnings
-    flags = ast.PyCF_ONLY_AST | codeop.PyCF_DONT_IMPLY_DEDENT | getattr(codeop, "PyCF_ALLOW_INCOMPLETE_INPUT", 0)
+    flags = (ast.PyCF_ONLY_AST | codeop.PyCF_DONT_IMPLY_DEDENT
+             | getattr(codeop, "PyCF_ALLOW_INCOMPLETE_INPUT", 0))
     if flags & 0x4000 == 0:
         return False
     with warnings.catch_warnings():
@@ -894,13 +934,13 @@ def _cannot_start(line):
     return True
 
 
-def _longest_parsable(lines, budget):
-    """OpenCodeEval's extract_longest_valid_code: of all runs of consecutive lines that parse, the one with the most
-    non-blank lines (the first on ties). Same choice, pruned: blank lines at either end change nothing, a line the
-    parser calls invalid starts no run (_cannot_start), a run cannot beat the best with fewer lines left. Returns
-    None past `budget` parses: the released search ran in a worker with a 3 s limit and fell back past it; here the
-    limit is a deterministic count (a parameter)."""
-    count = [0]
+def _longest_parsable(lines, budget, seconds=None):
+    """OpenCodeEval's extract_longest_valid_code: of all runs of consecutive lines that parse, the
+    one with the most non-blank lines (the first on ties). The same choice, pruned: blank lines at
+    either end change nothing, a line the parser calls invalid starts no run, a run cannot beat the
+    best with fewer lines left. None past `budget` parses or `seconds` of this thread's CPU time
+    (the released search ran under a 3 s limit and fell back past it)."""
+    count, t0 = [0], time.thread_time()
     for line in lines:
         count.append(count[-1] + bool(line.strip()))
     n, best, best_run, parses = len(lines), 0, (0, 0), 0
@@ -915,7 +955,8 @@ def _longest_parsable(lines, budget):
             if not lines[j].strip():
                 continue
             parses += 1
-            if budget is not None and parses > budget:
+            if budget is not None and parses > budget or \
+                    seconds is not None and time.thread_time() - t0 > seconds:
                 return None
             try:
                 _parse_quietly("\n".join(lines[i:j + 1]))
@@ -926,12 +967,13 @@ def _longest_parsable(lines, budget):
     return "\n".join(lines[best_run[0]:best_run[1]])
 
 
-def _sanitize(text, entry_point, budget):
-    """OpenCodeEval eval/sanitize.py: the longest parsable run of lines, keeping its imports and the top-level
-    classes, functions that return or yield, and assignments that entry_point reaches by name (attribute names count
-    as names, and only the outer name of a.b.c: quirks, kept). None when the search ran past its budget."""
+def _sanitize(text, entry_point, budget, seconds=3.0):
+    """OpenCodeEval eval/sanitize.py: the longest parsable run of lines, keeping its imports and
+    the top-level classes, functions that return or yield, and assignments that entry_point
+    reaches by name (attribute names count as names, and only the outer name of a.b.c: quirks,
+    kept). None when the search ran past its budget."""
     import ast
-    code = _longest_parsable(_refine(text).splitlines(), budget)
+    code = _longest_parsable(_refine(text).splitlines(), budget, seconds)
     if code is None:
         return None
     try:
@@ -945,7 +987,8 @@ def _sanitize(text, entry_point, budget):
             elif isinstance(node, ast.FunctionDef):  # async functions are dropped, as released
                 if any(isinstance(n, (ast.Return, ast.Yield)) for n in ast.walk(node)):
                     defs[node.name] = node
-            elif isinstance(node, ast.Assign) and node.targets and isinstance(node.targets[0], ast.Name):
+            elif isinstance(node, ast.Assign) and node.targets and isinstance(node.targets[0],
+                                                                              ast.Name):
                 defs[node.targets[0].id] = node
         keep = set(defs)
         if entry_point:
@@ -967,19 +1010,20 @@ def _sanitize(text, entry_point, budget):
                 if name not in keep:
                     keep.add(name)
                     todo.extend(deps.get(name, set()) - keep)
-        return "\n".join([ast.unparse(n) for n in imports] + [ast.unparse(n) for k, n in defs.items() if k in keep])
+        return "\n".join([ast.unparse(n) for n in imports] +
+                         [ast.unparse(n) for k, n in defs.items() if k in keep])
     except Exception:  # the released worker returned "" on any error
         return ""
 
 
 def extract_code(response, rule="em_pt", entry_point=None, budget=20000):
     """The code a response is graded on.
-    rule="em_pt" (EM_PT match_code, also LiveCodeBench's extract_code there): the last ```python block that contains
-    "def ", else the last ```python block, else the same over plain ``` blocks, else the text before the first ```.
-    Quirks kept: a ```Python or ```py fence is a plain block whose first line ("Python") becomes code; unpaired
-    fences pair up wrongly.
-    rule="sanitize" (OpenCodeEval, One-shot EM's MBPP/HumanEval): _sanitize, and when it gives up (the released 3 s
-    limit; here `budget` parses) all ```python blocks joined."""
+    rule="em_pt" (EM_PT match_code, also LiveCodeBench's extract_code there): the last ```python
+    block that contains "def ", else the last ```python block, else the same over plain ```
+    blocks, else the text before the first ```. Quirks kept: a ```Python or ```py fence is a plain
+    block whose first line ("Python") becomes code; unpaired fences pair up wrongly.
+    rule="sanitize" (OpenCodeEval, One-shot EM's MBPP/HumanEval): _sanitize, and when it gives up
+    (the released 3 s limit, or `budget` parses) all ```python blocks joined."""
     if rule == "em_pt":
         for pattern in (r"```python(.*?)```", r"```(.*?)```"):
             blocks = re.findall(pattern, response, flags=re.S)
@@ -993,18 +1037,16 @@ def extract_code(response, rule="em_pt", entry_point=None, budget=20000):
 
 
 def _import_block(lines):
-    """The released import lines, numpy made optional: the released harness needed it installed, this project does
-    not. numpy is loaded before the guard (it calls os.putenv when imported) only for a program that names it
-    (code_job's preload): the released harnesses forked a process that had it loaded, a fresh interpreter would pay
-    0.15 s per program for it. Either way the program sees what it would have seen."""
-    guarded = ("try:\n    import numpy\n    import numpy as np\n"
-               "except Exception:  # not installed, or not preloaded: the program does not use it\n    pass")
+    """The released import lines, numpy made optional (the released harnesses needed it, this
+    project does not): the program sees what it would have seen."""
+    guarded = ("try:\n    import numpy\n    import numpy as np\nexcept Exception:  # not installed, "
+               "or not preloaded: the program does not use it\n    pass")
     return "\n".join(lines).replace("import numpy\nimport numpy as np", guarded)
 
 
 def _lcb_private(stored):
-    """LiveCodeBench's private tests: a JSON list, or base64(zlib(pickle(JSON text))). Unpickled with no access to
-    any class or function (find_class refuses), so a crafted row cannot run code in the evaluating process."""
+    """LiveCodeBench's private tests: a JSON list, or base64(zlib(pickle(JSON text))). Unpickled
+    with no access to any class or function (find_class refuses): a crafted row cannot run code."""
     import base64, io, pickle
     if isinstance(stored, list):
         return stored
@@ -1017,8 +1059,7 @@ def _lcb_private(stored):
         def find_class(self, module, name):
             raise pickle.UnpicklingError(f"private tests may not name {module}.{name}")
     try:
-        text = TextOnly(io.BytesIO(zlib.decompress(base64.b64decode(stored.encode())))).load()
-        return json.loads(text)
+        return json.loads(TextOnly(io.BytesIO(zlib.decompress(base64.b64decode(stored.encode())))).load())
     except Exception as e:
         raise EvalError(f"private_test_cases cannot be decoded ({type(e).__name__}: {e})") from None
 
@@ -1043,63 +1084,63 @@ def graded_code(problem, response, sanitize_budget=20000):
 
 
 def code_job(problem, response, timeout=None, sanitize_budget=20000):
-    """What grading runs for one response: (job for run_programs, its time limit in seconds, the extracted code).
-    timeout overrides the protocol's (LeetCode 10 s and MBPP/HumanEval 3 s per program; LiveCodeBench 6 s per test,
-    with the released global limit of (6 + 1) * tests + 5 s)."""
+    """What grading runs for one response: (job for execution.run_programs, its time limit in
+    seconds, the extracted code). timeout overrides the protocol's (LeetCode 10 s and MBPP/
+    HumanEval 3 s per program; LiveCodeBench 6 s per test, with the released global limit of
+    (6 + 1) * tests + 5 s)."""
     protocol = problem.get("protocol")
     if CODE_PROTOCOLS.get(protocol, {}).get("kind") != "code":
         raise EvalError(f"{problem.get('id')}: protocol {protocol!r} does not run code")
-    spec = CODE_PROTOCOLS[protocol]
-    limit = spec["timeout"] if timeout is None else timeout
-    code = graded_code(problem, response, sanitize_budget)
-    uses_numpy = re.search(r"\b(np|numpy)\b", code + json.dumps(problem.get("tests", ""))) is not None
-    preload = ["numpy"] if uses_numpy else []
+    limit = CODE_PROTOCOLS[protocol]["timeout"] if timeout is None else timeout
+    code, job = graded_code(problem, response, sanitize_budget), {"mode": "script"}
     if protocol == "leetcode":
-        # evaluate_leetcode.py: the code goes back into ```python fences; without "class Solution:" every line is
-        # indented under one (a free function without self then fails: quirk, kept); extract_python_code then reads
-        # the first block back ([PYTHON] tags count as fences); evaluation_leetcode.py runs imports + code + tests
+        # evaluate_leetcode.py: the code goes back into ```python fences; without "class Solution:"
+        # every line is indented under one (a free function without self then fails: quirk,
+        # kept); extract_python_code reads the first block back ([PYTHON] tags count as fences);
+        # evaluation_leetcode.py runs imports + code + tests
         fenced = "```python\n" + code + "\n```"
         if "class Solution:" not in fenced:
             body = fenced.replace("```python", "").replace("```", "")
-            fenced = "```python\nclass Solution:\n" + "\n".join("    " + line for line in body.split("\n")) + "\n```"
+            fenced = "```python\nclass Solution:\n" + "\n".join(
+                "    " + line for line in body.split("\n")) + "\n```"
         fenced = fenced.replace("[PYTHON]", "```python").replace("[/PYTHON]", "```")
         code = (re.findall(r"```python\n(.*?)\n```", fenced, flags=re.S) or [fenced])[0]
-        program = _import_block(EM_PT_IMPORTS) + "\n" + code + "\n" + problem["tests"] + "\n"
-        return {"mode": "script", "code": program, "preload": preload}, limit, code
-    if protocol == "humaneval":  # HumanEval.py process_results: a stub that passes, then the solution redefines it
-        program = (_import_block(OCE_IMPORTS) + "\n" + problem["problem"] + "\n    pass\n\n" + code + "\n" +
-                   problem["tests"] + "\n" + f"check({problem['entry_point']})")
-        return {"mode": "script", "code": program, "preload": preload}, limit, code
-    if protocol == "humaneval-em_pt":  # completion = prompt + code, and check_program adds the prompt again
-        program = (problem["problem"] + problem["problem"] + code + "\n" + problem["tests"] + "\n" +
-                   f"check({problem['entry_point']})")
-        return {"mode": "script", "code": program, "preload": preload}, limit, code
-    if protocol == "mbpp":  # MBPP.py process_results, split "base": imports + solution + test_imports + asserts
-        program = (_import_block(OCE_IMPORTS) + "\n" + code + "\n" + "\n".join(problem["test_imports"]) + "\n\n" +
-                   "\n".join(problem["tests"]))
-        return {"mode": "script", "code": program, "preload": preload}, limit, code
-    if protocol == "livecodebench":
+        job["code"] = _import_block(EM_PT_IMPORTS) + "\n" + code + "\n" + problem["tests"] + "\n"
+    elif protocol == "humaneval":  # HumanEval.py process_results: a stub that passes, then the
+        # solution redefines it
+        job["code"] = (_import_block(OCE_IMPORTS) + "\n" + problem["problem"] + "\n    pass\n\n" +
+                       code + "\n" + problem["tests"] + "\n" + f"check({problem['entry_point']})")
+    elif protocol == "humaneval-em_pt":  # completion = prompt + code; check_program adds the prompt
+        job["code"] = (problem["problem"] + problem["problem"] + code + "\n" + problem["tests"] +
+                       "\n" + f"check({problem['entry_point']})")
+    elif protocol == "mbpp":  # MBPP.py process_results, "base": imports + code + test imports + tests
+        job["code"] = (_import_block(OCE_IMPORTS) + "\n" + code + "\n" +
+                       "\n".join(problem["test_imports"]) + "\n\n" + "\n".join(problem["tests"]))
+    else:  # livecodebench
         tests = problem["public_tests"] + _lcb_private(problem["private_tests"])
-        return {"mode": "lcb", "code": code, "tests": tests, "fn_name": problem.get("fn_name"), "timeout": limit,
-                "preload": preload}, (limit + 1) * len(tests) + 5, code
+        job.update(mode="lcb", code=code, tests=tests, fn_name=problem.get("fn_name"), timeout=limit)
+        limit = (limit + 1) * len(tests) + 5
+    return job, limit, code
 
 
 def grade_kk(response, problem):
-    """Logic-RL's KK grader (eval_kk/compute_score.py, via kk_processor.parse_cot_eval_instruct) -> (correct, status).
-    The gold roles come from solution_text_format, per line the first word and the first knight/knave after it. The
-    answer is the LAST <answer>...</answer>; per gold name, the first match of \\bNAME\\b.*?\\b(knight|knave)\\b
-    (case-insensitive, within one line) gives the role, and every name must match. Quirks, kept: "X is not a knight"
-    reads knight; a name followed on its line by another's role reads that role. Format, as released: the response
-    must hold exactly one </think>, one <answer> and one </answer>, in that order."""
+    """Logic-RL's KK grader (eval_kk/compute_score.py via kk_processor.parse_cot_eval_instruct) ->
+    (correct, status). The gold roles come from solution_text_format, per line the first word and
+    the first knight/knave after it. The answer is the LAST <answer>...</answer>; per gold name,
+    the first match of \\bNAME\\b.*?\\b(knight|knave)\\b (case-insensitive, within one line) gives
+    the role, and every name must match. Quirks, kept: "X is not a knight" reads knight; a name
+    followed on its line by another's role reads that role. Format, as released: exactly one
+    </think>, one <answer> and one </answer>, in that order."""
     gold = {}
     for line in problem["answer"].split("\n"):
         m = re.search(r"\b([A-Za-z]+)\b.*?\b(knight|knave)\b", line.strip(), flags=re.I)
         if m:
             gold[m.group(1)] = m.group(2).lower()
-    answers = re.findall(r"<answer>(.*?)</answer>", response, flags=re.S)
-    tags = [response.find(t) for t in ("</think>", "<answer>", "</answer>")]
-    if any(response.count(t) != 1 for t in ("</think>", "<answer>", "</answer>")) or tags != sorted(tags):
+    tags = ("</think>", "<answer>", "</answer>")
+    at = [response.find(t) for t in tags]
+    if any(response.count(t) != 1 for t in tags) or at != sorted(at):
         return False, "failed: format"
+    answers = re.findall(r"<answer>(.*?)</answer>", response, flags=re.S)
     if not answers or not answers[-1].strip():
         return False, "failed: no answer"
     said = {}
@@ -1118,21 +1159,41 @@ def require_code_consent(problems, allow=False):
         raise EvalError(execution.CONSENT)
 
 
-def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=4096, sanitize_budget=20000):
-    """Grade code responses, all of them in parallel -> [(correct, status)], one per (problem, response). timeout
-    overrides each protocol's limit (code_job); status as run_programs'."""
+def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=4096,
+                     sanitize_budget=20000):
+    """Grade code responses, all of them in parallel -> [(correct, status)], one per (problem,
+    response). The code is extracted off the main thread too; timeout overrides each protocol's
+    limit (code_job); status as run_programs'."""
+    from concurrent.futures import ThreadPoolExecutor
     if len(problems) != len(responses):
         raise EvalError(f"{len(problems)} problems but {len(responses)} responses")
-    jobs, limits, labels = [], [], []
-    for p, r in zip(problems, responses):
-        job, limit, _ = code_job(p, r, timeout, sanitize_budget)
-        jobs.append(job)
-        limits.append(limit)
-        labels.append(f"{p.get('benchmark', '')}:{p['id']}")
-    return [(r["passed"], r["status"]) for r in execution.run_programs(jobs, limits, memory_mb, workers, labels=labels)]
+    with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(problems) or 1))) as pool:
+        jobs = list(pool.map(lambda pr: code_job(*pr, timeout, sanitize_budget), zip(problems, responses)))
+    recs = execution.run_programs([j for j, _, _ in jobs], [t for _, t, _ in jobs], memory_mb, workers,
+                                  labels=[f"{p.get('benchmark', '')}:{p['id']}" for p in problems])
+    level = code_containment()
+    mark = "" if level["level"] == "bubblewrap" else f" [contained: {level['level']}" + (
+        ", as root" if level["root"] and level["uid"] is None else "") + "]"
+    return [(r["passed"], r["status"] + mark) for r in recs]
 
 
-NO_GOLD = "failed: no gold answer"  # grade_batch's status of a math problem without an answer (a training prompt)
+_said_containment = []
+
+
+def code_containment():
+    """execution.containment(), said once per process: a degraded level is a line every run prints."""
+    level = execution.containment()
+    if not _said_containment:
+        _said_containment.append(level)
+        uid = f"uid {level['uid']}" if level["uid"] is not None else "as root" if level["root"] else \
+            "as this user"
+        print(f"code execution: {level['level']} ({uid})" + (
+            f" -- DEGRADED: {level['why']}; README: what each level does not cover"
+            if level["level"] != "bubblewrap" else ""), flush=True)
+    return level
+
+
+NO_GOLD = "failed: no gold answer"  # grade_batch's status of a math problem without an answer
 
 
 def code_protocol(problems):
@@ -1141,20 +1202,22 @@ def code_protocol(problems):
         return None
     spec = CODE_PROTOCOLS[problems[0]["protocol"]]
     return {"protocol": problems[0]["protocol"], **{k: v for k, v in spec.items() if k != "system"},
-            "system_prompt": spec["system"], "pass": "every test ran and passed" if spec["kind"] == "code" else
-            "every named person's role right (Logic-RL's grader)"}
+            "system_prompt": spec["system"], "pass": "every test ran and passed"
+            if spec["kind"] == "code" else "every named person's role right (Logic-RL's grader)"}
 
 
 def grade_batch(problems, responses, workers=None, answer_fallback=False, **code_options):
-    """Grade any mix of problems -> [(correct, status)], in order, dispatching on problem["kind"] (default "math"):
-    math through grade_answer(extract_answer(...)) (status "passed", "failed" or "error: grader"), logic through
-    grade_kk, code through grade_code_batch (every code response of the call in parallel; code_options go there)."""
+    """Grade any mix of problems -> [(correct, status)], in order, by problem["kind"] (default
+    "math"): math by grade_answer(extract_answer(...)) (status "passed", "failed", NO_GOLD or
+    "error: grader"), logic by grade_kk, code by grade_code_batch (every code response of the call
+    in parallel; code_options go there)."""
     if len(problems) != len(responses):
         raise EvalError(f"{len(problems)} problems but {len(responses)} responses")
     out = [None] * len(problems)
     code = [i for i, p in enumerate(problems) if p.get("kind") == "code"]
     if code:
-        graded = grade_code_batch([problems[i] for i in code], [responses[i] for i in code], workers, **code_options)
+        graded = grade_code_batch([problems[i] for i in code], [responses[i] for i in code],
+                                  workers, **code_options)
         for i, result in zip(code, graded):
             out[i] = result
     for i, (p, response) in enumerate(zip(problems, responses)):
@@ -1179,8 +1242,9 @@ def pass_at_k(n, c, k):
 
 
 def answer_format(problem, response):
-    """Whether a response gives its final answer in the form its problem asks for: a \\boxed{} (math), a ``` code
-    block (code), <answer>...</answer> (logic). The format rate, and em_rl.py's `format` reward."""
+    """Whether a response gives its final answer in the form its problem asks for: a \\boxed{}
+    (math), a ``` code block (code), <answer>...</answer> (logic). The format rate, and em_rl.py's
+    `format` reward."""
     kind = problem.get("kind", "math") if isinstance(problem, dict) else "math"
     if kind == "code":
         return "```" in response
@@ -1190,8 +1254,9 @@ def answer_format(problem, response):
 
 
 def final_answer(problem, response):
-    """A response's final answer as a comparable string, None if it gives none: math, the last \\boxed{} normalized
-    (as maj@n compares them); code, the program its protocol grades; logic, the text of its last <answer>."""
+    """A response's final answer as a comparable string, None if it gives none: math, the last
+    \\boxed{} normalized (as maj@n compares them); code, the program its protocol grades; logic,
+    the text of its last <answer>."""
     kind = problem.get("kind", "math") if isinstance(problem, dict) else "math"
     if kind == "code":
         return graded_code(problem, response).strip() or None
@@ -1203,46 +1268,50 @@ def final_answer(problem, response):
 
 
 def loops(text, n=4, tail=64):
-    """Whether a response ends in a loop: of the n-grams of its last `tail` words (at least 8), more than half repeat
-    an earlier one -- a phrase repeated until the budget runs out, the collapse most reported after EM."""
+    """Whether a response ends in a loop: of the n-grams of its last `tail` words (at least 8),
+    more than half repeat an earlier one (the collapse most reported after EM)."""
     words = text.split()[-tail:]
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(grams) >= 8 and len(set(grams)) < len(grams) / 2
 
 
 def compute_metrics(samples, n):
-    """samples: dicts with id, correct, extracted, length, truncated, grade_error, gold (n per problem), and response,
-    format, kind where the caller has them. Besides accuracy: what splits format from reasoning (the format rate,
-    accuracy among formatted answers, math answered in a code block, looping responses)."""
+    """samples: dicts with id, correct, extracted, length, truncated, grade_error, gold (n per
+    problem), and response, format, kind where the caller has them. Besides accuracy, what splits
+    format from reasoning: the format rate, accuracy among formatted answers, math answered in a
+    code block, looping responses."""
     by_id, N = {}, max(len(samples), 1)
     for s in samples:
         by_id.setdefault(s["id"], []).append(s)
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, n) if k <= n})
-    m = {"problems": len(by_id), "samples": len(samples), "pass@1": 100 * sum(s["correct"] for s in samples) / N}
+    m = {"problems": len(by_id), "samples": len(samples),
+         "pass@1": 100 * sum(s["correct"] for s in samples) / N}
     for k in ks[1:]:
         m[f"pass@{k}"] = 100 * sum(pass_at_k(len(g), sum(s["correct"] for s in g), k)
                                    for g in by_id.values()) / len(by_id)
     math_samples = [s for s in samples if s.get("kind", "math") == "math"]
-    if n > 1 and len(math_samples) == len(samples):  # majority vote over normalized answers: top answer right?
+    if n > 1 and len(math_samples) == len(samples):  # majority vote: is the top answer right?
         maj = 0
         for g in by_id.values():
             votes = Counter(normalize_answer(s["extracted"]) for s in g if s["extracted"] is not None)
             if votes:
                 top = votes.most_common(1)[0][0]
-                maj += next(s["correct"] for s in g
-                            if s["extracted"] is not None and normalize_answer(s["extracted"]) == top)
+                maj += next(s["correct"] for s in g if s["extracted"] is not None
+                            and normalize_answer(s["extracted"]) == top)
         m[f"maj@{n}"] = 100 * maj / len(by_id)
-    # format: the final answer in the expected form (a \\boxed{} for math, whatever --answer-fallback extracted)
+    # format: the final answer in the expected form (math: whatever --answer-fallback extracted)
     formatted = [s for s in samples if s.get("format", s.get("boxed", s["extracted"] is not None))]
     m["format_rate"] = 100 * len(formatted) / N
-    m["accuracy_if_formatted"] = 100 * sum(s["correct"] for s in formatted) / len(formatted) if formatted else None
-    m["code_block_rate"] = (100 * sum("```" in s.get("response", "") for s in math_samples) / len(math_samples)
-                            if math_samples else None)  # math answered with a program instead of reasoning
+    m["accuracy_if_formatted"] = (100 * sum(s["correct"] for s in formatted) / len(formatted)
+                                  if formatted else None)
+    m["code_block_rate"] = (100 * sum("```" in s.get("response", "") for s in math_samples) /
+                            len(math_samples) if math_samples else None)  # math answered by a program
     m["repetition_rate"] = 100 * sum(loops(s.get("response", "")) for s in samples) / N
     m["truncated_rate"] = 100 * sum(s["truncated"] for s in samples) / N
     m["mean_length"] = sum(s["length"] for s in samples) / N
     m["grading_errors"] = sum(s["grade_error"] for s in samples)
-    m["no_gold"] = sum(g[0].get("gold", "") is None and g[0].get("kind", "math") != "code" for g in by_id.values())
+    m["no_gold"] = sum(g[0].get("gold", "") is None and g[0].get("kind", "math") != "code"
+                       for g in by_id.values())
     return m
 
 
@@ -1323,11 +1392,12 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
 
 
 # ----------------------------------------------------------------------------- what every script needs
-# Every CLI checks its input before any work: numbers at parse time (argparse `type=`), --out before the model
-# loads, and runs under cli_main, so each way a run can stop ends in one line, never a traceback.
+# Every CLI checks its input before any work: numbers at parse time (argparse `type=`), --out before
+# the model loads, and runs under cli_main: each way a run can stop ends in one line.
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
-    """An argparse `type=`: a finite int/float within lo..hi (an open end excludes the bound), checked at parse
-    time: nan/inf never reach torch, and no value is quietly reinterpreted (a negative temperature is not greedy)."""
+    """An argparse `type=`: a finite int/float within lo..hi (an open end excludes the bound),
+    checked at parse time: nan/inf never reach torch, and no value is quietly reinterpreted (a
+    negative temperature is not greedy)."""
     want = ("an integer" if kind is int else "a finite number") + (
         "" if lo is None and hi is None else f" {'>' if lo_open else '>='} {lo}" if hi is None else
         f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, {hi}{')' if hi_open else ']'}")
@@ -1337,10 +1407,10 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
             x = kind(text)
         except ValueError:
             x = None
-        if x is None or not math.isfinite(x) or lo is not None and (x < lo or lo_open and x == lo) or \
-                hi is not None and (x > hi or hi_open and x == hi):
+        if x is None or not math.isfinite(x) or lo is not None and (x < lo or lo_open and x == lo) \
+                or hi is not None and (x > hi or hi_open and x == hi):
             raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
-        if kind is float and abs(x) > 3.4028234663852886e38:  # torch would fail turning it into a float32 scalar
+        if kind is float and abs(x) > 3.4028234663852886e38:  # torch: not a float32 scalar
             raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}, beyond the float32 range")
         return x
     return parse
@@ -1348,20 +1418,20 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
 
 pos_int, nonneg_int, seed_int = number(int, 1), number(int, 0), number(int, 0, 2 ** 32 - 1)
 pos_float, nonneg_float, finite_float = number(float, 0, lo_open=True), number(float, 0), number(float)
-unit_float, unit_open = number(float, 0, 1, lo_open=True), number(float, 0, 1, hi_open=True)  # (0, 1], [0, 1)
+unit_float, unit_open = number(float, 0, 1, lo_open=True), number(float, 0, 1, hi_open=True)
 
 
 def check_out_dir(path, file=False):
-    """Before the model loads: path (file=True: the folder of the file path) must be a folder this process can
-    write into (hours of work must not end in an unwritable --out). Creates it."""
+    """Before the model loads: path (file=True: the folder of the file path) must be a folder this
+    process can write into (hours of work must not end in an unwritable --out). Creates it."""
     if file and os.path.isdir(path):
         raise EvalError(f"--out {path} is a folder; it must name the output file")
     folder = parent = os.path.dirname(os.path.abspath(path)) if file else os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise EvalError(f"--out {path} is an existing file, not a folder" if parent == os.path.abspath(path) else
-                        f"--out {path} lies under {parent}, a file, not a folder")
+        raise EvalError(f"--out {path} is an existing file, not a folder" if parent == os.path.abspath(
+            path) else f"--out {path} lies under {parent}, a file, not a folder")
     try:  # writing is the only proof of writable (root, a read-only file system)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f".write_test.{os.getpid()}"), "w") as f:
@@ -1372,31 +1442,33 @@ def check_out_dir(path, file=False):
 
 
 def cli_main(work, args, resumes):
-    """work(args), every way it stops one line: EvalError -> `error: ...` exit 1, Ctrl-C -> exit 130, full disk ->
-    exit 1. resumes: whether a rerun continues (evaluate, select_prompt) or starts over (the rest)."""
+    """work(args), every way it stops one line: EvalError -> `error: ...` exit 1, Ctrl-C -> exit
+    130, full disk -> exit 1. resumes: whether a rerun continues (evaluate, select_prompt) or
+    starts over (the rest)."""
     again = "rerun the same command to resume" if resumes else "rerun to start over (this script does not resume)"
     try:
         out = work(args)
     except EvalError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        for bar in list(getattr(tqdm, "_instances", [])):  # open bars would redraw at exit, after the line below
+        for bar in list(getattr(tqdm, "_instances", [])):  # open bars would redraw after the line
             bar.close()
         print(f"\ninterrupted; {again}", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        # ENOSPC/EDQUOT from Python's own writes, or wrapped in safetensors' error when a checkpoint is written
+        # ENOSPC/EDQUOT from Python's own writes, or in safetensors' error writing a checkpoint
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
             where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
             sys.exit(f"error: no space left on the device{where}; free some space and {again}")
         if "probability tensor contains" in str(e):  # torch.multinomial on nan/inf probabilities
-            sys.exit("error: sampling met non-finite probabilities: the logits (over the temperature) are not "
-                     "finite -- diverged training, broken weights, or a temperature too close to 0")
+            sys.exit("error: sampling met non-finite probabilities: the logits (over the temperature) "
+                     "are not finite -- diverged training, broken weights, or a temperature too "
+                     "close to 0")
         raise
     if work.__module__ == "__main__" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # A torchrun worker whose work is saved and whose group is destroyed: FSDP2 keeps the gloo group alive past
-        # destroy_process_group, and its threads at interpreter teardown aborted a rank in CI (SIGABRT) after
-        # every file was written. Nothing is left to tear down.
+        # A torchrun worker whose work is saved and whose group is destroyed: FSDP2 keeps the gloo
+        # group alive past destroy_process_group, and its threads at interpreter teardown aborted
+        # a rank in CI (SIGABRT) after every file was written. Nothing is left to tear down.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -1404,30 +1476,42 @@ def cli_main(work, args, resumes):
 
 
 def init_distributed(backend=None, **kwargs):
-    """(rank, world) from torchrun's environment; with more than one rank, this rank's GPU and the process group."""
+    """(rank, world) from torchrun's environment; with more than one rank, this rank's GPU and the
+    process group."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), **kwargs)
+        torch.distributed.init_process_group(
+            backend or ("nccl" if torch.cuda.is_available() else "gloo"), **kwargs)
     return rank, world
 
 
 def end_distributed():
-    """All ranks meet, then tear the group down together: a rank tearing gloo down alone can abort at exit."""
+    """All ranks meet, then tear the group down together (gloo torn down alone can abort at exit)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
+def gather_lists(objs, world):
+    """A list of Python objects per rank -> their concatenation in rank order, on every rank."""
+    parts = [objs] if world == 1 else [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(parts, objs)
+    return [x for part in parts for x in part]
+
+
 def cpu_has_native_bf16():
-    """avx512_bf16 or AMX: bf16 matmuls run natively (without them torch emulates bf16, several times slower)."""
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    """avx512_bf16 or AMX: bf16 matmuls run natively (else torch emulates bf16, several times slower)."""
+    return any(getattr(torch.cpu, f, lambda: False)()
+               for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def resolve_dtype(dtype=None):
-    """(torch dtype, why) for auto | bfloat16 | float32; None = $EM_DTYPE, else auto. auto, for inference: bf16 on
-    CUDA and on CPUs with native bf16 (2x fp32's tokens/s on an AMX CPU), else fp32. Training passes its own."""
+    """(torch dtype, why) for auto | bfloat16 | float32; None = $EM_DTYPE, else auto. auto, for
+    inference: bf16 on CUDA and on CPUs with native bf16 (2x fp32's tokens/s on an AMX CPU), else
+    fp32. Training passes its own."""
     dtype = dtype or os.environ.get("EM_DTYPE") or "auto"
     if dtype not in ("auto", "bfloat16", "float32"):
         raise EvalError(f"dtype must be auto, bfloat16 or float32, not {dtype!r}")
@@ -1440,33 +1524,39 @@ def resolve_dtype(dtype=None):
     return torch.float32, "auto: fp32, this CPU has no native bf16 (emulated bf16 is several times slower)"
 
 
+def check_model_path(path):
+    """A local model folder must exist and hold config.json and tokenizer files (transformers would
+    build an empty tokenizer from config.json alone and fail much later, misleadingly)."""
+    local = os.path.expanduser(path)
+    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and \
+            not os.path.isdir(local):
+        raise EvalError(f"model path does not exist: {path}")
+    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
+        found = sorted(d for d in os.listdir(local)
+                       if os.path.isfile(os.path.join(local, d, "config.json")))
+        raise EvalError(f"{path} is a folder without config.json, not a model" +
+                        (f"; checkpoints inside: {', '.join(found)}" if found else ""))
+    vocab = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    if os.path.isdir(local) and not any(os.path.isfile(os.path.join(local, f)) for f in vocab):
+        raise EvalError(f"{path} has weights but no tokenizer files ({', '.join(vocab)}): copy the "
+                        "tokenizer files of the model it was trained from into it")
+
+
 def load_model(path, dtype=None):
     """Causal LM + tokenizer in resolve_dtype(dtype)."""
+    from safetensors import SafetensorError, safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]) and not os.path.isdir(
-            os.path.expanduser(path)):
-        raise EvalError(f"model path does not exist: {path}")
+    check_model_path(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, why = resolve_dtype(dtype)
     if why.startswith("auto"):  # say what auto chose: it depends on the machine
         print(f"--dtype {why}")
-    local = os.path.expanduser(path)
-    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
-        found = sorted(d for d in os.listdir(local) if os.path.isfile(os.path.join(local, d, "config.json")))
-        raise EvalError(f"{path} is a folder without config.json, not a model" +
-                        (f"; checkpoints inside: {', '.join(found)}" if found else ""))
-    vocab_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-    if os.path.isdir(local) and not any(os.path.isfile(os.path.join(local, f)) for f in vocab_files):
-        # transformers would build an empty tokenizer from config.json alone and fail much later, misleadingly
-        raise EvalError(f"{path} has weights but no tokenizer files ({', '.join(vocab_files)}): copy the tokenizer "
-                        "files of the model it was trained from into it")
-    from safetensors import SafetensorError, safe_open
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        if isinstance(e, SafetensorError) and os.path.isdir(local):  # name the file: a download or copy cut short
+        why, local = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", os.path.expanduser(path)
+        if isinstance(e, SafetensorError) and os.path.isdir(local):  # a download or copy cut short
             for f in sorted(f for f in os.listdir(local) if f.endswith(".safetensors")):
                 try:
                     safe_open(os.path.join(local, f), "pt").keys()
@@ -1474,7 +1564,7 @@ def load_model(path, dtype=None):
                     why = f"{f} is truncated or corrupt ({why})"
                     break
         raise EvalError(f"cannot load model {path!r}: {why}") from None
-    if tokenizer.pad_token_id is None:  # batching needs a pad id; eos is safe because masks exclude padding
+    if tokenizer.pad_token_id is None:  # batching needs a pad id; masks keep it out of every sum
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
@@ -1484,7 +1574,7 @@ def package_versions():
 
 
 def write_json_atomic(path, obj, lines=False):
-    """obj as JSON (lines: a list as JSON lines) to a temp file, then renamed: never a half-written file."""
+    """obj as JSON (lines: a list as JSON lines) to a temp file, then renamed: never half-written."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
@@ -1492,18 +1582,10 @@ def write_json_atomic(path, obj, lines=False):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, Ctrl-C, a value JSON cannot hold: no temp file is left behind either
+    except BaseException:  # a full disk, Ctrl-C, a value JSON cannot hold: no temp file left either
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def gather_lists(objs, world):
-    """A list of Python objects per rank -> their concatenation in rank order, on every rank."""
-    parts = [objs] if world == 1 else [None] * world
-    if world > 1:
-        torch.distributed.all_gather_object(parts, objs)
-    return [x for part in parts for x in part]
 
 
 # ----------------------------------------------------------------------------- the evaluate.py CLI
@@ -1652,7 +1734,9 @@ def run(args):
     sink.close()
     write_results(out, results, all_samples, {
         **protocol, "system_prompt": TEMPLATES[args.template][0], "user_template": TEMPLATES[args.template][1],
-        "code": {k: code_protocol(v) for k, v in data.items() if code_protocol(v)}}, t0, args,
+        "code": {k: code_protocol(v) for k, v in data.items() if code_protocol(v)},
+        **({"containment": code_containment()} if any(p.get("kind") == "code" for v in data.values() for p in v)
+           else {})}, t0, args,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
 
@@ -1700,7 +1784,9 @@ def grade_file(args):
             protocols[name] = code_protocol(todo)
         samples += batch
     write_results(out, results, samples, {"graded_file": args.grade, "answer_fallback": args.answer_fallback,
-                                          "length_unit": "characters", "code": protocols}, t0, args)
+                                          "length_unit": "characters", "code": protocols,
+                                          **({"containment": code_containment()} if any(
+                                              p["kind"] == "code" for p in protocols.values()) else {})}, t0, args)
 
 
 if __name__ == "__main__":

