@@ -92,14 +92,18 @@ def em_loss(ent_sum, n_tok, loss_norm, tokens, responses, micro_batches):
 # ---- end method ----
 
 
-def sample_rollouts(model, tokenizer, prompts, lengths, args, seed):
-    """One response per prompt, in length-sorted KV-cached calls of --rollout-batch-size."""
+def sample_rollouts(model, tokenizer, prompts, lengths, args, seed, engine=None):
+    """One response per prompt: from the vLLM engine in one call (row i seeded seed + i), or from
+    the model in length-sorted KV-cached calls of --rollout-batch-size (the first seeded)."""
+    if engine is not None:
+        return ev.generate_batch(engine, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                                 args.top_p, seed, args.repetition_penalty)
     model.eval()
     out = [None] * len(prompts)
     for c, idx in enumerate(ev.length_sorted_batches(lengths, args.rollout_batch_size)):
         res = ev.generate_batch(model, tokenizer, [prompts[i] for i in idx], args.max_new_tokens,
                                 args.temperature, args.top_p, seed=seed if c == 0 else None,
-                                repetition_penalty=args.repetition_penalty, engine=args.engine)
+                                repetition_penalty=args.repetition_penalty)
         for i, r in zip(idx, res):
             out[i] = r
     model.train()
@@ -125,9 +129,9 @@ def accumulate_gradients(model, rows, pad_id, args, tokens, responses, world=1, 
     return total.tolist()
 
 
-def run_eval(model, tokenizer, eval_set, args, step, rank, world, log):
+def run_eval(model, tokenizer, eval_set, args, step, rank, world, log, engine):
     """Greedy eval, each rank on its share; rank 0 logs the metrics of all samples."""
-    m = training.evaluate_on_ranks(model, tokenizer, eval_set, args, rank, world)
+    m = training.evaluate_on_ranks(model, tokenizer, eval_set, args, rank, world, engine, step)
     if rank == 0:
         tqdm.write(f"eval step {step}: {args.eval_benchmark} pass@1 {m['eval_pass@1']:.1f}")
         print(json.dumps({"step": step, **m}), file=log, flush=True)
@@ -150,7 +154,9 @@ def main(argv=None):
     arg("--top-p", type=ev.unit_float, help="rollout nucleus sampling (0.95 / 1.0)")
     arg("--repetition-penalty", type=ev.pos_float, help="rollout penalty (1.15 / 1.0)")
     arg("--rollout-batch-size", type=ev.pos_int, default=64, help="per generate call")
-    arg("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
+    arg("--rollout-engine", default="static", choices=["static", "vllm"], help="vllm: one "
+        "engine per process, the weights synced after each update")
+    arg("--rollout-gpu-memory", type=ev.unit_float, default=0.3, help="vLLM's GPU share")
     # --- loss
     arg("--loss-temperature", type=ev.pos_float, help="T in softmax(z/T) (0.5 / 1.0)")
     arg("--loss-norm", choices=["token-mean", "trajectory-sum", "micro-token-mean"],
@@ -171,6 +177,8 @@ def main(argv=None):
     arg("--eval-limit", type=ev.pos_int, default=100, help="its first N problems")
     arg("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="greedy eval budget")
     arg("--eval-template", choices=list(ev.TEMPLATES), help="qwen-math / agarwal")
+    arg("--engine", default=os.environ.get("EM_ENGINE", "auto"), choices=ev.ENGINES,
+        help="eval engine: auto (or $EM_ENGINE): vLLM where installed")
     arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local "
         "copies of the benchmark files (default $EM_DATA_DIR, else the Hub)")
     arg("--allow-code-execution", action="store_true", help="consent to run the model's "
@@ -179,7 +187,8 @@ def main(argv=None):
     arg("--stop-entropy", type=ev.nonneg_float, help="stop once the entropy is < X")
     arg("--stop-entropy-drop", type=ev.unit_float, help="stop once it fell by this share")
     # --- checkpoints and system
-    arg("--out", default="em_ft_out", help="output folder")
+    arg("--out", default="em_ft_out", help="output folder (shared by every node)")
+    arg("--dist-timeout", type=ev.pos_float, default=3600, help="torchrun: seconds per collective")
     arg("--log-rollouts", action="store_true", help="rollouts to <out>/rollouts.jsonl")
     arg("--save-steps", type=training.step_list, default="", help="updates to save (+ the last)")
     arg("--offload-optimizer", action=argparse.BooleanOptionalAction, help="fp32 master "
@@ -207,7 +216,7 @@ def train(args):
     if fp32_master and fsdp:
         raise ev.EvalError("--offload-optimizer is for one process; torchrun shards with FSDP2")
     ev.check_out_dir(args.out)  # before the model loads
-    rank, world = ev.init_distributed()
+    rank, world = ev.init_distributed(args.dist_timeout)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     # ------------------------------------------------------------ data
@@ -240,6 +249,8 @@ def train(args):
     if fsdp:
         training.shard_model(model, "response_entropy", cuda)
 
+    engine = training.start_engine(args, rank)  # vLLM (rollouts or eval), else None
+
     # ------------------------------------------------------------ optimizer
     params = [q for q in model.parameters() if q.requires_grad]
     where = (training.master_placement(params, args.offload_optimizer, rank == 0) if fp32_master
@@ -254,16 +265,18 @@ def train(args):
     per_rank = args.batch_size // world
     log = training.open_log(args.out, "rollouts.jsonl") if rank == 0 else None
     if args.eval_every:
-        run_eval(model, tokenizer, eval_set, args, 0, rank, world, log)
+        run_eval(model, tokenizer, eval_set, args, 0, rank, world, log, engine)
     first_entropy, first_len, said = None, None, set()
     for step in tqdm(range(1, args.max_steps + 1), desc="em_ft", disable=rank != 0, dynamic_ncols=True):
         timer = training.PhaseTimer(cuda)
         batch = list(itertools.islice(order, args.batch_size))[rank * per_rank:][:per_rank]
         # each rank samples its share with its own seed; FSDP: weights stay gathered while decoding
-        training.set_gathered(model, True)
+        rollout_engine = engine if args.rollout_engine == "vllm" else None
+        training.sync_engine(rollout_engine, model, step - 1)  # (vLLM: the weights of step - 1)
+        training.set_gathered(model, rollout_engine is None)
         outs = sample_rollouts(model, tokenizer, [prompts[i] for i in batch],
                                [len(prompt_ids[i]) for i in batch], args,
-                               seed=args.seed + rank + world * (step - 1))
+                               args.seed + rank + world * (step - 1), rollout_engine)
         training.set_gathered(model, False)
         rows = [(prompt_ids[i], o["ids"]) for i, o in zip(batch, outs)]
         timer.mark("rollout")
@@ -310,7 +323,7 @@ def train(args):
         stop = (args.stop_entropy is not None and entropy < args.stop_entropy) or (
             args.stop_entropy_drop and entropy <= (1 - args.stop_entropy_drop) * first_entropy)
         if args.eval_every and step % args.eval_every == 0:
-            run_eval(model, tokenizer, eval_set, args, step, rank, world, log)
+            run_eval(model, tokenizer, eval_set, args, step, rank, world, log, engine)
         if step in save_steps or stop:
             training.save_checkpoint(model, tokenizer, os.path.join(args.out, f"step_{step}"), {
                 "args": vars(args), "seed": args.seed, "step": step}, rank, world)

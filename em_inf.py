@@ -188,11 +188,14 @@ def main(argv=None):
     arg("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
     # --- system
     arg("--batch-size", type=ev.pos_int, default=64, help="per generate call (per GPU)")
-    arg("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
+    arg("--engine", default=os.environ.get("EM_ENGINE", "auto"), choices=ev.ENGINES,
+        help="static, vllm, auto (default, or $EM_ENGINE): vLLM where installed")
     arg("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or "
         "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     arg("--compile", action="store_true", help="torch.compile the EM-INF update (CUDA)")
     arg("--out", help="output folder (default eval_out/em_inf-<model name>)")
+    arg("--dist-timeout", type=ev.pos_float, default=3600, help="torchrun: seconds a collective "
+        "waits for a rank")
     ev.cli_main(run, p.parse_args(argv), resumes=False)
 
 
@@ -201,7 +204,7 @@ def run(args):
         raise ev.EvalError(f"--tmin {args.tmin} must be below --tmax {args.tmax}")
     out = args.out or os.path.join("eval_out", "em_inf-" + os.path.basename(args.model.rstrip("/")))
     ev.check_out_dir(out)  # before the model loads: the outputs are written only at the end
-    rank, world = ev.init_distributed()  # torchrun: each rank takes every world-th problem
+    rank, world = ev.init_distributed(args.dist_timeout)  # torchrun: every world-th problem
     # --- data
     data = {}
     for src in args.benchmarks.split(","):
@@ -213,9 +216,11 @@ def run(args):
         if rank == 0 and (missing := sum(p["answer"] is None and p.get("kind") != "code" for p in data[name])):
             print(f"{name}: {missing} problems have no gold answer and are graded wrong")
     ev.require_code_consent([p for v in data.values() for p in v], args.allow_code_execution)
-    # --- model
-    model, tokenizer = ev.load_model(args.model, args.dtype)
-    vocab = model.get_output_embeddings().out_features
+    # --- model: HF (the logits processors below) or vLLM (its processor calls the same update)
+    engine = ev.pick_engine(args.engine, "--compile" if args.compile else None)
+    model, tokenizer = ev.load_model(args.model, args.dtype) if engine == "static" else (
+        ev.load_vllm(args.model, args.dtype, args.seed), ev.load_tokenizer(args.model))
+    vocab = model.config.vocab_size
     if args.threshold > math.log(vocab):
         raise ev.EvalError(f"--threshold {args.threshold} is above log V = {math.log(vocab):.2f}, "
                            f"the largest entropy over {vocab} tokens: no row would ever update")
@@ -228,12 +233,16 @@ def run(args):
                   adaptive_temperature, target_ratio=args.target_ratio, tmin=args.tmin,
                   tmax=args.tmax, tol=args.tol, max_iter=args.max_iter, threshold=args.at_threshold),
               "plain": None}
+    # vLLM: the update by name in its worker, then its penalty, / T, top-k, top-p: the same order
+    em_logits = {"em-inf": ["em_inf:minimize_logit_entropy", adjust["em-inf"].keywords],
+                 "adaptive-temp": ["em_inf:adaptive_temperature", adjust["adaptive-temp"].keywords],
+                 "plain": None}
     temperature = args.temperature or (1.0 if args.mode == "adaptive-temp" else 0.1)
     top_k, top_p, penalty = sampling_settings(model, args)
     modes = [args.mode] + (["plain"] if args.compare_plain and args.mode != "plain" else [])
     # --- warm-up: a short batch per mode before anything is timed (the first generate of a
     # process pays one-off costs: one report saw EM-INF/plain 0.70x in one process, 0.89x in two)
-    first = next(iter(data.values()))[rank::world][:args.batch_size]
+    first = next(iter(data.values()))[rank::world][:args.batch_size] if engine == "static" else []
     for mode in modes if first else []:
         ev.generate_batch(model, tokenizer, [ev.build_prompt(tokenizer, p, args.template) for p in first],
                           4, 1.0, top_p, top_k=top_k,
@@ -246,12 +255,15 @@ def run(args):
             proc = EMInfProcessor(adjust[mode], temperature, stops, penalty)
             shard, samples, t0 = problems[rank::world], [], time.time()
             if shard:  # (more ranks than problems: an empty shard still joins the gather)
-                # sampled at T = 1 with top-k/top-p only: the processor applied penalty and / T
+                # static: sampled at T = 1 with top-k/top-p only, the processor applied the
+                # penalty and / T; vLLM applies them itself, after em_logits
+                vllm = engine == "vllm"
                 samples = ev.evaluate_model(
                     model, tokenizer, shard, template=args.template, max_new_tokens=args.max_new_tokens,
-                    temperature=1.0, top_p=top_p, top_k=top_k, n=args.n, batch_size=args.batch_size,
-                    seed=args.seed + rank, name=name, progress=rank == 0, logits_processor=[proc],
-                    answer_fallback=args.answer_fallback, engine=args.engine,
+                    temperature=temperature if vllm else 1.0, top_p=top_p, top_k=top_k, n=args.n,
+                    batch_size=args.batch_size, seed=args.seed + rank, name=name, progress=rank == 0,
+                    logits_processor=None if vllm else [proc], em_logits=em_logits[mode] if vllm else None,
+                    repetition_penalty=penalty if vllm else 1.0, answer_fallback=args.answer_fallback,
                     code_options={"workers": args.code_workers})[1]
             # .tolist(): the one sync per benchmark
             gathered = ev.gather_lists([(samples, proc.sums.tolist(), time.time() - t0)], world)
@@ -260,7 +272,9 @@ def run(args):
                              key=lambda s: (order[s["id"]], s["sample"]))
             sums = [sum(g[1][i] for g in gathered) for i in range(5)]
             m = ev.compute_metrics(samples, args.n)
-            m.update({k: x / max(sums[4], 1) for k, x in zip(ENTROPY_KEYS, sums)}, scored_tokens=sums[4],
+            # (vLLM: its processor runs in its worker; the entropies are the static engine's)
+            m.update({k: x / sums[4] if sums[4] else None for k, x in zip(ENTROPY_KEYS, sums)},
+                     scored_tokens=sums[4],
                      tokens_per_s=sum(s["length"] for s in samples) / max(max(g[2] for g in gathered), 1e-9))
             results[mode][name] = m
             all_samples += [{**s, "mode": mode} for s in samples]
@@ -275,7 +289,7 @@ def run(args):
                 "sampling_config": args.sampling_config, "top_k": top_k, "top_p": top_p,
                 "repetition_penalty": penalty, "max_new_tokens": args.max_new_tokens, "n": args.n,
                 "seed": args.seed, "world_size": world, "benchmarks": {k: len(v) for k, v in data.items()},
-                "dtype": str(model.dtype).replace("torch.", ""),
+                "dtype": str(ev.resolve_dtype(args.dtype)[0]).replace("torch.", ""), "engine": engine,
                 "order": "logits -> update -> repetition penalty -> / T -> top-k -> top-p -> sample",
                 "code": {k: ev.code_protocol(v) for k, v in data.items() if ev.code_protocol(v)}}
     ev.write_json_atomic(os.path.join(out, "results.json"), {
@@ -287,7 +301,8 @@ def run(args):
     for mode, per in results.items():
         for name, m in per.items():
             print(f"| {mode} | {name} | {m['pass@1']:.1f} | " + " | ".join(
-                f"{m[k]:.4g}" for k in ENTROPY_KEYS) + f" | {m['tokens_per_s']:.1f} |")
+                f"{m[k]:.4g}" if m[k] is not None else "-" for k in ENTROPY_KEYS) +
+                f" | {m['tokens_per_s']:.1f} |")
     print(f"wrote {out}/results.json and {out}/samples.jsonl")
 
 

@@ -124,15 +124,16 @@ def chunks(xs, size):
     return [xs[i:i + size] for i in range(0, len(xs), size)]
 
 
-def sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step):
-    """A record per response; a prompt's n responses come from one generate call."""
+def sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step, engine=None):
+    """A record per response; a prompt's n responses come from one generate call (vLLM: all
+    prompts in one, with the engine's log-probs of the sampled tokens)."""
     model.eval()  # (in train mode with checkpointing HF drops the KV cache)
-    out, per_call = [], max(1, args.rollout_batch_size // args.n_rollouts)
+    out, per_call = [], len(idx) if engine else max(1, args.rollout_batch_size // args.n_rollouts)
     for c in range(0, len(idx), per_call):
         group = [i for i in idx[c:c + per_call] for _ in range(args.n_rollouts)]
-        outs = ev.generate_batch(model, tok, [texts[i] for i in group], args.max_new_tokens,
-                                 args.temperature, engine=args.engine, seed=zlib.crc32(
-                                     f"{args.seed}/{rank}/{step}/{c}".encode()))
+        outs = ev.generate_batch(engine or model, tok, [texts[i] for i in group],
+                                 args.max_new_tokens, args.temperature, logprobs=bool(engine),
+                                 seed=zlib.crc32(f"{args.seed}/{rank}/{step}/{c}".encode()))
         out += [dict(o, i=i, prompt_ids=prompt_ids[i]) for i, o in zip(group, outs)]
     return out
 
@@ -155,6 +156,8 @@ def score(model, ref, rolls, pad_id, args, ctx):
                       if ref is not None else [None] * len(mb))
         for r, x, e, q in zip(mb, lp.split(sizes), ent.split(sizes), ref_lp):
             r.update(old_lp=x, entropy=e, ref_lp=q)
+            if r.get("logprobs"):  # vLLM's: a sync bug or a wrong dtype shows here at once
+                r["gap"] = (x.float() - x.new_tensor(r["logprobs"]).float()).abs().max()
     return torch.cat(rewards) if rewards else None
 
 
@@ -201,6 +204,8 @@ def step_log(recs, n, first_len):
     N, L = len(recs), sum(r["length"] for r in recs)
     mean = lambda key: sum(r[key] for r in recs) / N
     log = dict(reward=mean("reward"), length=L / N, entropy=sum(r["entropy_sum"] for r in recs) / L,
+               **({"engine_logp_gap": max(r["engine_gap"] for r in recs)} if recs[0]["engine_gap"]
+                  is not None else {}),
                length_vs_step1=L / N / first_len, truncated=mean("truncated"), repetition_rate=mean("loops"))
     ok = [r["correct"] for r in recs]
     if None not in ok:
@@ -230,7 +235,8 @@ def main(argv=None):
     arg("--max-new-tokens", type=ev.pos_int, default=3072, help="response budget")
     arg("--temperature", type=ev.pos_float, default=1.0, help="(else off-policy)")
     arg("--rollout-batch-size", type=ev.pos_int, default=64, help="per generate")
-    arg("--engine", default="auto", choices=ev.ENGINES, help="for generation")
+    arg("--rollout-engine", default="static", choices=["static", "vllm"], help="vllm: synced")
+    arg("--rollout-gpu-memory", type=ev.unit_float, default=0.3, help="vLLM's GPU share")
     # --- reward, advantage, update
     arg("--reward", default="token", choices=EM_REWARDS + CONTROLS, help="EM, or a control")
     arg("--reward-agg", default="mean", choices=["mean", "sum"], help="over tokens")
@@ -252,13 +258,15 @@ def main(argv=None):
     # --- system, output, evaluation
     arg("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="(on with CUDA)")
     arg("--offload-optimizer", action=argparse.BooleanOptionalAction, help="AdamW on the CPU")
-    arg("--out", default="checkpoints/em_rl", help="output folder")
+    arg("--out", default="checkpoints/em_rl", help="output folder (shared)")
+    arg("--dist-timeout", type=ev.pos_float, default=3600, help="torchrun: s per collective")
     arg("--save-steps", type=training.step_list, default="", help="to save (+ the last)")
     arg("--log-rollouts", action="store_true", help="to rollouts.jsonl")
     arg("--eval-every", type=ev.nonneg_int, default=0, help="greedy eval every N")
     arg("--eval-benchmark", default="math500", help="benchmark name or file")
     arg("--eval-limit", type=ev.pos_int, default=100, help="its first N problems")
     arg("--eval-max-new-tokens", type=ev.pos_int, default=3072, help="its budget")
+    arg("--engine", default=os.environ.get("EM_ENGINE", "auto"), choices=ev.ENGINES, help="eval's")
     arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local benchmark files")
     arg("--allow-code-execution", action="store_true", help="run the model's programs")
     arg("--code-workers", type=ev.pos_int, help="programs run in parallel")
@@ -279,7 +287,7 @@ def train(args):
     if fp32_master and world > 1:
         raise ev.EvalError("--offload-optimizer is for one process; torchrun shards with FSDP2")
     ev.check_out_dir(args.out)  # before the model loads
-    rank, world = ev.init_distributed()
+    rank, world = ev.init_distributed(args.dist_timeout)
     master, n, device = rank == 0, args.n_rollouts, torch.device("cuda" if cuda else "cpu")
     ctx = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
 
@@ -322,12 +330,13 @@ def train(args):
     params = [q for q in model.parameters() if q.requires_grad]
     where = training.master_placement(params, args.offload_optimizer, master) if fp32_master else None
     opt = training.MasterAdamW(params, where, lr=args.lr, weight_decay=args.weight_decay)
+    engine = training.start_engine(args, rank)  # vLLM (rollouts or eval), else None
 
     # ------------------------------------------------------------ loop
     log_file = training.open_log(args.out, "rollouts.jsonl") if master else None
     per_rank, order, first_len, updates, said = args.batch_size // world, [], None, 0, set()
     if args.eval_every:  # the base model's score
-        base = training.evaluate_on_ranks(model, tok, eval_set, args, rank, world)
+        base = training.evaluate_on_ranks(model, tok, eval_set, args, rank, world, engine, 0)
         if master:
             training.log_step(log_file, {"step": 0, **base})
     for step in tqdm(range(1, args.steps + 1), desc="em_rl", disable=not master, dynamic_ncols=True):
@@ -337,8 +346,10 @@ def train(args):
             order += torch.randperm(len(problems), generator=torch.Generator().manual_seed(
                 args.seed + len(order))).tolist()
         idx = order[(step - 1) * args.batch_size:][rank * per_rank:][:per_rank]
-        training.set_gathered(model, True)
-        rolls = sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step)
+        rollout_engine = engine if args.rollout_engine == "vllm" else None
+        training.sync_engine(rollout_engine, model, updates)
+        training.set_gathered(model, rollout_engine is None)  # decoding on the model: gathered
+        rolls = sample_rollouts(model, tok, texts, prompt_ids, idx, args, rank, step, rollout_engine)
         training.set_gathered(model, False)
         timer.mark("rollout")
         rewards = score(model, ref, rolls, tok.pad_token_id, args, ctx)
@@ -354,13 +365,17 @@ def train(args):
         # -- logs: a record per response, all ranks
         graded = ev.grade_batch([problems[r["i"]] for r in rolls], [r["text"] for r in rolls],
                                 workers=args.code_workers)  # code: in parallel
-        ent_sums = torch.stack([r["entropy"].sum() for r in rolls]).tolist()  # one sync
+        lp0 = rolls[0]["entropy"].new_zeros(())
+        ent_sums, gaps = torch.stack([torch.stack([r["entropy"].sum(), r.get("gap", lp0)])
+                                      for r in rolls]).T.tolist()  # one sync
         recs = ev.gather_lists([{
             "reward": rw, "advantage": a, "length": len(r["ids"]), "truncated": r["truncated"],
             "entropy_sum": e, "loops": ev.loops(r["text"]), "correct": None if why == ev.NO_GOLD else ok,
+            "engine_gap": g if rollout_engine else None,
             **({"step": step, "rank": rank, "prompt_index": r["i"], "prompt": texts[r["i"]],
                 "response": r["text"], "ids": r["ids"]} if args.log_rollouts else {})}
-            for r, rw, a, e, (ok, why) in zip(rolls, rewards.tolist(), adv.tolist(), ent_sums, graded)], world)
+            for r, rw, a, e, g, (ok, why) in zip(rolls, rewards.tolist(), adv.tolist(), ent_sums, gaps,
+                                                 graded)], world)
         if master and args.log_rollouts:  # rank order: groups of n stay together
             with open(os.path.join(args.out, "rollouts.jsonl"), "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in recs)
@@ -378,7 +393,8 @@ def train(args):
                          args.max_new_tokens)
         training.check_finite(step, loss=log["loss"], grad_norm=log["grad_norm"])  # before saving
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            log.update(training.evaluate_on_ranks(model, tok, eval_set, args, rank, world))
+            log.update(training.evaluate_on_ranks(model, tok, eval_set, args, rank, world, engine,
+                                                  updates))
         if step in save_steps:
             training.save_checkpoint(model, tok, os.path.join(args.out, f"step_{step}"), {
                 "args": vars(args), "seed": args.seed, "step": step, "optimizer_updates": updates},

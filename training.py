@@ -2,8 +2,9 @@
 What em_ft.py and em_rl.py share, and nothing else: none of it is method-specific.
 
 Sections: the optimizer (master_placement, MasterAdamW) | FSDP2 under torchrun (shard_model,
-set_gathered) | batches (pack) | evaluation in the loop (evaluate_on_ranks) | logs and checkpoints
-(PhaseTimer, memory_gb, open_log, log_step, warn_once, check_finite, step_list, save_checkpoint).
+set_gathered) | batches (pack) | vLLM beside the trained model (start_engine, sync_engine,
+generate) | evaluation in the loop (evaluate_on_ranks) | logs and checkpoints (PhaseTimer,
+memory_gb, open_log, log_step, warn_once, check_finite, step_list, save_checkpoint).
 Imports evaluate.py (for the evaluation in the loop and the file helpers) and nothing else of ours.
 """
 import argparse, itertools, json, math, os, re, shutil, time
@@ -184,18 +185,72 @@ def pack(rows, pad_id, device):
     return ids.to(device), attn.to(device), resp.to(device)
 
 
+# ----------------------------------------------------------------------------- vLLM beside the trained model
+# One engine per process (each rank its own: data parallel), colocated with the trained model,
+# created once from --model; after each update the new weights go into it by name, in memory.
+# Rollouts are token ids only: every log-prob and entropy in a loss is the trained model's own.
+class VLLMWeights:
+    """vLLM worker extension (mixed into its worker): load a state dict saved by sync_engine."""
+
+    def em_load_weights(self, path):
+        state = torch.load(path, weights_only=True, mmap=True)
+        self.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
+        return len(state)
+
+
+def start_engine(args, rank):
+    """The process's vLLM engine for --rollout-engine vllm or a vLLM --engine (else None): the
+    model's weights now, seeded per rank; on a GPU it takes --rollout-gpu-memory of it."""
+    if "vllm" not in (args.rollout_engine, ev.pick_engine(args.engine)):
+        return None
+    engine = ev.load_vllm(args.model, "bfloat16" if torch.cuda.is_available() else "float32",
+                          args.seed + rank, gpu_memory_utilization=args.rollout_gpu_memory,
+                          extension="training.VLLMWeights")
+    engine.step = 0  # it holds the weights of update 0 (sync_engine counts updates)
+    return engine
+
+
+def sync_engine(engine, model, step):
+    """The weights after `step` updates into the engine (once per step): gathered whole under FSDP2 (a
+    collective: every rank calls it), cast to the engine's dtype, through a file in /dev/shm (in
+    memory; vLLM's CPU build repacks weights on load), then its prefix cache reset (cached KV of
+    the old weights would be reused)."""
+    if engine is None or getattr(engine, "step", None) == step:
+        return
+    dtype = next(model.parameters()).dtype if not torch.cuda.is_available() else torch.bfloat16
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", dtype)
+             for k, v in model.state_dict().items()}
+    # (a tied lm_head goes too: vLLM's CPU build repacks the head from it, not from the embedding)
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    fd, path = __import__("tempfile").mkstemp(suffix=".pt", prefix="em_weights_", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        del state
+        engine.llm.collective_rpc("em_load_weights", args=(path,))
+    finally:
+        os.remove(path)
+    engine.llm.reset_prefix_cache()
+    engine.step = step
+
+
 # ----------------------------------------------------------------------------- evaluation in the loop
-def evaluate_on_ranks(model, tokenizer, problems, args, rank, world):
-    """--eval-*: greedy evaluate_model with --eval-template, each rank on its share (FSDP weights
-    held gathered) -> {"eval_<metric>": value} of all ranks' samples, and eval_<benchmark>."""
-    set_gathered(model, True)
+def evaluate_on_ranks(model, tokenizer, problems, args, rank, world, engine=None, step=0):
+    """--eval-*: greedy evaluate_model with --eval-template, each rank on its share: on the vLLM
+    engine (synced first) or the model itself (FSDP weights held gathered) -> {"eval_<metric>":
+    value} of all ranks' samples, and eval_<benchmark>."""
     share = problems[rank::world]
+    if engine is not None and ev.pick_engine(args.engine) == "vllm":
+        sync_engine(engine, model, step)
+    else:
+        engine = None
+        set_gathered(model, True)
     samples = ev.evaluate_model(
-        model, tokenizer, share, args.eval_template, args.eval_max_new_tokens,
+        engine or model, tokenizer, share, args.eval_template, args.eval_max_new_tokens,
         batch_size=args.rollout_batch_size, seed=args.seed, name=args.eval_benchmark,
-        progress=rank == 0, engine=args.engine,
-        code_options={"workers": args.code_workers})[1] if share else []
-    set_gathered(model, False)
+        progress=rank == 0, code_options={"workers": args.code_workers})[1] if share else []
+    if engine is None:
+        set_gathered(model, False)
     m = ev.compute_metrics(ev.gather_lists(samples, world), 1)
     return {f"eval_{args.eval_benchmark}": m["pass@1"], **{f"eval_{k}": v for k, v in m.items()}}
 

@@ -1,19 +1,17 @@
 #!/usr/bin/env bash
 # The prepared GPU check (one H100 80 GB or H200 141 GB, under 9.5 minutes), random weights of Qwen2.5-Math-7B's
-# exact shapes (tests/tiny_model.py SHAPES["7b"]); first the two correctness checks no test can run (the test suite
+# exact shapes (tests/tiny_model.py SHAPES["7b"]); first the correctness check no test can run (the test suite
 # is CPU-only), at Qwen2.5-Math-1.5B's shapes:
 #   check_optimizer  evaluate.MasterAdamW offloaded (fp32 master in pinned host RAM beside a bf16 model on the GPU:
 #                  pinned buffers, side stream, events) vs torch.optim.AdamW on fp32 copies, 3 steps: the largest
 #                  |weight difference|, grad-norm difference, model == bf16(master) (bench/check_optimizer.py)
-#   check_generate static vs continuous batching, greedy, fp32: rows that differ and the first differing position
-#                  (bench/check_generate.py)
 # then the speed runs:
 #   em_ft_auto     em_ft's update at the One-shot EM recipe (64 rollouts x <= 512 tokens), fp32 master + AdamW
 #                  placed by memory as em_ft.py does (H200: on the GPU; H100: on the CPU), with its breakdown
 #   em_ft_offload  the same with the optimizer forced to the CPU (pinned async copies + fused CPU AdamW), batch 8
 #   em_rl          one em_rl step (policy + reference model, 16 sequences x (128 + 256) tokens), breakdown
-#   generate       evaluate.generate_batch, greedy, 128 prompts x <= 256 tokens (lengths 16..256), batch 64: static
-#                  vs continuous batching without and with CUDA graphs (bf16: rows that differ are counted)
+#   generate       static (HF generate) vs vLLM, greedy, 128 prompts x 256 tokens (EOS ignored), bf16: tokens/s,
+#                  start-up apart, rows that agree (bench/bench_generate.py; vLLM where the machine has it)
 #   em_inf         em_inf.py's EM-INF and adaptive temperature vs plain sampling, batch 64 x 128 tokens
 # Each step runs under its own time limit (and a total budget); a step that fails or times out is recorded and the
 # next one runs. Results: one JSON line per step (rc, wall time, the bench's RESULT records, the output's tail) in
@@ -62,15 +60,15 @@ EOF
 
 if [ "$SHAPE" = tiny ]; then  # sizes that run in seconds on a CPU
   FT="--batch-size 8 --max-new-tokens 32"; FT_OFF="--batch-size 4 --max-new-tokens 16"
-  RL="--batch 8 --prompt-len 32 --new-tokens 16"; GEN="--n-prompts 8 --batch-size 4 --max-new-tokens 16"
+  RL="--batch 8 --prompt-len 32 --new-tokens 16"; GEN="--n-prompts 8 --prompt-len 16 --max-new-tokens 16"
   INF="--batch-size 4 --new-tokens 16"; L=(300 300 300 300 300 300 300)
-  CHECK=tiny; CHECK_OPT="--chunk 3000"; CHECK_GEN="--n-prompts 6 --batch-size 3 --max-new-tokens 12"
+  CHECK=tiny; CHECK_OPT="--chunk 3000"
 else
   FT=""; FT_OFF="--batch-size 8 --max-new-tokens 128"
   RL="--batch 16 --prompt-len 128 --new-tokens 256"
-  GEN="--n-prompts 128 --batch-size 64 --max-new-tokens 256 --cuda-graph both"
+  GEN="--n-prompts 128 --max-new-tokens 256"
   INF="--batch-size 64 --new-tokens 128"; L=(110 100 80 75 60 60 60)
-  CHECK=1.5b; CHECK_OPT=""; CHECK_GEN="--n-prompts 32 --batch-size 16 --max-new-tokens 64"
+  CHECK=1.5b; CHECK_OPT=""
 fi
 
 step env 30 "$PY" -c "import torch, transformers, json; c = torch.cuda.is_available(); print('RESULT ' + json.dumps({
@@ -79,8 +77,6 @@ step env 30 "$PY" -c "import torch, transformers, json; c = torch.cuda.is_availa
   'gpu_gib': torch.cuda.get_device_properties(0).total_memory / 2**30 if c else None}))"
 # shellcheck disable=SC2086
 step check_optimizer "${L[5]}" "$PY" bench/check_optimizer.py --shape "$CHECK" $CHECK_OPT
-# shellcheck disable=SC2086
-step check_generate "${L[6]}" "$PY" bench/check_generate.py --shape "$CHECK" $CHECK_GEN
 # shellcheck disable=SC2086  # the size variables are word lists on purpose
 step em_ft_auto "${L[0]}" "$PY" bench/bench_em_ft.py --shape "$SHAPE" --steps 2 --ref-rollouts 0 --json $FT
 # shellcheck disable=SC2086

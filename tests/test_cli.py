@@ -405,8 +405,8 @@ def test_dependency_floors_match_requirements_and_an_older_install_is_one_line()
                            flags=re.M))
     assert ev.FLOORS == {k: ".".join(v.split(".")[:len(ev.FLOORS[k].split("."))]) for k, v in pins.items()}
     old = ("import importlib.metadata as m; real = m.version; "
-           "m.version = lambda n: '5.20.1' if n == 'transformers' else real(n); import runpy; "
+           "m.version = lambda n: '4.57.6' if n == 'transformers' else real(n); import runpy; "
            "runpy.run_path('em_ft.py', run_name='__main__')")
     proc = run_cli("-c", old, "--model", "x")
-    assert_one_line_error(proc, "transformers 5.20.1 is installed", "transformers>=5.21", "pip install")
+    assert_one_line_error(proc, "transformers 4.57.6 is installed", "transformers>=5.0", "pip install")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -516,7 +516,7 @@ def test_training_eval_runs_programs_with_the_scripts_workers(tiny, data_dir, mo
     monkeypatch.setattr(execution, "run_programs", lambda *a, **kw: seen.append(
         a[3] if len(a) > 3 else kw.get("workers")) or real(*a, **kw))
     args = argparse.Namespace(eval_max_new_tokens=4, rollout_batch_size=2, seed=0, eval_benchmark="humaneval",
-                              engine="static", code_workers=3, eval_template="chat")
+                              engine="static", code_workers=3, eval_template="chat", rollout_engine="static")
     problems = ev.load_benchmark("humaneval", data_dir, limit=2)
     m = training.evaluate_on_ranks(tiny[0], tiny[1], problems, args, 0, 1)
     args.code_workers = None

@@ -16,11 +16,12 @@ ONE_SHOT = {  # Gao et al.'s released recipe: pi_1, 64 rollouts x 512 tokens, T 
     "repetition_penalty": 1.15, "loss_temperature": 0.5, "loss_norm": "token-mean", "lr": 2e-5, "max_steps": 2,
     "eval_template": "qwen-math"}
 EM_FT = {  # Agarwal et al.'s EM-FT: 512 prompts x 1 sample, 3072 new tokens, no loss temperature, sum over a response
-    "template": "agarwal", "eval_template": None, "batch_size": 512, "max_new_tokens": 3072, "temperature": 1.0, "top_p": 1.0,
+    "template": "agarwal", "batch_size": 512, "max_new_tokens": 3072, "temperature": 1.0, "top_p": 1.0,
     "repetition_penalty": 1.0, "loss_temperature": 1.0, "loss_norm": "trajectory-sum", "lr": 1e-6, "max_steps": 40,
     "eval_template": "agarwal"}
 EM_FT_COMMON = {
     "model": "M", "data": None, "problem_key": None, "rollout_batch_size": 64, "engine": "auto", "entropy_chunk": 1024,
+    "rollout_engine": "static", "rollout_gpu_memory": 0.3,
     "weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "grad_clip": 1.0, "micro_batch_size": 8, "seed": 15,
     "eval_every": 0, "eval_benchmark": "math500", "eval_limit": 100, "eval_max_new_tokens": 3072, "data_dir": None,
     "stop_entropy": None, "stop_entropy_drop": None, "out": "em_ft_out", "log_rollouts": False, "save_steps": [],
@@ -30,7 +31,7 @@ EM_RL = {  # verl as released (the published numbers): token-entropy reward, len
     # responses x 3072 tokens, prompts over 1024 tokens dropped, lr 1e-6, one epoch
     "model": "M", "data": "D", "problem_key": None, "answer_key": None, "limit": None, "max_prompt_length": 1024,
     "template": "agarwal", "eval_template": None, "batch_size": 512, "n_rollouts": 4, "max_new_tokens": 3072, "temperature": 1.0,
-    "rollout_batch_size": 64, "engine": "auto", "reward": "token", "reward_agg": "mean", "baseline": "rloo",
+    "rollout_batch_size": 64, "engine": "auto", "rollout_engine": "static", "rollout_gpu_memory": 0.3, "reward": "token", "reward_agg": "mean", "baseline": "rloo",
     "update": "ppo-clip", "loss_agg": "micro-token-mean", "clip_ratio": 0.2, "ppo_minibatches": 4, "kl_coef": 0.001,
     "entropy_bonus": 0.001, "lr": 1e-6, "weight_decay": 0.01, "grad_clip": 1.0, "steps": None, "micro_batch_size": 8,
     "logit_chunk": 1024, "seed": 0, "gradient_checkpointing": None, "offload_optimizer": None,
@@ -56,7 +57,7 @@ EVALUATE = {  # both papers' headline protocol: the Qwen2.5-Math CoT prompt, zer
     "model": "M", "benchmarks": "math500", "data": None, "data_dir": None, "problem_key": None, "answer_key": None,
     "limit": None, "template": "qwen-math", "max_new_tokens": 3072, "temperature": 0.0, "top_p": 1.0, "n": 1,
     "top_k": 0, "seed": 0, "answer_fallback": False, "logit_stats": False, "batch_size": 64, "engine": "auto",
-    "dtype": None, "out": None, "overwrite": False, "grade": None, "allow_code_execution": False,
+    "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "dtype": None, "out": None, "overwrite": False, "grade": None, "allow_code_execution": False,
     "code_workers": None, "code_memory_mb": 4096, "code_timeout": None}
 
 
@@ -65,6 +66,7 @@ def handed_over(monkeypatch):
     """main(argv) -> the arguments it hands to its work (cli_main replaced by a recorder: nothing runs)."""
     got = []
     monkeypatch.delenv("EM_DATA_DIR", raising=False)  # --data-dir's default (conftest takes it out anyway)
+    monkeypatch.delenv("EM_ENGINE", raising=False)  # --engine's default (conftest sets static)
     monkeypatch.setattr(ev, "cli_main", lambda work, args, resumes: got.append(vars(args)))
 
     def run(main, *argv):

@@ -156,9 +156,9 @@ def test_logs_carry_the_breakdown(tiny_model_dir, tmp_path, offload, capsys):
 
 def test_gpu_script_smoke_on_cpu(tmp_path):
     """bench/gpu.sh at the tiny shape (GPU_SH_SHAPE=tiny): every step runs and records its line in the results file,
-    with the benches' RESULT records (the run on a GPU uses the same commands at other sizes). Its two correctness
-    checks record their differences; on the CPU, in fp32, they are what the CPU gives: the "cpu" master's AdamW ==
-    torch's to float rounding (the staged GPU path itself runs only on a GPU), continuous == static greedy rows."""
+    with the benches' RESULT records (the run on a GPU uses the same commands at other sizes). Its correctness
+    check records its differences; on the CPU, in fp32, they are what the CPU gives: the "cpu" master's AdamW ==
+    torch's to float rounding (the staged GPU path itself runs only on a GPU)."""
     import os
     import subprocess
     import sys
@@ -168,22 +168,19 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = [json.loads(line) for line in (tmp_path / "gpu_results.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps][:6] == ["env", "check_optimizer", "check_generate", "em_ft_auto",
-                                              "em_ft_offload", "em_rl"]
+    assert [s["step"] for s in steps][:5] == ["env", "check_optimizer", "em_ft_auto", "em_ft_offload", "em_rl"]
     assert {"generate", "em_inf"} <= {s["step"] for s in steps}
     assert all(s["rc"] == 0 for s in steps), [(s["step"], s["tail"]) for s in steps if s["rc"]]
     results = {s["step"]: s["results"] for s in steps}
-    (opt,), (gen,) = results["check_optimizer"], results["check_generate"]
+    (opt,), (gen,) = results["check_optimizer"], results["generate"]
     assert opt["check"] == "optimizer" and opt["device"] == "cpu" and not opt["staged"] and opt["chunks"] > 10
     assert opt["steps"] == 3 and opt["max_update"] > 1e-3  # the weights moved: the difference below means something
     assert opt["max_abs_weight_diff"] < 1e-7 and opt["max_rel_grad_norm_diff"] < 1e-6, opt
     assert opt["model_rounding_mismatches"] == 0 and opt["gradless_untouched"] and opt["ok"]
     norms = [a for a, _ in opt["grad_norms"]]
     assert norms[1] > 1.0  # the clip (1.0 at step 2, 1e9 else) acted
-    assert gen["check"] == "generate" and gen["dtype"] == "float32" and gen["rows"] == 6
-    assert gen["differing_rows"] == 0 and gen["first_diff"] is None and gen["tokens"] > 0 and gen["ok"], gen
-    engines = next(r for r in results["generate"])  # the speed run: both engines, same outputs
-    assert set(engines["engines"]) == {"static", "continuous"} and engines["engines"]["continuous"]["tokens"] > 0
+    assert gen["bench"] == "generate" and gen["runs"][0]["engine"] == "static"  # (+ vLLM where installed)
+    assert all(r["tokens"] == 8 * 16 for r in gen["runs"]), gen  # every row its full length
     ft = [r for s in steps if s["step"] == "em_ft_offload" for r in s["results"]]
     assert len(ft) == 2 and all(r["master"] == "cpu" and r["optimizer_s"] >= 0 for r in ft)
     assert [r["bench"] for s in steps if s["step"] == "em_rl" for r in s["results"]] == ["em_rl"]
