@@ -25,7 +25,7 @@ assert not torch.cuda.is_available(), "tests must not see a GPU (CUDA_VISIBLE_DE
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from tiny_model import build_tiny_model  # noqa: E402
+from tiny_model import build_parrot_model, build_tiny_model, write_parrot_benchmarks  # noqa: E402
 
 # Excerpts of the real benchmark files, shipped with the repo.
 DATA_DIR = os.path.join(ROOT, "tests", "data")
@@ -37,6 +37,9 @@ NO_FULL_DATA = "whole benchmark files not available: set EM_DATA_DIR to a folder
 # --dtype auto picks bf16 on CPUs with native bf16 and fp32 elsewhere: pin fp32 (in-process and in every CLI run) so
 # that no test outcome depends on the CPU that runs it.
 os.environ["EM_DTYPE"] = "float32"
+# The scripts' --engine auto takes vLLM where it is installed (CI's vLLM pass): tests and every CLI they start use
+# HF generate unless they ask for vLLM (tests/test_vllm.py).
+os.environ["EM_ENGINE"] = "static"
 
 # Tiny models are dominated by per-op overhead: one thread is several times faster than two on 2 cores.
 torch.set_num_threads(1)
@@ -139,7 +142,7 @@ def aim_eos(model_dir, out):
         if model.config.tie_word_embeddings:
             h, margin = model.model(**tok(prompts, return_tensors="pt", padding=True)).last_hidden_state[:, -1], 3
         else:
-            outs = generate_batch(model, tok, prompts, 24, 1.0, seed=0, engine="static")
+            outs = generate_batch(model, tok, prompts, 24, 1.0, seed=0)
             h, margin = torch.cat([model.model(torch.tensor([tok(p).input_ids + o["ids"]])).last_hidden_state[
                 0, -len(o["ids"]):] for p, o in zip(prompts, outs)]), 8
         top = model.lm_head(h).max(-1).values.mean()
@@ -166,6 +169,22 @@ def untied_model_dir(tmp_path_factory):
 def untied_eos_model_dir(untied_model_dir, tmp_path_factory):
     """The untied tiny model with responses that end early (aim_eos)."""
     return aim_eos(untied_model_dir, str(tmp_path_factory.mktemp("untied_eos_tiny")))
+
+
+@pytest.fixture(scope="session")
+def parrot_data_dir(tmp_path_factory):
+    """Benchmark files of our own under tests/data's names and schemas (gsm8k, amc23, mbpp, kk, leetcode,
+    livecodebench; a --data-dir) whose golds and tests the parrot's greedy answer meets on some rows and misses on the
+    others (tiny_model.PARROT_RIGHT), so that accuracies are neither 0 of n nor n of n."""
+    return write_parrot_benchmarks(str(tmp_path_factory.mktemp("parrot_data")))
+
+
+@pytest.fixture(scope="session")
+def parrot_model_dir(parrot_data_dir, tmp_path_factory):
+    """The tiny model fine-tuned (~30 s) to answer every prompt the tests send about parrot_data_dir's problems with
+    one mixture of responses (tiny_model.PARROT_RESPONSES): greedy decoding gives the first, which is right on some
+    rows of each file; sampling at T=1 mixes in a wrong boxed answer and no answer. Checked before use."""
+    return build_parrot_model(str(tmp_path_factory.mktemp("parrot")), parrot_data_dir)
 
 
 def is_correct(response, gold, fallback=False):

@@ -82,20 +82,29 @@ def test_collapse_warnings_fire_once_and_not_on_normal_rollouts(capsys):
 
 @pytest.mark.parametrize("reward,extra", [("majority", ["--baseline", "grpo"]), ("random", ["--update", "reinforce"]),
                                           ("format", [])])
-def test_control_rewards_train_and_are_recorded(reward, extra, tiny_model_dir, data_dir, tmp_path):
+def test_control_rewards_train_and_are_recorded(reward, extra, parrot_model_dir, parrot_data_dir, tmp_path):
     """Each control in the real loop: the logged rewards are control_rewards' on the logged rollouts (random: from
-    the seeded generator of each rank and step), and the reward is in train_args.json."""
+    the seeded generator of each rank and step), and the reward is in train_args.json. The parrot's rollouts at T=1
+    mix a boxed 7, a boxed "eight" and no answer, so that the rewards of each control differ within the step."""
     out = tmp_path / "run"
-    proc = run_cli("em_rl.py", "--model", tiny_model_dir, "--data", f"{data_dir}/gsm8k.jsonl", "--limit", "4",
-                   "--batch-size", "2", "--n-rollouts", "2", "--max-new-tokens", "6", "--steps", "1", "--lr", "1e-3",
+    proc = run_cli("em_rl.py", "--model", parrot_model_dir, "--data", f"{parrot_data_dir}/gsm8k.jsonl", "--limit", "4",
+                   "--batch-size", "2", "--n-rollouts", "4", "--max-new-tokens", "6", "--steps", "1", "--lr", "1e-3",
                    "--ppo-minibatches", "2", "--reward", reward, "--log-rollouts", "--out", str(out), *extra)
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(recs) == 8
     gen = torch.Generator().manual_seed(zlib.crc32("0/0/1/r".encode()))
-    problems = ev.load_benchmark(f"{data_dir}/gsm8k.jsonl", limit=4)
-    want = em_rl.control_rewards([problems[r["prompt_index"]] for r in recs], [r["response"] for r in recs], reward, 2,
-                                 gen)
+    problems = ev.load_benchmark(f"{parrot_data_dir}/gsm8k.jsonl", limit=4)
+    texts = [r["response"] for r in recs]
+    want = em_rl.control_rewards([problems[r["prompt_index"]] for r in recs], texts, reward, 4, gen)
     assert [r["reward"] for r in recs] == want.tolist()
+    assert len(set(want.tolist())) == 2  # some rollouts rewarded, some not
+    if reward != "random":  # by the definitions, from the texts: a boxed answer; one its group gives most often
+        boxed = [ev.extract_answer(t) for t in texts]
+        for j, b in enumerate(boxed):
+            group = [a for a in boxed[j - j % 4:j - j % 4 + 4] if a is not None]
+            top = b is not None and group.count(b) == max(map(group.count, group))
+            assert want[j] == (b is not None if reward == "format" else top), (reward, texts[j - j % 4:j - j % 4 + 4])
     meta = json.loads((out / "step_1" / "train_args.json").read_text())["args"]
     assert meta["reward"] == reward
     log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
@@ -123,12 +132,12 @@ def test_few_shot_template_stops_at_its_string(tiny):
     prompt = ev.build_prompt(tok, "What is 2+3?", "few-shot")
     assert prompt.startswith("Problem:\n") and prompt.endswith("Problem:\nWhat is 2+3?\n\nSolution:\n")
     assert prompt.count("I hope it is correct.") == 4 and "<|im_start|>" not in prompt
-    free = ev.generate_batch(model, tok, [prompt], 24, 1.0, seed=3, engine="static")[0]
+    free = ev.generate_batch(model, tok, [prompt], 24, 1.0, seed=3)[0]
     assert free["truncated"] and len(free["ids"]) == 24
     stop = tok.decode(free["ids"][8:10])  # a string the sampled continuation reaches at its 10th token
     first = free["text"].find(stop)
     assert 0 < first, "the string must begin inside the response"
-    cut = ev.generate_batch(model, tok, [prompt], 24, 1.0, seed=3, engine="static", stop_strings=[stop])[0]
+    cut = ev.generate_batch(model, tok, [prompt], 24, 1.0, seed=3, stop_strings=[stop])[0]
     assert not cut["truncated"] and len(cut["ids"]) <= 10 and tok.decode(cut["ids"]).endswith(stop)
     assert cut["ids"] == free["ids"][:len(cut["ids"])]  # the same tokens up to the stop
     # in a batch the row is padded after its string with pad = a stop token: the same record as alone

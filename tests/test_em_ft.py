@@ -42,7 +42,7 @@ def multi_data(tmp_path_factory):
 def rows_for(tok, model, n=4, max_new=12, seed=0):
     """(prompt ids, response ids) of real samples: prompts of different lengths."""
     prompts = [build_prompt(tok, q, "chat") for q in PROMPTS[:n]]
-    outs = generate_batch(model, tok, prompts, max_new, 1.0, 1.0, seed=seed, engine="static")  # rows the atol fits
+    outs = generate_batch(model, tok, prompts, max_new, 1.0, 1.0, seed=seed)  # rows the atol fits
     return [(tok(q, add_special_tokens=False).input_ids, o["ids"]) for q, o in zip(prompts, outs)]
 
 
@@ -180,6 +180,45 @@ def test_gradient_checkpointing_gives_the_same_gradients(eos_model_dir):
     assert calls == {False: 2, True: 4}  # 2 micro-batches; with checkpointing each is run again in backward
     for g1, g2 in zip(grads[False], grads[True]):
         assert_grad_close(g2, g1)
+
+
+def test_gradient_checkpointing_flag_turns_it_on(eos_model_dir, multi_data, tmp_path, monkeypatch):
+    """--gradient-checkpointing through em_ft.main: the model it trains has checkpointing on (in training, each
+    micro-batch runs the decoder layers again in backward: 2 micro-batches, 4 runs of the first layer), and the update
+    is the one without the flag (--no-gradient-checkpointing, as on a CPU by default): the same rollouts, logged
+    loss, entropy and gradient norm, and saved weights."""
+    from transformers import AutoModelForCausalLM
+    real, loaded = ev.load_model, {}
+
+    def keep(*args, **kwargs):  # em_ft's model, with a count of the first layer's runs in training mode
+        model, tok = real(*args, **kwargs)
+        runs = []
+        model.model.layers[0].input_layernorm.register_forward_pre_hook(
+            lambda module, inputs: runs.append(1) if module.training else None)
+        loaded[flag] = model, runs
+        return model, tok
+    monkeypatch.setattr(ev, "load_model", keep)
+    for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
+        em_ft.main(["--model", eos_model_dir, "--data", multi_data, "--max-steps", "1", "--batch-size", "4",
+                    "--micro-batch-size", "2", "--max-new-tokens", "24", "--temperature", "1", "--loss-temperature",
+                    "1", "--lr", "1e-3", "--log-rollouts", flag, "--out", str(tmp_path / flag)])
+    for flag, (model, runs) in loaded.items():
+        on = model.is_activation_checkpointing if hasattr(type(model), "is_activation_checkpointing") else \
+            model.is_gradient_checkpointing
+        assert on == (flag == "--gradient-checkpointing") and len(runs) == (4 if on else 2), (flag, len(runs))
+    logs = {flag: [json.loads(x) for x in open(tmp_path / flag / "log.jsonl") if "loss" in x][0] for flag in loaded}
+    rolls = {flag: [json.loads(x)["ids"] for x in open(tmp_path / flag / "rollouts.jsonl")] for flag in loaded}
+    assert rolls["--gradient-checkpointing"] == rolls["--no-gradient-checkpointing"]
+    assert len({len(r) for r in rolls["--gradient-checkpointing"]}) > 1  # rows of different lengths
+    a, b = logs["--no-gradient-checkpointing"], logs["--gradient-checkpointing"]
+    for key in ("loss", "entropy", "grad_norm", "response_length"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    x = AutoModelForCausalLM.from_pretrained(str(tmp_path / "--no-gradient-checkpointing" / "step_1"))
+    y = AutoModelForCausalLM.from_pretrained(str(tmp_path / "--gradient-checkpointing" / "step_1"))
+    base = AutoModelForCausalLM.from_pretrained(eos_model_dir)
+    for (name, p), q, z in zip(x.named_parameters(), y.parameters(), base.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+        assert not torch.equal(p, z), name  # and the update moved every tensor
 
 
 def mean_sample_entropy(path, prompt, T=1.0):

@@ -300,7 +300,7 @@ def test_zero_steps_reproduce_plain_sampling_and_stats_skip_finished_rows(tiny):
     model, tokenizer = tiny
     prompts = [evaluate.build_prompt(tokenizer, p) for p in ("What is 2 + 2?", "Compute 3 * 7.", "Solve x - 1 = 4.")]
     stops = evaluate.stop_token_ids(tokenizer, model) + [tokenizer.pad_token_id]
-    run = functools.partial(evaluate.generate_batch, model, tokenizer, prompts, 16, seed=7, engine="static")
+    run = functools.partial(evaluate.generate_batch, model, tokenizer, prompts, 16, seed=7)
     plain = run(temperature=0.8)  # transformers' own temperature warper
     zero = EMInfProcessor(functools.partial(minimize_logit_entropy, n_steps=0), 0.8, stops)
     assert [o["ids"] for o in run(temperature=1.0, logits_processor=[zero])] == [o["ids"] for o in plain]

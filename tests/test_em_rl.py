@@ -190,17 +190,64 @@ def test_training_raises_reward_and_checkpoint_round_trips(tiny_model_dir, tiny,
 
 
 def test_offloaded_fp32_master_path(tiny_model_dir, tmp_path):
-    """--offload-optimizer (the single-GPU 7B plan), run on the CPU: bf16 model, fp32 master weights + AdamW."""
+    """--offload-optimizer (the single-GPU 7B plan), run on the CPU: bf16 model, fp32 master weights + AdamW. The
+    step (the defaults: 4 rollouts, 4 PPO mini-batches of one response, KL to the fp32 reference, entropy bonus) is
+    replayed here on the logged rollouts: the bf16 model's forward and backward, the gradients upcast and clipped
+    to a global norm of 1 (computed in fp32), torch's fused AdamW on fp32 copies of the weights, the bf16 model given
+    the rounded copies after each mini-batch. The logged loss and gradient norm, and the weights, are the replay's;
+    an update that skipped the master copies, the clip or the rounding back would not be."""
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"problem": "What is 2+3?"}) + "\n")
     model = em_rl.main(["--model", tiny_model_dir, "--data", str(data), "--batch-size", "1", "--max-new-tokens", "8",
-                        "--steps", "1", "--lr", "1e-2", "--offload-optimizer", "--out", str(tmp_path / "o")])
+                        "--steps", "1", "--lr", "1e-2", "--offload-optimizer", "--log-rollouts",
+                        "--out", str(tmp_path / "o")])
     initial = ev.load_model(tiny_model_dir)[0].to(torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     moved = [not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters())]
     assert all(moved)  # every tensor got its update back from the fp32 master copy
     log = json.loads((tmp_path / "o" / "log.jsonl").read_text())
     assert log["updates"] == 4 and math.isfinite(log["loss"]) and "accuracy" not in log  # no answers: no accuracy
+    recs = [json.loads(line) for line in (tmp_path / "o" / "rollouts.jsonl").read_text().splitlines()]
+    replay, tok = ev.load_model(tiny_model_dir, "bfloat16")
+    ref = ev.load_model(tiny_model_dir, "float32")[0]
+    prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in recs]
+    batch = pad_batch(prompts, [r["ids"] for r in recs], tok.pad_token_id, "cpu")
+    sizes = [len(r["ids"]) for r in recs]
+    with torch.no_grad():  # the scoring forward: rewards, old log-probs (bf16 policy), reference log-probs (fp32)
+        lp0, ent0, cert0, row0 = em_rl.response_stats(replay, *batch)
+        ref_lp = em_rl.response_stats(ref, *batch)[0].split(sizes)
+    rewards = em_rl.em_rewards(lp0, ent0, cert0, row0, 4, "token", "mean")
+    assert [r["reward"] for r in recs] == pytest.approx(rewards.tolist(), rel=1e-4, abs=1e-5)
+    adv, old = em_rl.group_advantages(rewards, 4, "rloo"), lp0.split(sizes)
+    params = list(replay.parameters())
+    master = [q.detach().float().clone() for q in params]
+    opt = torch.optim.AdamW(master, lr=1e-2, weight_decay=0.01, fused=True)
+    loss_sum, tokens, norms = 0.0, 0, []
+    replay.train()
+    for i in range(4):  # a mini-batch per response, in order
+        lp, ent, _, row = em_rl.response_stats(replay, *pad_batch([prompts[i]], [recs[i]["ids"]], tok.pad_token_id,
+                                                                  "cpu"), grad=True)
+        per_token = (em_rl.policy_loss(lp, old[i], adv[[i]][row], "ppo-clip", 0.2) - 0.001 * ent
+                     + 0.001 * em_rl.k3_kl(ref_lp[i], lp))
+        (per_token.sum() / len(lp)).backward()
+        loss_sum, tokens = loss_sum + per_token.sum().item(), tokens + len(lp)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([q.grad for q in params], 2,
+                                                                        dtype=torch.float32)))
+        norms.append(norm.item())
+        for m, q in zip(master, params):
+            m.grad = q.grad.float() * (1.0 / (norm + 1e-6)).clamp(max=1.0)
+        opt.step()
+        with torch.no_grad():
+            for q, m in zip(params, master):
+                q.copy_(m)  # rounded to bf16
+                q.grad = None
+    assert max(norms) > 1  # the clip acts
+    assert log["grad_norm"] == pytest.approx(norms[-1], rel=1e-5)  # the last mini-batch's
+    assert log["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5, abs=1e-7)
+    for (name, x), y, z in zip(model.named_parameters(), params, initial.parameters()):
+        # the same arithmetic (fp32 norm, fused AdamW on fp32 copies): the same bf16 weights, bit for bit
+        assert torch.equal(x, y), name
+        assert (x != z).float().mean() > 0.9, name  # and the update moved (nearly) every weight
 
 
 def test_two_process_fsdp2_gloo_equals_one_process(tiny_model_dir, data_dir, tmp_path):

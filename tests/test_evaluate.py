@@ -273,8 +273,7 @@ def test_generate_stops_at_endoftext(tiny):
                 scores[0, eot] = 0
             return scores
 
-    out = ev.generate_batch(model, tok, ["hello", "a longer prompt here"], 10, logits_processor=[ForceRow0()],
-                            engine="static")
+    out = ev.generate_batch(model, tok, ["hello", "a longer prompt here"], 10, logits_processor=[ForceRow0()])
     assert out[0]["ids"][-1] == eot and len(out[0]["ids"]) == 3 and not out[0]["truncated"]
     assert len(out[1]["ids"]) == 10 and eot not in out[1]["ids"]  # the other row ran on (it never stops)
     assert out[0]["text"] == tok.decode(out[0]["ids"][:2])  # the stop token is not in the text
@@ -341,14 +340,36 @@ def test_cli_metrics_and_average_recomputed_from_samples(tiny_model_dir, data_di
     assert any(metrics[x]["maj@4"] < metrics[x]["pass@4"] for x in "ab")  # some majority is wrong, a sample right
 
 
-def test_evaluate_model_in_memory(tiny, data_dir):
-    model, tok = tiny
-    problems = ev.load_benchmark("gsm8k", data_dir, limit=3)
+def test_evaluate_model_in_memory(parrot_model_dir, parrot_data_dir):
+    """evaluate_model on a loaded model: n samples per problem in order, each graded, and every metric's value
+    recomputed from them. The parrot's samples at T 0.7 mix a right boxed 7, a wrong boxed "eight" and no answer
+    (seed 2: two problems whose samples tie, 7 first in one and eight first in the other), so the counts, the
+    majority vote (ties: the answer seen first) and pass@2 are neither all 0 nor all 100, and differ."""
+    model, tok = ev.load_model(parrot_model_dir)
+    problems = ev.load_benchmark("gsm8k", parrot_data_dir, limit=4)  # golds 7, 8, 7, 9
     metrics, samples = ev.evaluate_model(model, tok, problems, max_new_tokens=8, temperature=0.7, top_p=0.9, n=2,
-                                         batch_size=4, seed=1, progress=False)
+                                         batch_size=4, seed=2, progress=False)
     assert [(s["id"], s["sample"]) for s in samples] == [(p["id"], j) for p in problems for j in range(2)]
-    assert metrics["samples"] == 6 and "maj@2" in metrics and "pass@2" in metrics
-    assert model.training is False
+    golds = {p["id"]: p["answer"] for p in problems}
+    for s in samples:  # each graded: its last boxed answer against the gold
+        assert s["extracted"] == ev.extract_answer(s["response"]) and s["gold"] == golds[s["id"]]
+        assert s["correct"] == (s["extracted"] is not None and is_correct(s["response"], s["gold"]))
+    assert len({s["extracted"] for s in samples}) == 3 and 0 < sum(s["correct"] for s in samples) < 8
+    assert all(s["truncated"] == (s["length"] == 8) for s in samples)  # the 7's response runs past 8 tokens
+    pairs = [samples[i:i + 2] for i in range(0, 8, 2)]
+    maj = 0
+    for pair in pairs:  # the most common answer, the first seen among equals; no answer never votes
+        said = [s["extracted"] for s in pair if s["extracted"] is not None]
+        if said:
+            top = max(said, key=lambda a: (said.count(a), -said.index(a)))
+            maj += next(s["correct"] for s in pair if s["extracted"] == top)
+    want = {"samples": 8, "problems": 4, "pass@1": 100 * sum(s["correct"] for s in samples) / 8,
+            "pass@2": 100 * sum(any(s["correct"] for s in pair) for pair in pairs) / 4, "maj@2": 100 * maj / 4,
+            "format_rate": 100 * sum(s["extracted"] is not None for s in samples) / 8,
+            "truncated_rate": 100 * sum(s["truncated"] for s in samples) / 8,
+            "mean_length": sum(s["length"] for s in samples) / 8}
+    assert {k: metrics[k] for k in want} == pytest.approx(want)
+    assert 0 < metrics["maj@2"] < metrics["pass@2"] < 100 and 0 < metrics["pass@1"] and model.training is False
 
 
 def test_resume_gives_identical_results(tiny_model_dir, data_dir, tmp_path):

@@ -199,7 +199,7 @@ def test_scores_and_ranking_on_fixed_graded_samples(tiny_model_dir, pool, tmp_pa
             "--keep-samples", "4", "--top", "5", "--out", out]
     sig = {"model": tiny_model_dir, "data": pool, "problem_key": None, "answer_key": None, "strip_suffix": True,
            "k": 4, "template": "chat", "temperature": 3.0, "top_p": 1.0, "max_new_tokens": 12, "seed": 0,
-           "engine": "auto"}
+           "engine": "static"}
     graded = {  # id: (correct, answers, entropy sums, lengths)
         "0": ([1, 0, 0, 0], ["12.8", "12.7", "12.7", None], [1, 2, 3, 4], [1, 1, 1, 1]),
         "124": ([1, 1, 0, 0], ["1", "1", "2", "3"], [10, 0, 0, 0], [10, 2, 2, 2]),
@@ -235,13 +235,22 @@ def test_scores_and_ranking_on_fixed_graded_samples(tiny_model_dir, pool, tmp_pa
         assert [r["id"] for r in read_jsonl(out)] == order[:5]
 
 
-def test_label_free_pool_entropy(tiny_model_dir, tmp_path):
+def test_label_free_pool_entropy(tiny_model_dir, tiny, tmp_path, monkeypatch):
+    """--score entropy on a pool without answers: each candidate's score is the token mean of the entropies of
+    softmax(z / T) over its k samples, recomputed here from the samples generate returned (kept by a wrapper that
+    passes them on unchanged) with a plain forward of each prompt + response alone."""
     pool = tmp_path / "unlabeled.jsonl"
     pool.write_text("".join(json.dumps({"question": f"What is {i} + {i}?"}) + "\n" for i in range(3)))
     out = str(tmp_path / "p.jsonl")
-    proc = run_cli("select_prompt.py", "--model", tiny_model_dir, "--data", str(pool), "--score", "entropy",
-                   "--k", "2", "--max-new-tokens", "8", "--temperature", "3", "--out", out)
-    assert proc.returncode == 0, proc.stderr
+    generated, real = [], ev.generate_batch
+
+    def keep(model, tokenizer, prompts, *args, **kwargs):
+        outs = real(model, tokenizer, prompts, *args, **kwargs)
+        generated.extend(zip(prompts, outs))
+        return outs
+    monkeypatch.setattr(ev, "generate_batch", keep)
+    sp.main(["--model", tiny_model_dir, "--data", str(pool), "--score", "entropy", "--entropy-temperature", "0.5",
+             "--k", "2", "--max-new-tokens", "8", "--temperature", "3", "--out", out])
     ranked = read_jsonl(out.replace(".jsonl", ".ranked.jsonl"))
     assert all(r["p"] is None and r["answer"] is None and r["score"] > 0 for r in ranked)
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
@@ -249,6 +258,22 @@ def test_label_free_pool_entropy(tiny_model_dir, tmp_path):
     for r in ranked:  # the score is the pooled token mean of the recorded per-sample entropy sums
         rec = next(x for x in recs if x["id"] == r["id"])
         assert r["score"] == pytest.approx(sum(rec["entropy"]) / sum(rec["lengths"]))
+    model, tok = tiny
+    assert len(generated) == 6 and len({o["text"] for _, o in generated}) > 1
+    for r in ranked:  # ... and the entropies themselves, from the samples
+        prompt = ev.build_prompt(tok, r["problem"], "chat")
+        mine = [o for q, o in generated if q == prompt]
+        rec = next(x for x in recs if x["id"] == r["id"])
+        assert len(mine) == 2 and sorted(rec["responses"]) == sorted(o["text"] for o in mine)
+        p = tok(prompt, add_special_tokens=False).input_ids
+        sums = []
+        with torch.no_grad():
+            for o in mine:
+                logits = model(torch.tensor([p + o["ids"]])).logits[0, len(p) - 1:len(p) + len(o["ids"]) - 1]
+                logp = torch.log_softmax(logits.double() / 0.5, -1)
+                sums.append(-(logp.exp() * logp).sum().item())
+        assert sorted(rec["entropy"]) == pytest.approx(sorted(sums), rel=1e-4)
+        assert r["score"] == pytest.approx(sum(sums) / sum(len(o["ids"]) for o in mine), rel=1e-4)
     assert load_benchmark(out, require_answer=False)[0]["problem"] == ranked[0]["problem"]
     proc = run_cli("select_prompt.py", "--model", tiny_model_dir, "--data", str(pool), "--out", out)
     assert_one_line_error(proc, "no answer", "--score disagreement", "--score entropy")

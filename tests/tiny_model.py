@@ -9,6 +9,10 @@ The tokenizer is a byte-level BPE trained here with `tokenizers` (so any text en
 `PreTrainedTokenizerFast` with a Qwen-style chat template, `<|im_end|>` as eos and `<|endoftext|>` as pad, the
 same special-token layout as Qwen2.5. The weights are random: outputs are gibberish, but shapes, masks, caching,
 padding and gradients behave exactly as in a real model, which is what the tests check.
+
+The parrot (build_parrot_model, ~30 s) is the same shape trained to answer the tests' prompts with one fixed mixture
+of responses, the first right on some rows of its own benchmark files (write_parrot_benchmarks) and wrong on the
+others: the tests that count right answers use it.
 """
 import json
 import os
@@ -39,10 +43,13 @@ CORPUS = [
 ] * 4
 
 
-# Random-weight shapes for the benchmarks (bench/): Qwen2.5-Math-1.5B and -7B exactly, and the tiny test model.
+# Random-weight shapes for the benchmarks (bench/): Qwen2.5-0.5B, Qwen2.5-Math-1.5B and -7B, and the tiny test model.
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=1000000.0,
+                 tie_word_embeddings=True),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=10000.0,
                  tie_word_embeddings=True),
@@ -110,7 +117,8 @@ PARROT_RESPONSES = (
     ("Hmm.", 0.2),
 )
 # What the greedy answer gets right, row by row, in the files write_parrot_benchmarks writes (benchmark names as
-# evaluate.py's --benchmarks): math golds 7 (right), 8 or 9; code tests f(...) == 7 (pass) or == 8; KK roles.
+# evaluate.py's --benchmarks): math golds 7 (right), 8 or 9; code tests f(...) == 7 (pass) or == 8; KK roles (the
+# parrot's, the other way round, other people).
 PARROT_RIGHT = {"gsm8k": [True, False, True, False], "amc23": [True, False, False],
                 "mbpp-378": [True, False, True], "kk": [True, False, False], "leetcode": [True, False, True],
                 "livecodebench": [True, False]}
@@ -125,12 +133,12 @@ def parrot_right(benchmark, limit=None):
 def _parrot_rows():
     """The parrot's benchmark rows, in the schemas of the files in tests/data (see PARROT_RIGHT)."""
     import base64, pickle, zlib
-    gold = lambda right: 7 if right else 8
-    gsm8k = [{"question": q, "answer": f"Count them.\n#### {g}", "idx": i} for i, (q, g) in enumerate(zip(
-        ["What is 3 + 4?", "What is 2 + 6?", "What is 10 - 3?", "What is 4 + 5?"], [7, 8, 7, 9]))]
-    amc23 = [{"id": i, "problem": q, "answer": float(g), "url": "https://example.invalid", "question": q}
-             for i, (q, g) in enumerate(zip(["How many sides has a heptagon?", "What is $3^2$?", "What is $2^3$?"],
-                                            [7, 9, 8]))]
+    gold = lambda right, i=0: 7 if right else 8 + i % 2  # wrong: 8 or 9 (math: the problems' own answers)
+    gsm8k = [{"question": q, "answer": f"Count them.\n#### {gold(r, i)}", "idx": i} for i, (q, r) in enumerate(zip(
+        ["What is 3 + 4?", "What is 4 + 5?", "What is 10 - 3?", "What is 6 + 3?"], PARROT_RIGHT["gsm8k"]))]
+    amc23 = [{"id": i, "problem": q, "answer": float(gold(r, i)), "url": "https://example.invalid", "question": q}
+             for i, (q, r) in enumerate(zip(["How many sides has a heptagon?", "What is $3^2$?", "What is $2^3$?"],
+                                            PARROT_RIGHT["amc23"]))]
     mbpp = [{"source_file": "parrot", "task_id": 500 + i, "prompt": f"Write a function f that returns {gold(r)}.",
              "code": f"def f(x):\n    return {gold(r)}", "test_imports": [],
              "test_list": [f"assert f(0) == {gold(r)}", f"assert f(1) == {gold(r)}"],
@@ -194,15 +202,16 @@ def parrot_prompts(tokenizer, data_dir):
     return out
 
 
-def build_parrot_model(out_dir, data_dir, steps=(120, 40), lr=(1e-2, 3e-3), tail=64, per_kind=1, seed=0, hidden=64,
+def build_parrot_model(out_dir, data_dir, steps=(100, 40), lr=(1e-2, 3e-3), tail=64, seed=0, hidden=64,
                        verbose=False):
     """The parrot (PARROT_RESPONSES), the tiny shape trained on parrot_prompts(data_dir), written to out_dir and
     checked as the scripts load it (check_parrot); returns out_dir. Supervised on the response tokens (and the EOS
     after them) only: the first against the shares (a soft target), the rest of the first response after every
-    prompt, of the others after a rotating half of the prompts. AdamW in two phases, each with its lr decayed
-    linearly to 0: steps[0] cheap steps on the last `tail` tokens of every prompt, then steps[1] on the first
-    per_kind whole prompts of each kind (long contexts). The tokenizer has the responses and the protocols' fixed
-    texts in its corpus, so that they take few tokens. About 30 s on one CPU thread."""
+    prompt, each of the others after a rotating quarter of the prompts. AdamW in two phases, each with its lr decayed
+    linearly to 0: steps[0] cheap steps on the last `tail` tokens of every prompt, then steps[1] on the whole prompts
+    (long contexts: trained on some prompts of a kind only, it answered another of them with EOS). The tokenizer has
+    the responses and the protocols' fixed texts in its corpus, so that they take few tokens. 20-30 s on one CPU
+    thread."""
     import time
     import evaluate as ev
     t0 = time.time()
@@ -217,19 +226,18 @@ def build_parrot_model(out_dir, data_dir, steps=(120, 40), lr=(1e-2, 3e-3), tail
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    kinds = [[tokenizer(p, add_special_tokens=False).input_ids for p in v]
-             for v in parrot_prompts(tokenizer, data_dir).values()]
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for v in parrot_prompts(tokenizer, data_dir).values()
+               for p in v]
     responses = _parrot_response_ids(tokenizer)
     firsts, shares = torch.tensor([r[0] for r in responses]), torch.tensor([w for _, w in PARROT_RESPONSES])
     model.train()
-    for prompts, n, rate in zip([[p[-tail:] for v in kinds for p in v], [p for v in kinds for p in v[:per_kind]]],
-                                steps, lr):
+    for phase, n, rate in zip([[p[-tail:] for p in prompts], list({tuple(p): p for p in prompts}.values())], steps, lr):
         opt = torch.optim.AdamW(model.parameters(), lr=rate, weight_decay=0.0)
         for step in range(n):
             for group in opt.param_groups:
                 group["lr"] = rate * (1 - step / n)
-            rows = [(p, responses[0]) for p in prompts] + [
-                (p, responses[1 + (i + step) % 2]) for i, p in enumerate(prompts) if (i + step) % 2 == 0]
+            rows = [(p, responses[0]) for p in phase] + [  # and each other response after a quarter of them
+                (p, responses[1 + (i + step) % 4]) for i, p in enumerate(phase) if (i + step) % 4 < 2]
             rows.sort(key=lambda x: len(x[0]) + len(x[1]))
             chunks, total = [[]], 0.0
             for row in rows:  # rows of similar lengths together (little padding), up to 4096 tokens at once
@@ -242,12 +250,12 @@ def build_parrot_model(out_dir, data_dir, steps=(120, 40), lr=(1e-2, 3e-3), tail
                 logp = model.lm_head(model.model(input_ids=ids).last_hidden_state[scored]).log_softmax(-1)
                 t, f = target[scored], first[scored]
                 loss = -logp[~f].gather(-1, t[~f, None]).sum() - (logp[f][:, firsts] * shares).sum()
-                (loss / len(prompts)).backward()
+                (loss / len(phase)).backward()
                 total += loss.item()
             opt.step()
             opt.zero_grad()
             if verbose and step % 10 == 0:
-                print(f"step {step}: loss per prompt {total / len(prompts):.3f} ({time.time() - t0:.1f} s)")
+                print(f"step {step}: loss per prompt {total / len(phase):.3f} ({time.time() - t0:.1f} s)")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     check_parrot(out_dir, data_dir)
@@ -277,12 +285,12 @@ def _right_padded(rows, pad_id):
     return ids, target, first
 
 
-def check_parrot(model_dir, data_dir, tol=0.1):
+def check_parrot(model_dir, data_dir, tol=0.15):
     """The parrot as the scripts load it (evaluate.load_model), on every prompt of parrot_prompts: greedy decoding
     (one left-padded batch) gives the first response and its EOS; the first token's probabilities are within tol of
     the shares; after its first token, each response is the greedy continuation. Raises RuntimeError otherwise."""
     import evaluate as ev
-    model, tokenizer = ev.load_model(model_dir)
+    model, tokenizer = ev.load_model(model_dir, "float32")
     prompts = [p for v in parrot_prompts(tokenizer, data_dir).values() for p in v]
     responses = _parrot_response_ids(tokenizer)
     outs = ev.generate_batch(model, tokenizer, prompts, len(responses[0]) + 4)
