@@ -7,7 +7,9 @@ H(softmax z) + kl_weight * KL(p0 || softmax z); a row stops once H < --threshold
 (the argmax does not move: greedy would be plain greedy). Adaptive temperature: per row with
 H0 > --at-threshold, bisect tau until H(softmax(z / tau)) is within tol of
 max(at_threshold, target_ratio * H0), then sample at T=1. Order, as released: logits -> update ->
-repetition penalty -> / T -> top-k -> top-p -> sample.
+repetition penalty -> / T -> top-k -> top-p -> sample. --engine vllm (auto: where installed): the
+update runs in vLLM's worker (evaluate.VLLMLogits), in the same order; the entropies before and
+after it are measured on the static engine only.
 
     python em_inf.py --model Qwen/Qwen2.5-7B-Instruct --compare-plain        # 1 GPU, Table 3
     torchrun --nproc_per_node=8 em_inf.py --model Qwen/Qwen2.5-7B-Instruct    # problems split
@@ -132,7 +134,8 @@ def sampling_settings(model, args):
 
     def pick(flag, field, unset, clean):
         value = None if g is None else getattr(g, field, None)
-        return flag if flag is not None else clean if g is None else unset if value is None else value
+        return (flag if flag is not None else clean if g is None else
+                unset if value is None else value)
     return (pick(args.top_k, "top_k", 50, 0), pick(args.top_p, "top_p", 1.0, 1.0),
             pick(args.repetition_penalty, "repetition_penalty", 1.0, 1.0))
 
@@ -144,7 +147,7 @@ ENTROPY_KEYS = ("entropy_before", "entropy_after", "entropy_t1_before", "entropy
 def main(argv=None):
     p = argparse.ArgumentParser(description="EM-INF / adaptive-temperature decoding.")
     arg = p.add_argument
-    # --- model and data
+    # ---- model and data ----
     arg("--model", required=True, help="hub id or local folder of a causal LM")
     arg("--benchmarks", default="math500,aimo-amc,aimo-aime,minerva,olympiadbench",
         help="comma list of evaluate.py benchmarks or files (default: Table 3's five)")
@@ -153,7 +156,7 @@ def main(argv=None):
     arg("--limit", type=ev.pos_int, help="first N problems of each benchmark")
     arg("--template", default="agarwal", choices=list(ev.TEMPLATES),
         help="prompt format (agarwal: their protocol)")
-    # --- method
+    # ---- method ----
     arg("--mode", default="em-inf", choices=["em-inf", "adaptive-temp", "plain"])
     arg("--compare-plain", action="store_true", help="also plain sampling, same code "
         "path, temperature and seeds")
@@ -171,7 +174,7 @@ def main(argv=None):
     arg("--max-iter", type=ev.pos_int, default=100, help="adaptive-temp: most halvings")
     arg("--at-threshold", type=ev.nonneg_float, default=1e-5, help="adaptive-temp: rows "
         "at or below this entropy stay; also the lowest target")
-    # --- decoding
+    # ---- decoding ----
     arg("--temperature", type=ev.pos_float, help="after the update (default 0.1; "
         "adaptive-temp 1.0, as released)")
     arg("--sampling-config", default="model", choices=["model", "clean"], help="model: "
@@ -186,7 +189,7 @@ def main(argv=None):
     arg("--allow-code-execution", action="store_true", help="consent to run the model's "
         "programs (code benchmarks, e.g. leetcode: Table 3's column)")
     arg("--code-workers", type=ev.pos_int, help="programs graded in parallel (default: CPUs)")
-    # --- system
+    # ---- system ----
     arg("--batch-size", type=ev.pos_int, default=64, help="per generate call (per GPU)")
     arg("--engine", default=os.environ.get("EM_ENGINE", "auto"), choices=ev.ENGINES,
         help="static, vllm, auto (default, or $EM_ENGINE): vLLM where installed")
@@ -205,7 +208,7 @@ def run(args):
     out = args.out or os.path.join("eval_out", "em_inf-" + os.path.basename(args.model.rstrip("/")))
     ev.check_out_dir(out)  # before the model loads: the outputs are written only at the end
     rank, world = ev.init_distributed(args.dist_timeout)  # torchrun: every world-th problem
-    # --- data
+    # ---- data ----
     data = {}
     for src in args.benchmarks.split(","):
         name = os.path.splitext(os.path.basename(src))[0] if src.endswith(
@@ -213,10 +216,12 @@ def run(args):
         if name in data:  # names key the samples and the results
             raise ev.EvalError(f"two benchmarks are named {name!r} ({src}): rename the files")
         data[name] = ev.load_benchmark(src, args.data_dir, limit=args.limit)
-        if rank == 0 and (missing := sum(p["answer"] is None and p.get("kind") != "code" for p in data[name])):
+        missing = sum(p["answer"] is None and p.get("kind") != "code" for p in data[name])
+        if rank == 0 and missing:
             print(f"{name}: {missing} problems have no gold answer and are graded wrong")
     ev.require_code_consent([p for v in data.values() for p in v], args.allow_code_execution)
-    # --- model: HF (the logits processors below) or vLLM (its processor calls the same update)
+    # ---- model ----
+    # HF (the logits processors below) or vLLM (its processor calls the same update)
     engine = ev.pick_engine(args.engine, "--compile" if args.compile else None)
     model, tokenizer = ev.load_model(args.model, args.dtype) if engine == "static" else (
         ev.load_vllm(args.model, args.dtype, args.seed), ev.load_tokenizer(args.model))
@@ -231,7 +236,8 @@ def run(args):
                                           threshold=args.threshold, kl_weight=args.kl_weight),
               "adaptive-temp": functools.partial(
                   adaptive_temperature, target_ratio=args.target_ratio, tmin=args.tmin,
-                  tmax=args.tmax, tol=args.tol, max_iter=args.max_iter, threshold=args.at_threshold),
+                  tmax=args.tmax, tol=args.tol, max_iter=args.max_iter,
+                  threshold=args.at_threshold),
               "plain": None}
     # vLLM: the update by name in its worker, then its penalty, / T, top-k, top-p: the same order
     em_logits = {"em-inf": ["em_inf:minimize_logit_entropy", adjust["em-inf"].keywords],
@@ -240,14 +246,17 @@ def run(args):
     temperature = args.temperature or (1.0 if args.mode == "adaptive-temp" else 0.1)
     top_k, top_p, penalty = sampling_settings(model, args)
     modes = [args.mode] + (["plain"] if args.compare_plain and args.mode != "plain" else [])
-    # --- warm-up: a short batch per mode before anything is timed (the first generate of a
-    # process pays one-off costs: one report saw EM-INF/plain 0.70x in one process, 0.89x in two)
+    # ---- warm-up ----
+    # a short batch per mode before anything is timed (the first generate of a process pays
+    # one-off costs: one report saw EM-INF/plain 0.70x in one process, 0.89x in two)
     first = next(iter(data.values()))[rank::world][:args.batch_size] if engine == "static" else []
     for mode in modes if first else []:
-        ev.generate_batch(model, tokenizer, [ev.build_prompt(tokenizer, p, args.template) for p in first],
-                          4, 1.0, top_p, top_k=top_k,
-                          logits_processor=[EMInfProcessor(adjust[mode], temperature, stops, penalty)])
-    # --- loop: each mode over each benchmark; plain runs the same prompts, seeds and temperature
+        ev.generate_batch(
+            model, tokenizer, [ev.build_prompt(tokenizer, p, args.template) for p in first], 4,
+            1.0, top_p, top_k=top_k,
+            logits_processor=[EMInfProcessor(adjust[mode], temperature, stops, penalty)])
+    # ---- loop ----
+    # each mode over each benchmark; plain runs the same prompts, seeds and temperature
     results, all_samples, t_start = {}, [], time.time()
     for mode in modes:
         results[mode] = {}
@@ -259,11 +268,14 @@ def run(args):
                 # penalty and / T; vLLM applies them itself, after em_logits
                 vllm = engine == "vllm"
                 samples = ev.evaluate_model(
-                    model, tokenizer, shard, template=args.template, max_new_tokens=args.max_new_tokens,
-                    temperature=temperature if vllm else 1.0, top_p=top_p, top_k=top_k, n=args.n,
-                    batch_size=args.batch_size, seed=args.seed + rank, name=name, progress=rank == 0,
-                    logits_processor=None if vllm else [proc], em_logits=em_logits[mode] if vllm else None,
-                    repetition_penalty=penalty if vllm else 1.0, answer_fallback=args.answer_fallback,
+                    model, tokenizer, shard, template=args.template,
+                    max_new_tokens=args.max_new_tokens, temperature=temperature if vllm else 1.0,
+                    top_p=top_p, top_k=top_k, n=args.n, batch_size=args.batch_size,
+                    seed=args.seed + rank, name=name, progress=rank == 0,
+                    logits_processor=None if vllm else [proc],
+                    em_logits=em_logits[mode] if vllm else None,
+                    repetition_penalty=penalty if vllm else 1.0,
+                    answer_fallback=args.answer_fallback,
                     code_options={"workers": args.code_workers})[1]
             # .tolist(): the one sync per benchmark
             gathered = ev.gather_lists([(samples, proc.sums.tolist(), time.time() - t0)], world)
@@ -275,29 +287,32 @@ def run(args):
             # (vLLM: its processor runs in its worker; the entropies are the static engine's)
             m.update({k: x / sums[4] if sums[4] else None for k, x in zip(ENTROPY_KEYS, sums)},
                      scored_tokens=sums[4],
-                     tokens_per_s=sum(s["length"] for s in samples) / max(max(g[2] for g in gathered), 1e-9))
+                     tokens_per_s=sum(s["length"] for s in samples)
+                     / max(max(g[2] for g in gathered), 1e-9))
             results[mode][name] = m
             all_samples += [{**s, "mode": mode} for s in samples]
     ev.end_distributed()
     if rank != 0:
         return
-    # --- outputs
+    # ---- outputs ----
     ev.write_json_atomic(os.path.join(out, "samples.jsonl"), all_samples, lines=True)
     protocol = {"model": args.model, "template": args.template, "temperature": temperature,
                 "system_prompt": ev.TEMPLATES[args.template][0],
                 "user_template": ev.TEMPLATES[args.template][1],
                 "sampling_config": args.sampling_config, "top_k": top_k, "top_p": top_p,
                 "repetition_penalty": penalty, "max_new_tokens": args.max_new_tokens, "n": args.n,
-                "seed": args.seed, "world_size": world, "benchmarks": {k: len(v) for k, v in data.items()},
-                "dtype": str(ev.resolve_dtype(args.dtype)[0]).replace("torch.", ""), "engine": engine,
-                "order": "logits -> update -> repetition penalty -> / T -> top-k -> top-p -> sample",
+                "seed": args.seed, "world_size": world,
+                "benchmarks": {k: len(v) for k, v in data.items()},
+                "dtype": str(ev.resolve_dtype(args.dtype)[0]).replace("torch.", ""),
+                "engine": engine, "order": "logits -> update -> repetition penalty -> / T -> top-k "
+                "-> top-p -> sample",
                 "code": {k: ev.code_protocol(v) for k, v in data.items() if ev.code_protocol(v)}}
     ev.write_json_atomic(os.path.join(out, "results.json"), {
         "metrics": results, "protocol": protocol, "versions": ev.package_versions(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "wall_s": time.time() - t_start, "args": vars(args)})
-    print(f"| mode | benchmark | pass@1 | H before (T={temperature:g}) | H after | H before (T=1) | "
-          "H after (T=1) | tokens/s |\n" + "|---" * 8 + "|")
+    print(f"| mode | benchmark | pass@1 | H before (T={temperature:g}) | H after | H before "
+          "(T=1) | H after (T=1) | tokens/s |\n" + "|---" * 8 + "|")
     for mode, per in results.items():
         for name, m in per.items():
             print(f"| {mode} | {name} | {m['pass@1']:.1f} | " + " | ".join(

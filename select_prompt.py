@@ -22,7 +22,8 @@ disagreement compares programs or <answer>s.
 Defaults: T 0.6 (One-Shot RLVR's rollouts), k 16, the `chat` template (em_ft.py's format).
 Outputs: --out (the top --top), <stem>.ranked.jsonl (all), <stem>.run.json. Resumable: finished
 candidates go to <out>.partial.jsonl; a rerun with another --score re-ranks without sampling.
-Left out: vLLM; One-Shot RLVR's RL-based ranking; math-verify equivalence inside disagreement.
+--engine static | vllm | auto (vLLM where installed; --score entropy needs static). Left out:
+One-Shot RLVR's RL-based ranking; math-verify equivalence inside disagreement.
 """
 import argparse, glob, json, os, re, time, zlib
 
@@ -63,7 +64,7 @@ def entropy_score(entropy_sums, token_counts):
     return sum(entropy_sums) / max(sum(token_counts), 1)
 
 
-def rank_key(row):  # highest score; ties: p closest to 1/2 (no p: after those with one); pool order
+def rank_key(row):  # highest score; ties: p closest to 1/2 (no p: after those with p); pool order
     return (-row["score"], abs(row["p"] - 0.5) if row["p"] is not None else 1.0, row["index"])
 
 
@@ -85,7 +86,8 @@ def token_entropy(model, prompt_ids, response_ids, temperature=1.0, chunk=1024):
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     # shift by one: response token j sits at len(p)+j and was drawn from the logits at len(p)+j-1
-    rows = torch.cat([torch.full((len(r),), i) for i, r in enumerate(response_ids)]).to(model.device)
+    rows = torch.cat([torch.full((len(r),), i) for i, r in enumerate(response_ids)])
+    rows = rows.to(model.device)
     cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(r) - 1)
                       for p, r in zip(prompt_ids, response_ids)])
     h = hidden[rows, cols.to(model.device)]
@@ -122,7 +124,7 @@ def read_partial(paths, sig):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Rank candidate prompts by how torn the model is.")
     arg = p.add_argument
-    # --- model and pool
+    # ---- model and pool ----
     arg("--model", required=True, help="hub id or local folder of the model EM trains")
     arg("--data", required=True, help="candidate pool: .json/.jsonl/.parquet, benchmark or hub id")
     arg("--data-dir", default=os.environ.get("EM_DATA_DIR"), help="local benchmark files")
@@ -131,19 +133,20 @@ def main(argv=None):
     arg("--limit", type=ev.pos_int, help="first N candidates of the pool")
     arg("--strip-suffix", action=argparse.BooleanOptionalAction, default=True,
         help="remove a trailing \"Let's think step by step ... \\boxed{}.\"")
-    # --- scoring
+    # ---- scoring ----
     arg("--score", default="variance", choices=["variance", "disagreement", "entropy"],
         help="variance: p(1-p), needs answers; disagreement / entropy: label-free")
     arg("--k", type=ev.number(int, 2), default=16, help="samples per candidate")
     arg("--entropy-temperature", type=ev.pos_float, default=1.0, help="softmax T of "
         "--score entropy (0.5 = One-shot EM's loss)")
-    # --- sampling (One-Shot RLVR's rollouts; One-shot EM trains at 0.5 / top_p 0.95)
+    # ---- sampling ----
+    # (One-Shot RLVR's rollouts; One-shot EM trains at 0.5 / top_p 0.95)
     arg("--template", default="chat", choices=list(ev.TEMPLATES), help="prompt format")
     arg("--temperature", type=ev.pos_float, default=0.6, help="sampling temperature")
     arg("--top-p", type=ev.unit_float, default=1.0, help="nucleus sampling")
     arg("--max-new-tokens", type=ev.pos_int, default=1024, help="truncated = wrong")
     arg("--seed", type=ev.seed_int, default=0, help="per batch: seed, rank, index")
-    # --- output and system
+    # ---- output and system ----
     arg("--out", default="prompt.jsonl", help="the top prompts (em_ft.py --data reads "
         "it); beside it <stem>.ranked.jsonl, <stem>.run.json, <out>.partial.jsonl")
     arg("--top", type=ev.pos_int, default=1, help="top candidates into --out")
@@ -167,23 +170,25 @@ def run(args):
     # torchrun: each rank samples every world-th candidate; gloo only for the final barrier
     rank, world = ev.init_distributed(args.dist_timeout, "gloo")
 
-    # --- the pool
-    pool = ev.load_benchmark(args.data, args.data_dir, problem_key=args.problem_key, answer_key=args.answer_key,
-                             limit=args.limit, require_answer=False)
+    # ---- the pool ----
+    pool = ev.load_benchmark(args.data, args.data_dir, problem_key=args.problem_key,
+                             answer_key=args.answer_key, limit=args.limit, require_answer=False)
     for c in pool:
         c["problem"] = strip_suffix(c["problem"]) if args.strip_suffix else c["problem"]
-    unlabeled = sum(c["answer"] is None and c.get("kind") != "code" for c in pool)  # code: graded by tests
-    if args.score == "variance":  # code: graded by running the model's programs
+    # code is graded by its tests (running the model's programs), not by an answer
+    unlabeled = sum(c["answer"] is None and c.get("kind") != "code" for c in pool)
+    if args.score == "variance":
         ev.require_code_consent(pool, args.allow_code_execution)  # before the model loads
     if args.score == "variance" and unlabeled:
-        raise ev.EvalError(f"{args.data}: {unlabeled} of {len(pool)} candidates have no answer and "
-                           "--score variance needs one; use --score disagreement or --score entropy")
+        raise ev.EvalError(f"{args.data}: {unlabeled} of {len(pool)} candidates have no answer "
+                           "and --score variance needs one; use --score disagreement or --score "
+                           "entropy")
     stem = os.path.splitext(args.out)[0]
     engine = ev.pick_engine(args.engine, "--score entropy (a forward of the HF model)"
                             if args.score == "entropy" else None)
-    sig = {**{k: getattr(args, k) for k in ("model", "data", "problem_key", "answer_key", "k", "seed",
-                                            "strip_suffix", "template", "temperature", "top_p",
-                                            "max_new_tokens")}, "engine": engine}
+    sig = {**{k: getattr(args, k) for k in ("model", "data", "problem_key", "answer_key", "k",
+                                            "seed", "strip_suffix", "template", "temperature",
+                                            "top_p", "max_new_tokens")}, "engine": engine}
     # the entropy costs a forward: only --score entropy computes it; records without it (or at
     # another temperature) are sampled again (the same seeds give the same responses)
     entropy_t = args.entropy_temperature if args.score == "entropy" else None
@@ -199,7 +204,7 @@ def run(args):
     if done and rank == 0:
         print(f"resuming: {sum(c['id'] in done for c in pool)} of {len(pool)} candidates done")
 
-    # --- the model and the prompts
+    # ---- the model and the prompts ----
     model, tokenizer = ev.load_model(args.model, args.dtype) if engine == "static" else (
         ev.load_vllm(args.model, args.dtype, args.seed), ev.load_tokenizer(args.model))
     model.eval()
@@ -210,14 +215,16 @@ def run(args):
         raise ev.EvalError(f"a prompt of {max(map(len, pids.values()))} tokens does not fit the "
                            f"model's context of {context}")
 
-    # --- sample: all (candidate, j) jobs in length-sorted batches, finished candidates skipped
+    # ---- sample ----
+    # all (candidate, j) jobs in length-sorted batches, finished candidates skipped
     partial = args.out + (".partial.jsonl" if world == 1 else f".partial.rank{rank}.jsonl")
     own = read_partial([partial], sig).values() if os.path.exists(partial) else []
     ev.write_json_atomic(partial, [{"run": sig}, *own], lines=True)  # drops a line cut by a crash
     sink = open(partial, "a")
     jobs = [(i, j) for i in mine for j in range(args.k)]
     pending = {i: [None] * args.k for i in mine if pool[i]["id"] not in done}
-    bar = tqdm(total=len(jobs), desc=f"sampling (rank {rank})", dynamic_ncols=True, disable=rank > 0)
+    bar = tqdm(total=len(jobs), desc=f"sampling (rank {rank})", dynamic_ncols=True,
+               disable=rank > 0)
     t0, new_tokens = time.time(), 0
     for b, batch in enumerate(ev.length_sorted_batches([len(pids[i]) for i, _ in jobs],
                                                        args.batch_size)):
@@ -237,12 +244,15 @@ def run(args):
         for i in sorted({jobs[n][0] for n in batch}):
             if i in pending and all(pending[i]):  # all k samples in: grade and save the candidate
                 s, c = pending.pop(i), pool[i]
-                answers = [ev.final_answer(c, x["text"]) for x in s]  # a normalized box, program, <answer>
-                graded = c["answer"] is not None or c.get("kind") == "code" and args.score == "variance"
-                rec = {"id": c["id"], "responses": [x["text"] for x in s], "answers": answers,
-                       "correct": [ok for ok, _ in ev.grade_batch([c] * len(s), [x["text"] for x in s],
-                                                                  workers=args.code_workers)] if graded else None,
-                       "lengths": [len(x["ids"]) for x in s], "truncated": [x["truncated"] for x in s],
+                texts = [x["text"] for x in s]
+                answers = [ev.final_answer(c, t) for t in texts]  # a normalized box, program, ...
+                graded = c["answer"] is not None or c.get("kind") == "code" and \
+                    args.score == "variance"
+                rec = {"id": c["id"], "responses": texts, "answers": answers,
+                       "correct": [ok for ok, _ in ev.grade_batch(
+                           [c] * len(s), texts, workers=args.code_workers)] if graded else None,
+                       "lengths": [len(x["ids"]) for x in s],
+                       "truncated": [x["truncated"] for x in s],
                        "entropy": [x["entropy"] for x in s], "entropy_t": entropy_t}
                 done[rec["id"]] = rec
                 sink.write(json.dumps(rec) + "\n")
@@ -258,7 +268,7 @@ def run(args):
             return
         done = usable(read_partial(partials(), sig))
 
-    # --- score, rank, write
+    # ---- score, rank, write ----
     rows = []
     for index, c in enumerate(pool):
         rec = done[c["id"]]
@@ -276,7 +286,8 @@ def run(args):
         row["rank"] = r + 1
         del row["index"]
     ev.write_json_atomic(stem + ".ranked.jsonl", rows, lines=True)
-    by_id = {c["id"]: c for c in pool}  # a code/logic pick keeps its whole problem: em_ft.py --data builds its prompt
+    # a code/logic pick keeps its whole problem: em_ft.py --data builds its prompt
+    by_id = {c["id"]: c for c in pool}
     ev.write_json_atomic(args.out, [{**by_id[r["id"]], **r} for r in rows[:args.top]], lines=True)
     tied = tie_at_top(rows)
     ev.write_json_atomic(stem + ".run.json", {"args": vars(args), "versions": ev.package_versions(),
@@ -293,11 +304,12 @@ def run(args):
               "of samples hit the budget. To break the tie: " + (
                   "a larger --max-new-tokens (truncated samples have no answer), "
                   if trunc > 0.2 else "") + f"more --k, or another --score ({others})")
-    boxed = sum(a is not None for c in pool for a in done[c["id"]]["answers"]) / (len(pool) * args.k)
+    answered = sum(a is not None for c in pool for a in done[c["id"]]["answers"])
+    boxed = answered / (len(pool) * args.k)
     all_math = all(c.get("kind", "math") == "math" for c in pool)
     print(f"{'boxed' if all_math else 'final'} answers in {100 * boxed:.0f}% of samples" + (
-        " -- the scores need them; if the model can box answers, ask it to: --template qwen-math "
-        "or --no-strip-suffix" if boxed < 0.5 and all_math else ""))
+        " -- the scores need them; if the model can box answers, ask it to: --template "
+        "qwen-math or --no-strip-suffix" if boxed < 0.5 and all_math else ""))
     print(f"wrote {args.out} (top {min(args.top, len(rows))}) and {stem}.ranked.jsonl "
           f"({len(rows)} candidates)")
 

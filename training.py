@@ -1,11 +1,8 @@
 """
-What em_ft.py and em_rl.py share, and nothing else: none of it is method-specific.
+What em_ft.py and em_rl.py share, none of it method-specific; of ours it imports evaluate.py only.
 
-Sections: the optimizer (master_placement, MasterAdamW) | FSDP2 under torchrun (shard_model,
-set_gathered) | batches (pack) | vLLM beside the trained model (start_engine, sync_engine,
-generate) | evaluation in the loop (evaluate_on_ranks) | logs and checkpoints (PhaseTimer,
-memory_gb, open_log, log_step, warn_once, check_finite, step_list, save_checkpoint).
-Imports evaluate.py (for the evaluation in the loop and the file helpers) and nothing else of ours.
+Sections: the optimizer | FSDP2 under torchrun | batches | vLLM beside the trained model |
+evaluation in the loop | logs and checkpoints.
 """
 import argparse, itertools, json, math, os, re, shutil, time
 
@@ -16,11 +13,10 @@ from tqdm import tqdm
 import evaluate as ev
 
 
-# ----------------------------------------------------------------------------- the optimizer
+# ---- the optimizer ----
 def master_placement(params, offload=None, verbose=True, free=None, margin=10 * 2**30):
-    """Device of the fp32 master + AdamW state of a bf16 model: "cpu" if offload, the model's if
-    offload is False; auto: the GPU if 14 B/param (master, m, v, bf16 grads) + a margin fit its
-    free memory (free: tests), else the CPU."""
+    """Device of a bf16 model's fp32 master + AdamW state: "cpu" if offload, the model's if False;
+    auto: the GPU if 14 B/param (master, m, v, bf16 grads) + margin fit in `free`, else the CPU."""
     device, n, gib = params[0].device, sum(q.numel() for q in params), 2**30
     if offload is not None or (device.type != "cuda" and free is None):
         where = "cpu" if offload or device.type != "cuda" else str(device)
@@ -41,14 +37,12 @@ def master_placement(params, offload=None, verbose=True, free=None, margin=10 * 
 
 
 class MasterAdamW:
-    """AdamW with grad clipping. master: None = torch's fused AdamW on the parameters themselves
-    (fp32 models: CPU runs, FSDP2 shards); "cuda" / "cpu" = fp32 master weights + state on the GPU
-    / in host RAM beside a bf16 model: fp32 AdamW on fp32 copies given the same grads (norm in
-    fp32, grads upcast and scaled by the clip coefficient), the model receives the rounded master
-    (the only rounding). The master lives in chunks of `chunk` elements cut from all parameters
-    laid end to end (AdamW is elementwise: the same numbers as whole tensors), stepped one chunk
-    at a time. Offloaded, the GPU upcasts chunk k+1's grads into one of two pinned buffers on a
-    side stream while the CPU steps chunk k, and each stepped chunk goes back in one DMA."""
+    """AdamW with grad clipping. master None: torch's fused AdamW on the parameters (fp32 models:
+    CPU, FSDP2); "cuda" / "cpu": fp32 master + state on the GPU / in host RAM beside a bf16 model,
+    fp32 AdamW on the same grads (norm in fp32, upcast, scaled by the clip coefficient), the model
+    gets the rounded master (the only rounding). The master: chunks of `chunk` elements of all
+    parameters end to end (AdamW is elementwise), stepped one at a time; offloaded, a side stream
+    upcasts chunk k+1's grads into a pinned buffer while the CPU steps chunk k (back in one DMA)."""
 
     def __init__(self, params, master=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.01, chunk=2**26):
@@ -59,9 +53,8 @@ class MasterAdamW:
             return
         # chunk [s, s + chunk) of the parameters laid end to end = pieces (param i, offset a, n)
         ends = [0, *itertools.accumulate(q.numel() for q in self.params)]
-        self.chunks = [[(i, max(s, ends[i]) - ends[i], min(s + chunk, ends[i + 1]) - max(s, ends[i]))
-                        for i in range(len(self.params))
-                        if max(s, ends[i]) < min(s + chunk, ends[i + 1])]
+        self.chunks = [[(i, a - ends[i], b - a) for i in range(len(self.params))
+                        for a, b in [(max(s, ends[i]), min(s + chunk, ends[i + 1]))] if a < b]
                        for s in range(0, ends[-1], chunk)]
         self.staged = self.params[0].device.type == "cuda" and torch.device(master).type == "cpu"
         # page-locked when offloaded (30 GB for a 7B): weights go back to the GPU by DMA
@@ -71,8 +64,7 @@ class MasterAdamW:
         self.slices = [list(f.split([n for _, _, n in c])) for f, c in zip(self.flat, self.chunks)]
         # fused: one multithreaded kernel per chunk, no temporaries (bench/bench_optimizer.py)
         self.opt = torch.optim.AdamW([s for sl in self.slices for s in sl], fused=True, **adamw)
-        self.buf = torch.empty(len(self.flat[0]), dtype=torch.float32,
-                               device=self.params[0].device)  # fp32 scratch
+        self.buf = torch.empty(len(self.flat[0]), dtype=torch.float32, device=self.params[0].device)
         if self.staged:
             self.pinned = [torch.empty(len(self.buf), dtype=torch.float32, pin_memory=True)
                            for _ in range(2)]
@@ -80,8 +72,7 @@ class MasterAdamW:
 
     @torch.no_grad()
     def step(self, grad_clip):
-        """Clip to grad_clip, one AdamW step, grads set to None; returns the global grad norm
-        (before clipping). No host sync of its own: time it from outside."""
+        """Clip, one AdamW step, grads to None -> the grad norm (before clipping); no host sync."""
         if self.flat is None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
             self.opt.step()
@@ -96,7 +87,7 @@ class MasterAdamW:
             q.grad = None
         return norm
 
-    def _gather(self, k, grads, coef):  # chunk k's grads -> self.buf (fp32, model's device), clipped
+    def _gather(self, k, grads, coef):  # chunk k's grads -> self.buf (fp32, on the GPU), clipped
         off = 0
         for i, a, n in self.chunks[k]:
             if grads[i] is not None:
@@ -121,7 +112,7 @@ class MasterAdamW:
         stream, main = self.stream, torch.cuda.current_stream()
         stream.wait_stream(main)  # the grads and coef come from the main stream
 
-        def fetch(k):  # side stream: the GPU upcasts and scales chunk k's grads, DMA to pinned[k % 2]
+        def fetch(k):  # side stream: chunk k's grads upcast, scaled, DMA'd to pinned[k % 2]
             with torch.cuda.stream(stream):
                 fp32 = self._gather(k, grads, coef)
                 self.pinned[k % 2][:len(fp32)].copy_(fp32, non_blocking=True)
@@ -145,11 +136,10 @@ class MasterAdamW:
         main.wait_stream(stream)
 
 
-# ----------------------------------------------------------------------------- FSDP2 under torchrun
+# ---- FSDP2 under torchrun ----
 def shard_model(model, method, cuda):
-    """FSDP2 on each decoder layer and the root: fp32 parameters sharded, bf16 compute on CUDA,
-    fp32 gradient reduction. `method`, bound on the model, gathers the root's parameters
-    (embeddings, lm_head) as forward does."""
+    """FSDP2 on each decoder layer and the root: fp32 parameters sharded, bf16 compute on CUDA, fp32
+    reduction; `method` (bound on the model) gathers the root's (embeddings, lm_head) as forward."""
     from torch.distributed.fsdp import (MixedPrecisionPolicy, fully_shard,
                                         register_fsdp_forward_method)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda
@@ -169,11 +159,10 @@ def set_gathered(model, on):
             m.unshard() if on else m.reshard()
 
 
-# ----------------------------------------------------------------------------- batches
+# ---- batches ----
 def pack(rows, pad_id, device):
-    """(prompt ids, response ids) rows as one left-padded batch: ids, attention mask, and resp
-    marking the response tokens (EOS included: generation cuts after the first stop token, so no
-    pad after EOS is ever scored)."""
+    """(prompt ids, response ids) rows as one left-padded batch: ids, attention mask, resp (the
+    response tokens, EOS included: generation cuts after the first stop, no pad after is scored)."""
     width = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -185,10 +174,8 @@ def pack(rows, pad_id, device):
     return ids.to(device), attn.to(device), resp.to(device)
 
 
-# ----------------------------------------------------------------------------- vLLM beside the trained model
-# One engine per process (each rank its own: data parallel), colocated with the trained model,
-# created once from --model; after each update the new weights go into it by name, in memory.
-# Rollouts are token ids only: every log-prob and entropy in a loss is the trained model's own.
+# ---- vLLM beside the trained model ----
+# One engine per process, synced after each update; rollouts: token ids (losses: the model's own)
 class VLLMWeights:
     """vLLM worker extension (mixed into its worker): load a state dict saved by sync_engine."""
 
@@ -199,8 +186,7 @@ class VLLMWeights:
 
 
 def start_engine(args, rank):
-    """The process's vLLM engine for --rollout-engine vllm or a vLLM --engine (else None): the
-    model's weights now, seeded per rank; on a GPU it takes --rollout-gpu-memory of it."""
+    """The vLLM engine of --rollout-engine vllm or a vLLM --engine (else None), seeded per rank."""
     if "vllm" not in (args.rollout_engine, ev.pick_engine(args.engine)):
         return None
     engine = ev.load_vllm(args.model, "bfloat16" if torch.cuda.is_available() else "float32",
@@ -211,10 +197,8 @@ def start_engine(args, rank):
 
 
 def sync_engine(engine, model, step):
-    """The weights after `step` updates into the engine (once per step): gathered whole under FSDP2 (a
-    collective: every rank calls it), cast to the engine's dtype, through a file in /dev/shm (in
-    memory; vLLM's CPU build repacks weights on load), then its prefix cache reset (cached KV of
-    the old weights would be reused)."""
+    """The weights after `step` updates into the engine, once: gathered (FSDP2: every rank calls
+    it), via a file in /dev/shm, then its prefix cache reset (else old weights' KV is reused)."""
     if engine is None or getattr(engine, "step", None) == step:
         return
     dtype = next(model.parameters()).dtype if not torch.cuda.is_available() else torch.bfloat16
@@ -234,11 +218,10 @@ def sync_engine(engine, model, step):
     engine.step = step
 
 
-# ----------------------------------------------------------------------------- evaluation in the loop
+# ---- evaluation in the loop ----
 def evaluate_on_ranks(model, tokenizer, problems, args, rank, world, engine=None, step=0):
-    """--eval-*: greedy evaluate_model with --eval-template, each rank on its share: on the vLLM
-    engine (synced first) or the model itself (FSDP weights held gathered) -> {"eval_<metric>":
-    value} of all ranks' samples, and eval_<benchmark>."""
+    """--eval-*: greedy evaluate_model on each rank's share (vLLM synced, or FSDP gathered) ->
+    {"eval_<metric>": value} over all samples, and eval_<benchmark>."""
     share = problems[rank::world]
     if engine is not None and ev.pick_engine(args.engine) == "vllm":
         sync_engine(engine, model, step)
@@ -255,10 +238,9 @@ def evaluate_on_ranks(model, tokenizer, problems, args, rank, world, engine=None
     return {f"eval_{args.eval_benchmark}": m["pass@1"], **{f"eval_{k}": v for k, v in m.items()}}
 
 
-# ----------------------------------------------------------------------------- logs and checkpoints
+# ---- logs and checkpoints ----
 class PhaseTimer:
-    """Seconds per phase of an update: mark(name) ends phase `name` (marks of one name add up),
-    after the current CUDA stream's work (the loop syncs at these points anyway)."""
+    """Seconds per phase: mark(name) ends `name` (repeats add up), after the CUDA stream's work."""
 
     def __init__(self, cuda):  # (the update's peak GPU memory starts here too)
         if cuda:
@@ -277,8 +259,7 @@ class PhaseTimer:
 
 
 def memory_gb(cuda):
-    """This update's peak memory (the GPU allocator's since reset_peak_memory_stats, else the
-    host's max RSS) and the resident host memory now (VmRSS: the peak never comes down)."""
+    """The update's peak memory (GPU allocator since PhaseTimer, else max RSS), host VmRSS now."""
     import resource  # ru_maxrss is in KiB
     with open("/proc/self/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
@@ -287,13 +268,13 @@ def memory_gb(cuda):
 
 
 def open_log(out, *others):
-    """A fresh <out>/log.jsonl per run (an old one would repeat steps 1, 2, ...); the earlier
-    file becomes log.prev.jsonl, as do `others` (e.g. rollouts.jsonl)."""
+    """A fresh <out>/log.jsonl per run; the old one, and `others`, become *.prev.jsonl."""
     for name in ("log.jsonl",) + others:
         if os.path.exists(os.path.join(out, name)):
             os.replace(os.path.join(out, name),
                        os.path.join(out, name.replace(".jsonl", ".prev.jsonl")))
-    old = sorted((d for d in os.listdir(out) if re.fullmatch(r"step_\d+", d)), key=lambda d: int(d[5:]))
+    old = sorted((d for d in os.listdir(out) if re.fullmatch(r"step_\d+", d)),
+                 key=lambda d: int(d[5:]))
     if old:
         print(f"note: {out} holds checkpoints of an earlier run ({', '.join(old)}); this run "
               "replaces those it saves; the earlier log is now log.prev.jsonl")
@@ -309,10 +290,8 @@ def log_step(log, record):
 
 
 def warn_once(said, step, truncated, length, first_length, loop_rate, max_new_tokens):
-    """Warnings about a step's rollouts, each kind once per run (said: the kinds printed so far):
-    more than half cut at the budget (their EOS is never scored); half of them ending in a loop,
-    or their mean length below a third of the first step's (repetition and length collapse: the
-    failures EM users report most)."""
+    """Each once a run (said: printed kinds): over half cut at the budget (EOS never scored); half
+    ending in a loop, or mean length under a third of step 1's (repetition, length collapse)."""
     for kind, bad, line in (
             ("cut", truncated > 0.5, f"{truncated:.0%} of the rollouts of step {step} hit "
              f"--max-new-tokens {max_new_tokens} (cut before EOS, which is then never scored); "
@@ -346,9 +325,7 @@ def step_list(text):
 
 
 def save_checkpoint(model, tokenizer, path, meta, rank, world):
-    """A Hugging Face folder at path (safetensors + tokenizer + train_args.json: meta), written to
-    path.tmp, then renamed; bf16 on CUDA (what vLLM loads). Collective under torchrun: rank 0 gets
-    the full state dict."""
+    """An HF folder (+ train_args.json: meta) via path.tmp; bf16 on CUDA; torchrun: collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True)) if world > 1 else model.state_dict()

@@ -193,6 +193,19 @@ def is_correct(response, gold, fallback=False):
     return evaluate.grade_answer(evaluate.extract_answer(response, fallback), gold)[0]
 
 
+def record_generate(monkeypatch):
+    """evaluate.generate_batch wrapped for a test: every (prompt, record) it returns goes on the list returned."""
+    import evaluate
+    made, real = [], evaluate.generate_batch
+
+    def recorded(model, tokenizer, prompts, *args, **kwargs):
+        outs = real(model, tokenizer, prompts, *args, **kwargs)
+        made.extend(zip(prompts, outs))
+        return outs
+    monkeypatch.setattr(evaluate, "generate_batch", recorded)
+    return made
+
+
 def run_cli(*args, timeout=600):
     """Run a repo script as a user would; returns CompletedProcess (text)."""
     import subprocess

@@ -25,7 +25,7 @@ EM_FT_COMMON = {
     "weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "grad_clip": 1.0, "micro_batch_size": 8, "seed": 15,
     "eval_every": 0, "eval_benchmark": "math500", "eval_limit": 100, "eval_max_new_tokens": 3072, "data_dir": None,
     "stop_entropy": None, "stop_entropy_drop": None, "out": "em_ft_out", "log_rollouts": False, "save_steps": [],
-    "offload_optimizer": None, "gradient_checkpointing": None, "allow_code_execution": False, "code_workers": None}
+    "offload_optimizer": None, "gradient_checkpointing": None, "allow_code_execution": False, "code_workers": None, "dist_timeout": 3600}
 EM_RL = {  # verl as released (the published numbers): token-entropy reward, length-normalized, RLOO, PPO-clip 0.2 with
     # 4 mini-batches, k3 KL 0.001 and entropy bonus 0.001, per-micro-batch token means of 8 per GPU, 512 prompts x 4
     # responses x 3072 tokens, prompts over 1024 tokens dropped, lr 1e-6, one epoch
@@ -37,7 +37,7 @@ EM_RL = {  # verl as released (the published numbers): token-entropy reward, len
     "logit_chunk": 1024, "seed": 0, "gradient_checkpointing": None, "offload_optimizer": None,
     "out": "checkpoints/em_rl", "save_steps": [], "log_rollouts": False, "eval_every": 0, "eval_benchmark": "math500",
     "eval_limit": 100, "eval_max_new_tokens": 3072, "data_dir": None, "allow_code_execution": False,
-    "code_workers": None}
+    "code_workers": None, "dist_timeout": 3600}
 EM_INF = {  # the released script: 3 Adam steps, lr 0.1, threshold 0.3, KL weight 0.05, 4096 tokens (T 0.1 after the
     # update: --temperature None resolves to it); adaptive temperature: ratio 0.85, tau in [0.01, 1]; Table 3's five
     "model": "M", "benchmarks": "math500,aimo-amc,aimo-aime,minerva,olympiadbench", "data_dir": None, "limit": None,
@@ -46,19 +46,19 @@ EM_INF = {  # the released script: 3 Adam steps, lr 0.1, threshold 0.3, KL weigh
     "at_threshold": 1e-5, "temperature": None, "sampling_config": "model", "top_k": None, "top_p": None,
     "repetition_penalty": None, "max_new_tokens": 4096, "n": 1, "seed": 0, "answer_fallback": False, "batch_size": 64,
     "engine": "auto", "dtype": None, "compile": False, "out": None, "allow_code_execution": False,
-    "code_workers": None}
+    "code_workers": None, "dist_timeout": 3600}
 SELECT = {  # One-shot EM's rule p(1-p) over k = 16 samples at One-Shot RLVR's T 0.6, em_ft's training format
     "model": "M", "data": "D", "data_dir": None, "problem_key": None, "answer_key": None, "limit": None,
     "strip_suffix": True, "score": "variance", "k": 16, "entropy_temperature": 1.0, "template": "chat",
     "temperature": 0.6, "top_p": 1.0, "max_new_tokens": 1024, "seed": 0, "out": "prompt.jsonl", "top": 1,
     "keep_samples": 2, "batch_size": 64, "engine": "auto", "dtype": None, "overwrite": False,
-    "allow_code_execution": False, "code_workers": None}
+    "allow_code_execution": False, "code_workers": None, "dist_timeout": 172800}
 EVALUATE = {  # both papers' headline protocol: the Qwen2.5-Math CoT prompt, zero-shot, greedy, 3072 new tokens
     "model": "M", "benchmarks": "math500", "data": None, "data_dir": None, "problem_key": None, "answer_key": None,
     "limit": None, "template": "qwen-math", "max_new_tokens": 3072, "temperature": 0.0, "top_p": 1.0, "n": 1,
     "top_k": 0, "seed": 0, "answer_fallback": False, "logit_stats": False, "batch_size": 64, "engine": "auto",
     "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "dtype": None, "out": None, "overwrite": False, "grade": None, "allow_code_execution": False,
-    "code_workers": None, "code_memory_mb": 4096, "code_timeout": None}
+    "code_workers": None, "code_memory_mb": 4096, "code_timeout": None, "dist_timeout": 3600}
 
 
 @pytest.fixture

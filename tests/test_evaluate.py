@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import evaluate as ev
-from conftest import assert_one_line_error, benchmark_row, is_correct, run_cli, source_position
+from conftest import assert_one_line_error, benchmark_row, is_correct, record_generate, run_cli, source_position
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -561,13 +561,7 @@ def test_logit_stats_in_generation_count_generated_tokens(tiny, data_dir, monkey
     unpadded forward of prompt + the tokens before each."""
     model, tok = tiny
     problems = ev.load_benchmark("gsm8k", data_dir, limit=3)
-    made, real = [], ev.generate_batch
-
-    def recorded(m, t, prompts, *args, **kwargs):
-        outs = real(m, t, prompts, *args, **kwargs)
-        made.extend(zip(prompts, outs))
-        return outs
-    monkeypatch.setattr(ev, "generate_batch", recorded)
+    made = record_generate(monkeypatch)
     metrics, samples = ev.evaluate_model(model, tok, problems, max_new_tokens=6, temperature=0.6, top_k=50,
                                          batch_size=2, progress=False, logit_stats=True)
     assert metrics["logit_stats"]["tokens"] == sum(s["length"] for s in samples) == sum(len(o["ids"]) for _, o in made)

@@ -3,7 +3,6 @@
 EM_CODE_SANDBOX) -- each checked for what that level promises (README: what each level does not cover)."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -372,6 +371,28 @@ def test_root_drops_to_an_unprivileged_user(monkeypatch, tmp_path):
                                   timeout=10, python=python)
     assert recs[0]["passed"], recs[0]
     assert not recs[1]["passed"] and victim.read_text() == "keep"
+
+
+def test_bubblewrap_runs_an_interpreter_that_lives_under_tmp(monkeypatch):
+    """A venv under /tmp runs in bubblewrap: its folder is bound read-only over the private /tmp, which stays
+    writable to programs and holds nothing else of the host's."""
+    import shutil
+    import tempfile
+    force(monkeypatch, "bubblewrap")
+    top = tempfile.mkdtemp(dir="/tmp")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", top + "/venv"], check=True)
+        python = top + "/venv/bin/python"
+        assert execution.containment(python)["level"] == "bubblewrap"
+        recs = execution.run_programs([
+            f"import os\nassert os.listdir('/tmp') == [{os.path.basename(top)!r}], os.listdir('/tmp')\n"
+            "assert os.stat('/tmp').st_mode & 0o7777 == 0o1777\nopen('/tmp/x', 'w').write('1')",
+            LIBC + f"assert libc.open({(python + '.x').encode()!r}, 0o101, 0o644) >= 0"], timeout=10,
+            python=python)
+        assert recs[0]["passed"], recs[0]
+        assert not recs[1]["passed"] and not os.path.exists(python + ".x"), recs[1]
+    finally:
+        shutil.rmtree(top)
 
 
 def test_workers_run_in_parallel():

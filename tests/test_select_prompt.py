@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli, run_torchrun, source_position
+from conftest import assert_one_line_error, record_generate, run_cli, run_torchrun, source_position
 import select_prompt as sp
 import evaluate as ev
 from evaluate import load_benchmark
@@ -242,13 +242,7 @@ def test_label_free_pool_entropy(tiny_model_dir, tiny, tmp_path, monkeypatch):
     pool = tmp_path / "unlabeled.jsonl"
     pool.write_text("".join(json.dumps({"question": f"What is {i} + {i}?"}) + "\n" for i in range(3)))
     out = str(tmp_path / "p.jsonl")
-    generated, real = [], ev.generate_batch
-
-    def keep(model, tokenizer, prompts, *args, **kwargs):
-        outs = real(model, tokenizer, prompts, *args, **kwargs)
-        generated.extend(zip(prompts, outs))
-        return outs
-    monkeypatch.setattr(ev, "generate_batch", keep)
+    generated = record_generate(monkeypatch)
     sp.main(["--model", tiny_model_dir, "--data", str(pool), "--score", "entropy", "--entropy-temperature", "0.5",
              "--k", "2", "--max-new-tokens", "8", "--temperature", "3", "--out", out])
     ranked = read_jsonl(out.replace(".jsonl", ".ranked.jsonl"))
