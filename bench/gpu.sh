@@ -13,6 +13,8 @@
 #   generate       static (HF generate) vs vLLM, greedy, 128 prompts x 256 tokens (EOS ignored), bf16: tokens/s,
 #                  start-up apart, rows that agree (bench/bench_generate.py; vLLM where the machine has it)
 #   em_inf         em_inf.py's EM-INF and adaptive temperature vs plain sampling, batch 64 x 128 tokens
+#   rollouts       em_ft.py and em_rl.py end to end, --rollout-engine static vs vllm: rollout tokens/s, s per
+#                  update/step (bench/bench_rollouts.py; vllm where the machine has it; last: skipped if no time)
 # Each step runs under its own time limit (and a total budget); a step that fails or times out is recorded and the
 # next one runs. Results: one JSON line per step (rc, wall time, the bench's RESULT records, the output's tail) in
 # $OUT/gpu_results.jsonl, or bench_out/gpu_results.jsonl without $OUT; full logs beside it.
@@ -61,13 +63,15 @@ EOF
 if [ "$SHAPE" = tiny ]; then  # sizes that run in seconds on a CPU
   FT="--batch-size 8 --max-new-tokens 32"; FT_OFF="--batch-size 4 --max-new-tokens 16"
   RL="--batch 8 --prompt-len 32 --new-tokens 16"; GEN="--n-prompts 8 --prompt-len 16 --max-new-tokens 16"
-  INF="--batch-size 4 --new-tokens 16"; L=(300 300 300 300 300 300 300)
+  INF="--batch-size 4 --new-tokens 16"; L=(300 300 300 300 300 300 300 300)
+  ROLL="--batch-size 4 --max-new-tokens 8 --steps 2 --engines static"
   CHECK=tiny; CHECK_OPT="--chunk 3000"
 else
   FT=""; FT_OFF="--batch-size 8 --max-new-tokens 128"
   RL="--batch 16 --prompt-len 128 --new-tokens 256"
   GEN="--n-prompts 128 --max-new-tokens 256"
-  INF="--batch-size 64 --new-tokens 128"; L=(110 100 80 75 60 60 60)
+  INF="--batch-size 64 --new-tokens 128"; L=(110 100 80 75 60 60 60 120)
+  ROLL="--batch-size 64 --max-new-tokens 256 --steps 2"
   CHECK=1.5b; CHECK_OPT=""
 fi
 
@@ -88,6 +92,8 @@ step em_rl "${L[2]}" "$PY" bench/bench_em_rl.py --shape "$SHAPE" --train-steps 2
 step generate "${L[3]}" "$PY" bench/bench_generate.py --shape "$SHAPE" --json $GEN
 # shellcheck disable=SC2086
 step em_inf "${L[4]}" "$PY" bench/bench_em_inf.py --shape "$SHAPE" --repeats 1 $INF
+# shellcheck disable=SC2086
+step rollouts "${L[7]}" "$PY" bench/bench_rollouts.py --shape "$SHAPE" --json $ROLL
 
 echo "== done in $(($(date +%s) - START)) s: $RES"
 "$PY" - "$RES" <<'EOF'

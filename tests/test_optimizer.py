@@ -184,3 +184,6 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     ft = [r for s in steps if s["step"] == "em_ft_offload" for r in s["results"]]
     assert len(ft) == 2 and all(r["master"] == "cpu" and r["optimizer_s"] >= 0 for r in ft)
     assert [r["bench"] for s in steps if s["step"] == "em_rl" for r in s["results"]] == ["em_rl"]
+    roll = results["rollouts"]  # em_ft and em_rl end to end (static here; + vLLM on a machine with it)
+    assert [r["script"] for r in roll] == ["em_ft", "em_rl"], roll
+    assert all(r["runs"][0]["engine"] == "static" and r["runs"][0]["rollout_tok_s"] > 0 for r in roll), roll

@@ -43,10 +43,11 @@ CORPUS = [
 ] * 4
 
 
-# Random-weight shapes for the benchmarks (bench/): Qwen2.5-0.5B, Qwen2.5-Math-1.5B and -7B, and the tiny test model.
+# Random-weight shapes for the benchmarks (bench/): Qwen2.5-0.5B, Qwen2.5-Math-1.5B and -7B, and tiny (the test
+# model's sizes in heads of 32: vLLM's CPU attention refuses 16, so bench/gpu.sh's CPU smoke run can use vLLM).
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True),
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=1000000.0,
                  tie_word_embeddings=True),
