@@ -94,8 +94,8 @@ def em_loss(ent_sum, n_tok, loss_norm, tokens, responses, micro_batches):
 
 
 def sample_rollouts(model, tokenizer, prompts, lengths, args, seed, engine=None):
-    """One response per prompt: from the vLLM engine in one call (row i seeded seed + i), or from
-    the model in length-sorted KV-cached calls of --rollout-batch-size (the first seeded)."""
+    """One response per prompt: from the vLLM engine in one call (row i seeded from (seed, i)), or
+    from the model in length-sorted KV-cached calls of --rollout-batch-size (the first seeded)."""
     if engine is not None:
         return ev.generate_batch(engine, tokenizer, prompts, args.max_new_tokens, args.temperature,
                                  args.top_p, seed, args.repetition_penalty)

@@ -312,10 +312,10 @@ def train(args):
     model.response_stats = types.MethodType(response_stats, model)  # FSDP: a forward
     if world > 1:  # FSDP2 (gloo on CPU too)
         tr.shard_model(model, "response_stats", cuda)
+    engine = tr.start_engine(args, rank)  # before the optimizer's placement counts free memory
     params = [q for q in model.parameters() if q.requires_grad]
     where = fp32_master and tr.master_placement(params, args.offload_optimizer, master)
     opt = tr.MasterAdamW(params, where or None, lr=args.lr, weight_decay=args.weight_decay)
-    engine = tr.start_engine(args, rank)
     # ---- loop ----
     log_file = tr.open_log(args.out, "rollouts.jsonl") if master else None
     per_rank, order, first_len, updates, said = args.batch_size // world, [], None, 0, set()

@@ -410,7 +410,7 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
                    budgets=None, em_logits=None, logprobs=False):
     """Per prompt {"ids", "text", "truncated"}: the completion through the first stop token or the
     token completing a stop string (truncated: neither in budget). HF model: one left-padded
-    `generate` (logits_processor); VLLMModel: one call, row i seeded seed + i (em_logits: for
+    `generate` (logits_processor); VLLMModel: one call, row i seeded from (seed, i) (em_logits: for
     VLLMLogits; logprobs: per sampled token, T = 1). budgets: per row (max_total), <= max_new."""
     stops, sample = stop_token_ids(tokenizer, model), temperature > 0
     budgets = budgets or [max_new_tokens] * len(prompts)
@@ -419,9 +419,9 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
         params = [SamplingParams(
             max_tokens=max(b, 1), temperature=temperature if sample else 0.0, top_p=top_p if sample
             else 1.0, top_k=top_k if sample else 0, repetition_penalty=repetition_penalty,
-            seed=None if seed is None else (seed + i) % 2**31, stop=stop_strings or None,
-            stop_token_ids=stops, extra_args={"em_logits": em_logits} if em_logits else None,
-            logprobs=0 if logprobs else None) for i, b in enumerate(budgets)]
+            seed=None if seed is None else zlib.crc32(f"{seed}/{i}".encode()) % 2**31,
+            stop=stop_strings or None, stop_token_ids=stops, logprobs=0 if logprobs else None,
+            extra_args=em_logits and {"em_logits": em_logits}) for i, b in enumerate(budgets)]
         ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         outs = [o.outputs[0] for o in model.llm.generate(
             [{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)]
@@ -433,7 +433,7 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens, temperature=0.0, t
         # A full config, not the model's: instruct models ship top_k/repetition_penalty defaults
         # that would change the protocol. top_k 0 is off (None would take the model's, or 50).
         config = GenerationConfig(
-            max_new_tokens=max(budgets), do_sample=sample,
+            max_new_tokens=max(1, *budgets), do_sample=sample,  # (a prompt past max_total: 0)
             temperature=temperature if sample else None, top_p=top_p if sample else None,
             top_k=top_k if sample else None, repetition_penalty=repetition_penalty,
             eos_token_id=stops, use_cache=True,
@@ -1772,7 +1772,8 @@ def run(args):
     run_file, samples_file = os.path.join(out, "run.json"), os.path.join(out, "samples.jsonl")
     rank_file = lambda r: (  # noqa: E731
         samples_file if world == 1 else os.path.join(out, f"samples.rank{r}.jsonl"))
-    done = {} if args.overwrite else read_samples(samples_file, *map(rank_file, range(world)))
+    done = {} if args.overwrite else read_samples(*dict.fromkeys([samples_file, *map(rank_file,
+                                                                              range(world))]))
     if done and args.logit_stats:  # the statistics come while generating: reused samples have none
         print(f"--logit-stats: regenerating the {len(done)} samples already in {samples_file}")
         done = {}

@@ -186,8 +186,9 @@ class VLLMWeights:
 
 
 def start_engine(args, rank):
-    """The vLLM engine of --rollout-engine vllm or a vLLM --engine (else None), seeded per rank."""
-    if "vllm" not in (args.rollout_engine, ev.pick_engine(args.engine)):
+    """The vLLM engine of --rollout-engine vllm or a vLLM eval --engine (else None), per rank."""
+    if args.rollout_engine != "vllm" and not (args.eval_every and ev.pick_engine(args.engine)
+                                              == "vllm"):  # (nothing would use it)
         return None
     engine = ev.load_vllm(args.model, "bfloat16" if torch.cuda.is_available() else "float32",
                           args.seed + rank, gpu_memory_utilization=args.rollout_gpu_memory,

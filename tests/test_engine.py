@@ -74,6 +74,9 @@ def test_static_records_keep_their_contract(eos_tiny):
     cut = ev.generate_batch(model, tok, prompts, 24, budgets=budgets)
     for o, b, p in zip(cut, budgets, prompts):
         assert o == ev.generate_batch(model, tok, [p], b)[0], b
+    # a prompt already past its protocol's max_total: no budget left, an empty truncated record (vLLM's too)
+    assert ev.generate_batch(model, tok, prompts[:2], 24, budgets=[0, -5]) == [
+        {"ids": [], "text": "", "truncated": True}] * 2
     # the prompts end in "\n": a string the prompt's end would complete stops nothing before the response has it
     lines = ev.generate_batch(model, tok, prompts, 24, stop_strings=["\n\n\n"])
     for o, whole in zip(lines, out):  # responses are runs of "\n": cut after the third, or as before if shorter
